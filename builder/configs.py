@@ -1,0 +1,137 @@
+"""Triton configs as messages of Triton's own schema (``model_config_pb2``), from the spec table.
+
+A misspelt or missing field fails here, at build time, not when the server starts.
+"""
+
+from __future__ import annotations
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from model_repository.qwen3vl_runtime import specs
+
+from .options import BuildOptions
+
+
+def _tensors(kind, table, text_hidden: int) -> list:
+    return [
+        kind(
+            name=s.name,
+            data_type=mc.DataType.Value(f"TYPE_{'STRING' if s.dtype == 'BYTES' else s.dtype}"),
+            dims=list(s.resolved_dims(text_hidden)),
+            **({"optional": True} if s.optional else {}),
+        )
+        for s in table
+    ]
+
+
+def _instances(options: BuildOptions, count: int, *, on_gpu: bool) -> list:
+    if options.device == "cpu" or not on_gpu:
+        return [mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=count)]
+    # One group per GPU: a Python model binds to args['model_instance_device_id'] itself.
+    return [mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_GPU, count=count, gpus=[g]) for g in options.gpus]
+
+
+def _dynamic_batching(options: BuildOptions, preferred: list[int] | None = None) -> mc.ModelDynamicBatching:
+    """Priority levels on every step: an ensemble's priority is clamped per composing model."""
+    return mc.ModelDynamicBatching(
+        preferred_batch_size=preferred or [],
+        max_queue_delay_microseconds=options.max_queue_delay_us,
+        priority_levels=options.priority_levels,
+        default_priority_level=options.default_priority,
+    )
+
+
+def _parameters(values: dict) -> dict:
+    return {key: mc.ModelParameter(string_value=str(value)) for key, value in values.items()}
+
+
+def preprocess_config(options: BuildOptions) -> mc.ModelConfig:
+    return mc.ModelConfig(
+        name=specs.PREPROCESS,
+        backend="python",
+        max_batch_size=0,
+        input=_tensors(mc.ModelInput, specs.PREPROCESS_INPUTS, 0),
+        output=_tensors(mc.ModelOutput, specs.PREPROCESS_OUTPUTS, 0),
+        instance_group=_instances(options, options.preprocess_instances, on_gpu=False),
+        dynamic_batching=_dynamic_batching(options),
+        parameters=_parameters(
+            {
+                "max_context": options.max_context,
+                "max_pixels": options.max_pixels,
+                "min_pixels": options.min_pixels,
+                "max_images": options.max_images,
+                "max_source_pixels": options.max_source_pixels,
+            }
+        ),
+    )
+
+
+def vision_config(options: BuildOptions, text_hidden: int) -> mc.ModelConfig:
+    config = mc.ModelConfig(
+        name=specs.VISION,
+        max_batch_size=0,
+        input=_tensors(mc.ModelInput, specs.VISION_INPUTS, text_hidden),
+        output=_tensors(mc.ModelOutput, specs.VISION_OUTPUTS, text_hidden),
+        instance_group=_instances(options, options.vision_instances, on_gpu=True),
+        dynamic_batching=_dynamic_batching(options),
+    )
+    if options.vision_backend == "onnxruntime":
+        config.backend = "onnxruntime"
+        config.default_model_filename = "model.onnx"
+    else:
+        config.backend = "python"
+    return config
+
+
+def language_model_config(options: BuildOptions, text_hidden: int) -> mc.ModelConfig:
+    return mc.ModelConfig(
+        name=specs.LANGUAGE_MODEL,
+        backend="python",
+        max_batch_size=0,
+        input=_tensors(mc.ModelInput, specs.LANGUAGE_MODEL_INPUTS, text_hidden),
+        output=_tensors(mc.ModelOutput, specs.LANGUAGE_MODEL_OUTPUTS, text_hidden),
+        # One engine per GPU batches every request itself (one copy of the weights).
+        instance_group=_instances(options, 1, on_gpu=True),
+        dynamic_batching=_dynamic_batching(options),
+        model_transaction_policy=mc.ModelTransactionPolicy(decoupled=True),
+        parameters=_parameters(
+            {
+                "max_context": options.max_context,
+                "kv_cache_slots": options.kv_cache_slots,
+                "default_max_tokens": options.default_max_tokens,
+                "dtype": options.dtype,
+            }
+        ),
+    )
+
+
+def ensemble_config() -> mc.ModelConfig:
+    """The single endpoint: preprocess -> vision_encoder -> language_model (streaming)."""
+
+    def step(model: str, inputs, outputs) -> mc.ModelEnsembling.Step:
+        return mc.ModelEnsembling.Step(
+            model_name=model,
+            model_version=-1,
+            input_map={s.name: s.name for s in inputs},
+            output_map={s.name: s.name for s in outputs},
+        )
+
+    return mc.ModelConfig(
+        name=specs.ENSEMBLE,
+        platform="ensemble",
+        max_batch_size=0,
+        input=_tensors(mc.ModelInput, specs.ENDPOINT_INPUTS, -1),
+        output=_tensors(mc.ModelOutput, specs.ENDPOINT_OUTPUTS, -1),
+        ensemble_scheduling=mc.ModelEnsembling(
+            step=[
+                step(specs.PREPROCESS, specs.PREPROCESS_INPUTS, specs.PREPROCESS_OUTPUTS),
+                step(specs.VISION, specs.VISION_INPUTS, specs.VISION_OUTPUTS),
+                step(specs.LANGUAGE_MODEL, specs.LANGUAGE_MODEL_INPUTS, specs.LANGUAGE_MODEL_OUTPUTS),
+            ]
+        ),
+    )
+
+
+def to_pbtxt(config: mc.ModelConfig) -> str:
+    return text_format.MessageToString(config)

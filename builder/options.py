@@ -1,0 +1,95 @@
+"""Build options: one frozen dataclass that validates itself; the CLI takes its defaults from here."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+QUANT_MODES = ("none", "int8", "fp8")
+DTYPES = ("bfloat16", "float16", "float32")
+VISION_BACKENDS = ("onnxruntime", "python")
+DEVICES = ("cuda", "cpu")
+
+
+class OptionError(ValueError):
+    """An option value that cannot work; the message names the option."""
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Everything ``build-repo`` needs; field docs become the CLI help."""
+
+    model: str = field(metadata={"help": "checkpoint directory, or a hub id already in the local HF cache"})
+    output: Path = field(metadata={"help": "where the Triton model repository is written"})
+    quant: str = field(default="none", metadata={"help": "decoder weights: none (model dtype), int8 or fp8 (e4m3)"})
+    dtype: str = field(default="bfloat16", metadata={"help": "decoder compute dtype"})
+    device: str = field(default="cuda", metadata={"help": "where the decoder and vision models run"})
+    gpus: tuple[int, ...] = field(default=(0,), metadata={"help": "GPU ids (comma separated) for --device cuda"})
+    vision_backend: str = field(
+        default="onnxruntime",
+        metadata={"help": "onnxruntime: Triton's ORT backend (NVIDIA's container); python: ORT in a Python model"},
+    )
+    max_context: int = field(default=4096, metadata={"help": "tokens per sequence, prompt + answer"})
+    kv_cache_slots: int = field(
+        default=16, metadata={"help": "sequences decoded together; KV cache = slots x max_context tokens"}
+    )
+    default_max_tokens: int = field(default=512, metadata={"help": "answer length when a request sets none"})
+    max_pixels: int = field(
+        default=1024 * 1024, metadata={"help": "images above this are resized down (1 token per 32x32 px)"}
+    )
+    min_pixels: int = field(default=64 * 1024, metadata={"help": "images below this are resized up"})
+    max_images: int = field(default=4, metadata={"help": "images per request"})
+    max_source_pixels: int = field(
+        default=64_000_000, metadata={"help": "encoded images above this are rejected (decompression bombs)"}
+    )
+    preprocess_instances: int = field(default=2, metadata={"help": "CPU instances of the preprocess model"})
+    vision_instances: int = field(default=1, metadata={"help": "vision encoder instances per GPU"})
+    max_batch_size: int = field(default=8, metadata={"help": "requests per preprocess execute call"})
+    max_queue_delay_us: int = field(default=500, metadata={"help": "dynamic batcher wait for a fuller batch"})
+    priority_levels: int = field(default=3, metadata={"help": "Triton priority levels (1 = highest)"})
+    default_priority: int = field(default=2, metadata={"help": "level of requests that set no priority"})
+    force: bool = field(default=False, metadata={"help": "replace an existing output directory"})
+
+    def __post_init__(self):
+        def check(ok: bool, message: str):
+            if not ok:
+                raise OptionError(message)
+
+        check(self.quant in QUANT_MODES, f"--quant must be one of {', '.join(QUANT_MODES)}, got {self.quant!r}")
+        check(self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        check(
+            self.vision_backend in VISION_BACKENDS,
+            f"--vision-backend must be one of {', '.join(VISION_BACKENDS)}, got {self.vision_backend!r}",
+        )
+        check(self.device == "cpu" or len(self.gpus) > 0, "--gpus needs at least one id with --device cuda")
+        check(all(g >= 0 for g in self.gpus) and len(set(self.gpus)) == len(self.gpus), f"--gpus: bad ids {self.gpus}")
+        check(self.max_context >= 64, f"--max-context must be >= 64, got {self.max_context}")
+        check(self.kv_cache_slots >= 1, f"--kv-cache-slots must be >= 1, got {self.kv_cache_slots}")
+        check(
+            1 <= self.default_max_tokens < self.max_context,
+            f"--default-max-tokens must be in [1, max_context), got {self.default_max_tokens}",
+        )
+        check(0 < self.min_pixels <= self.max_pixels, "--min-pixels must be > 0 and <= --max-pixels")
+        check(self.max_pixels <= 16_777_216, "--max-pixels is above the checkpoint's own limit (16,777,216)")
+        check(self.max_source_pixels >= self.max_pixels, "--max-source-pixels must be >= --max-pixels")
+        check(self.max_images >= 1, "--max-images must be >= 1")
+        for name in ("preprocess_instances", "vision_instances", "max_batch_size"):
+            check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
+        check(self.max_queue_delay_us >= 0, "--max-queue-delay-us must be >= 0")
+        check(self.priority_levels >= 1, "--priority-levels must be >= 1")
+        check(
+            1 <= self.default_priority <= self.priority_levels,
+            f"--default-priority must be in [1, {self.priority_levels}], got {self.default_priority}",
+        )
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["output"] = str(self.output)
+        data["gpus"] = list(self.gpus)
+        return data
+
+
+def option_fields():
+    """The fields of BuildOptions, for the CLI."""
+    return fields(BuildOptions)

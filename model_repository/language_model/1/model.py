@@ -1,0 +1,107 @@
+"""Triton adapter of the decoder: a decoupled model that hands every request to one engine.
+
+``execute`` returns at once; the engine thread batches all running requests each step and streams
+one response per step to each (the last one flagged FINAL). Everything else lives in
+``qwen3vl_runtime.engine``.
+"""
+
+import json
+import sys
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from qwen3vl_runtime.decoder_weights import load_text_model  # noqa: E402
+from qwen3vl_runtime.engine import Engine, SamplingParams, Sequence, StepOutput  # noqa: E402
+from qwen3vl_runtime.engine.runner import ModelRunner, PromptInputs  # noqa: E402
+from qwen3vl_runtime.triton_io import error_response, input_array, model_parameters, request_parameters  # noqa: E402
+
+DECODER_DIR = Path(__file__).parent / "decoder"
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        from transformers import AutoTokenizer
+
+        settings = model_parameters(args)
+        gpu = args["model_instance_kind"] == "GPU" and torch.cuda.is_available()
+        device = torch.device(f"cuda:{args['model_instance_device_id']}" if gpu else "cpu")
+        config = json.loads((DECODER_DIR / "config.json").read_text())
+        generation = json.loads((DECODER_DIR / "generation_config.json").read_text())
+        eos = generation.get("eos_token_id", config["text_config"].get("eos_token_id"))
+        self.defaults = SamplingParams(
+            max_tokens=int(settings["default_max_tokens"]),
+            temperature=float(generation.get("temperature", 1.0)) if generation.get("do_sample") else 0.0,
+            top_p=float(generation.get("top_p", 1.0)),
+            top_k=int(generation.get("top_k", 0)),
+        )
+        num_slots = int(settings["kv_cache_slots"])
+        runner = ModelRunner(
+            load_text_model(DECODER_DIR, device),
+            num_slots=num_slots,
+            max_len=int(settings["max_context"]),
+            image_token_id=config["image_token_id"],
+        )
+        self.logger = pb_utils.Logger
+        self.engine = Engine(
+            runner,
+            AutoTokenizer.from_pretrained(DECODER_DIR),
+            eos_token_ids=set(eos if isinstance(eos, list) else [eos]),
+            num_slots=num_slots,
+            log=self.logger.log_error,
+        ).start()
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                self.engine.submit(self._sequence(request, sender))
+            except (ValueError, RuntimeError) as exc:
+                sender.send(error_response(str(exc)), flags=FINAL)
+        return None
+
+    def _sequence(self, request, sender) -> Sequence:
+        ids = input_array(request, "input_ids", np.int64, ndim=1)
+        positions = input_array(request, "position_ids", np.int64, ndim=2)
+        if positions.shape != (3, len(ids)):
+            raise ValueError(f"position_ids must be [3, {len(ids)}], got {list(positions.shape)}")
+        image_embeds = input_array(request, "image_embeds", np.float32, ndim=2)
+        deepstack = input_array(request, "deepstack_embeds", np.float32, ndim=3)
+        prompt = PromptInputs(
+            torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(image_embeds), torch.from_numpy(deepstack)
+        )
+        params = SamplingParams.from_parameters(request_parameters(request), self.defaults)
+        prompt_tokens = np.array([len(ids)], dtype=np.int32)
+
+        def emit(out: StepOutput) -> None:
+            if out.error is not None:
+                sender.send(error_response(out.error), flags=FINAL)
+                return
+            response = pb_utils.InferenceResponse(
+                output_tensors=[
+                    pb_utils.Tensor("text", np.array([out.text.encode()], dtype=np.object_)),
+                    pb_utils.Tensor("token_ids", np.array(out.token_ids, dtype=np.int64)),
+                    pb_utils.Tensor("finish_reason", np.array([(out.finish_reason or "").encode()], dtype=np.object_)),
+                    pb_utils.Tensor("prompt_tokens", prompt_tokens),
+                ]
+            )
+            sender.send(response, flags=FINAL if out.finish_reason else 0)
+
+        return Sequence(
+            request_id=request.request_id() or uuid.uuid4().hex,
+            prompt=prompt,
+            prompt_len=len(ids),
+            rope_delta=int(input_array(request, "rope_delta", np.int64, ndim=1)[0]),
+            params=params,
+            emit=emit,
+            is_cancelled=sender.is_cancelled,
+        )
+
+    def finalize(self):
+        self.engine.stop()

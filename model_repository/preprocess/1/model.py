@@ -1,0 +1,44 @@
+"""Triton adapter of the preprocessing step (CPU): prompt + image bytes -> ids, positions, patches."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from qwen3vl_runtime.images import ImageError  # noqa: E402
+from qwen3vl_runtime.preprocessing import PreprocessLimits, Preprocessor  # noqa: E402
+from qwen3vl_runtime.triton_io import error_response, input_array, model_parameters  # noqa: E402
+
+PROCESSOR_DIR = Path(__file__).parent / "processor"
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        settings = model_parameters(args)
+        limits = PreprocessLimits(**{name: int(settings[name]) for name in PreprocessLimits.__dataclass_fields__})
+        self.preprocessor = Preprocessor(PROCESSOR_DIR, limits)
+
+    def execute(self, requests):
+        return [self._run(request) for request in requests]
+
+    def _run(self, request):
+        try:
+            prompt = input_array(request, "prompt", np.object_, ndim=1)
+            images = input_array(request, "images", np.object_, ndim=1, optional=True)
+            if prompt.size != 1:
+                raise ValueError(f"prompt must hold exactly one string, got {prompt.size}")
+            text = _utf8(prompt[0], "prompt")
+            outputs = self.preprocessor(text, [bytes(b) for b in (images if images is not None else [])])
+        except (ValueError, ImageError) as exc:
+            return error_response(str(exc))
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs.items()])
+
+
+def _utf8(value, name: str) -> str:
+    try:
+        return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    except UnicodeDecodeError:
+        raise ValueError(f"{name} is not valid UTF-8") from None

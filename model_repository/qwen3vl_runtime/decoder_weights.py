@@ -1,0 +1,58 @@
+"""The decoder's weights folder inside a built repository: what the builder writes, what serves.
+
+Layout of ``language_model/1/decoder/``:
+  config.json         the checkpoint's config (text_config used)
+  decoder.json        {"quantization": "none"|"int8"|"fp8", "dtype": "float32"|"bfloat16"|...}
+  model.safetensors   text-model tensors, names without the ``model.language_model.`` prefix;
+                      quantized weights carry a ``<name>.weight_scale`` beside them
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .text_model import TextConfig, TextModel
+
+CHECKPOINT_PREFIX = "model.language_model."
+WEIGHTS_FILE = "model.safetensors"
+SETTINGS_FILE = "decoder.json"
+
+
+def decoder_tensor_name(checkpoint_name: str) -> str | None:
+    """The decoder's name for a checkpoint tensor, or None if it is not a decoder tensor."""
+    if checkpoint_name.startswith(CHECKPOINT_PREFIX):
+        return checkpoint_name[len(CHECKPOINT_PREFIX) :]
+    if checkpoint_name == "lm_head.weight":
+        return checkpoint_name
+    return None
+
+
+def read_settings(folder: Path) -> dict:
+    return json.loads((Path(folder) / SETTINGS_FILE).read_text())
+
+
+def load_text_model(folder: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> TextModel:
+    """Build the decoder from a weights folder, swapping in quantized layers where it has them."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    settings = read_settings(folder)
+    config = TextConfig.from_hf(json.loads((folder / "config.json").read_text()))
+    dtype = dtype or getattr(torch, settings["dtype"])
+    state = load_file(folder / WEIGHTS_FILE, device=str(device))
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    with torch.device("meta"):
+        model = TextModel(config)
+    mode = settings["quantization"]
+    if mode != "none":
+        from .quant import swap_in_quantized
+
+        swap_in_quantized(model, state, mode)
+    model.load_state_dict(state, strict=True, assign=True)
+    # Float tensors take the serving dtype; the quantized modules keep their 8-bit weights.
+    model.to(device=device, dtype=dtype)
+    return model.eval()

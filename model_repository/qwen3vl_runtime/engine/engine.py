@@ -1,0 +1,141 @@
+"""The engine loop: one thread admits, prefills, decodes and streams every running sequence."""
+
+from __future__ import annotations
+
+import threading
+import traceback
+
+import torch
+
+from .detokenizer import IncrementalDetokenizer
+from .request import FinishReason, Sequence, StepOutput
+from .runner import ModelRunner
+from .sampler import sample
+from .scheduler import Scheduler
+from .slots import SlotPool
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, tokenizer, *, eos_token_ids: set[int], num_slots: int, log=print):
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.eos_token_ids = set(eos_token_ids)
+        self.max_len = runner.max_len
+        self.scheduler = Scheduler(SlotPool(num_slots))
+        self.log = log
+        self._inbox: list[Sequence] = []
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="decoder-engine", daemon=True)
+        # Per-sequence helpers, kept here so Sequence stays free of torch and tokenizers.
+        self._detok: dict[Sequence, IncrementalDetokenizer] = {}
+        self._generators: dict[Sequence, torch.Generator | None] = {}
+
+    def start(self) -> "Engine":
+        self._thread.start()
+        return self
+
+    def submit(self, seq: Sequence) -> None:
+        """Queue a sequence; raises ValueError at once when it cannot fit the context."""
+        if seq.prompt_len >= self.max_len:
+            raise ValueError(
+                f"the prompt is {seq.prompt_len} tokens; this server's max context is {self.max_len} "
+                f"tokens (prompt + generated)"
+            )
+        with self._wake:
+            if self._stopping:
+                raise RuntimeError("the decoder is shutting down")
+            self._inbox.append(seq)
+            self._wake.notify()
+
+    def stop(self) -> None:
+        """Stop the loop and end every sequence still queued or running with an error."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+        for seq in list(self.scheduler.waiting) + list(self.scheduler.running) + self._inbox:
+            self._fail(seq, "the decoder is shutting down")
+
+    # --- the loop -------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self._inbox and not self.scheduler.has_work():
+                    self._wake.wait()
+                if self._stopping:
+                    return
+                for seq in self._inbox:
+                    self._start_sequence(seq)
+                self._inbox.clear()
+            try:
+                self.step()
+            except Exception:  # a bug must not kill the loop: fail what was running, keep serving
+                message = traceback.format_exc()
+                self.log(f"decoder step failed:\n{message}")
+                for seq in list(self.scheduler.running):
+                    self._fail(seq, f"decoder error: {message.splitlines()[-1]}")
+
+    def _start_sequence(self, seq: Sequence) -> None:
+        self._detok[seq] = IncrementalDetokenizer(self.tokenizer, seq.params.stop)
+        generator = None
+        if not seq.params.greedy:
+            generator = torch.Generator(device=self.runner.device)
+            if seq.params.seed is not None:
+                generator.manual_seed(seq.params.seed)
+            else:
+                generator.seed()
+        self._generators[seq] = generator
+        self.scheduler.add(seq)
+
+    def step(self) -> None:
+        """One engine step: drop cancelled sequences, prefill newcomers, decode the rest together."""
+        for seq in list(self.scheduler.waiting) + list(self.scheduler.running):
+            if seq.is_cancelled():
+                self._finish(seq, StepOutput("", (), FinishReason.CANCELLED))
+        decoding = list(self.scheduler.running)
+        for seq in self.scheduler.admit():
+            try:
+                logits = self.runner.prefill(seq)
+            except ValueError as exc:
+                self._fail(seq, str(exc))
+                continue
+            self._append(seq, sample(logits[None], [seq.params], [self._generators[seq]])[0])
+        if decoding:
+            logits = self.runner.decode(decoding)
+            tokens = sample(logits, [s.params for s in decoding], [self._generators[s] for s in decoding])
+            for seq, token in zip(decoding, tokens):
+                self._append(seq, token)
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        seq.output_ids.append(token)
+        detok = self._detok[seq]
+        text, hit_stop = detok.add(token)
+        if hit_stop or token in self.eos_token_ids:
+            reason = FinishReason.STOP
+        elif len(seq.output_ids) >= seq.params.max_tokens or seq.length >= self.max_len:
+            reason = FinishReason.LENGTH
+        else:
+            self._send(seq, StepOutput(text, (token,)))
+            return
+        if not hit_stop:
+            text += detok.flush()
+        self._finish(seq, StepOutput(text, (token,), reason))
+
+    def _send(self, seq: Sequence, output: StepOutput) -> None:
+        """Stream one output; a sequence whose response cannot be sent is dropped."""
+        try:
+            seq.emit(output)
+        except Exception:
+            self.log(f"request {seq.request_id}: sending a response failed:\n{traceback.format_exc()}")
+            if output.finish_reason is None and output.error is None:
+                self._finish(seq, StepOutput("", (), FinishReason.CANCELLED))
+
+    def _finish(self, seq: Sequence, output: StepOutput) -> None:
+        self.scheduler.retire(seq)
+        self._detok.pop(seq, None)
+        self._generators.pop(seq, None)
+        self._send(seq, output)
+
+    def _fail(self, seq: Sequence, message: str) -> None:
+        self._finish(seq, StepOutput("", (), error=message))

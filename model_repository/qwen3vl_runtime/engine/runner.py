@@ -1,0 +1,60 @@
+"""Runs the text model for the engine: owns the KV cache and turns sequences into batch tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..text_model import TextModel
+from .request import Sequence
+
+
+@dataclass(frozen=True)
+class PromptInputs:
+    """What a prefill needs (host tensors as the preprocess and vision models send them)."""
+
+    input_ids: torch.Tensor  # [L] int64
+    positions: torch.Tensor  # [3, L] int64, M-RoPE (t, h, w)
+    image_embeds: torch.Tensor | None = None  # [image rows, hidden]
+    deepstack: torch.Tensor | None = None  # [3, image rows, hidden]
+
+
+class ModelRunner:
+    def __init__(self, model: TextModel, *, num_slots: int, max_len: int, image_token_id: int):
+        self.model = model
+        self.max_len = max_len
+        self.image_token_id = image_token_id
+        self.device, self.dtype = model.norm.weight.device, model.norm.weight.dtype
+        # Preallocated once: [slots, kv heads, max_len, head_dim] per layer for K and for V.
+        self.kv = model.new_cache(num_slots, max_len)
+
+    @torch.inference_mode()
+    def prefill(self, seq: Sequence) -> torch.Tensor:
+        """Fill the sequence's slot with its prompt; returns the next-token logits: [vocab]."""
+        prompt: PromptInputs = seq.prompt
+        ids = prompt.input_ids.to(self.device)
+        embeds = self.model.embed(ids)
+        visual = ids == self.image_token_id
+        deepstack = None
+        n_image = int(visual.sum())
+        if n_image:
+            if prompt.image_embeds is None or prompt.image_embeds.shape[0] != n_image:
+                rows = 0 if prompt.image_embeds is None else prompt.image_embeds.shape[0]
+                raise ValueError(f"the prompt has {n_image} image tokens but the vision model gave {rows} rows")
+            embeds = embeds.clone()
+            embeds[visual] = prompt.image_embeds.to(self.device, self.dtype)
+            deepstack = prompt.deepstack.to(self.device, self.dtype)
+        return self.model.prefill(
+            embeds, prompt.positions.to(self.device), self.kv, seq.slot, visual_mask=visual, deepstack=deepstack
+        )
+
+    @torch.inference_mode()
+    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Feed each sequence's last token; returns next-token logits: [B, vocab]."""
+        cached = [s.length - 1 for s in seqs]  # the last output token is not in the cache yet
+        ids = torch.tensor([s.output_ids[-1] for s in seqs], device=self.device)
+        positions = torch.tensor([n + s.rope_delta for n, s in zip(cached, seqs)], device=self.device)
+        slots = torch.tensor([s.slot for s in seqs], device=self.device)
+        lengths = torch.tensor(cached, device=self.device)
+        return self.model.decode(ids, positions, self.kv, slots, lengths)

@@ -1,0 +1,46 @@
+"""Which sequences run this step: admit waiting ones while KV slots are free (first come, first
+served), retire finished ones. Plain Python, no torch."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from .request import Sequence
+from .slots import SlotPool
+
+
+class Scheduler:
+    def __init__(self, slots: SlotPool, max_prefills_per_step: int = 4):
+        self.slots = slots
+        self.max_prefills_per_step = max_prefills_per_step
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def admit(self) -> list[Sequence]:
+        """Move waiting sequences into the running batch; they need a prefill this step.
+
+        A bounded number per step, so a burst of newcomers does not stall the running streams.
+        """
+        admitted = []
+        while self.waiting and self.slots.can_allocate() and len(admitted) < self.max_prefills_per_step:
+            seq = self.waiting.popleft()
+            seq.slot = self.slots.allocate()
+            self.running.append(seq)
+            admitted.append(seq)
+        return admitted
+
+    def retire(self, seq: Sequence) -> None:
+        """Drop a finished, failed or cancelled sequence, waiting or running; free its slot."""
+        seq.finished = True
+        if seq.slot is not None:
+            self.running.remove(seq)
+            self.slots.free(seq.slot)
+            seq.slot = None
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
