@@ -32,11 +32,14 @@ def _instances(options: BuildOptions, count: int, *, on_gpu: bool) -> list:
     return [mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_GPU, count=count, gpus=[g]) for g in options.gpus]
 
 
-def _dynamic_batching(options: BuildOptions, preferred: list[int] | None = None) -> mc.ModelDynamicBatching:
-    """Priority levels on every step: an ensemble's priority is clamped per composing model."""
+def _dynamic_batching(options: BuildOptions) -> mc.ModelDynamicBatching:
+    """Priority queues on every step (an ensemble's priority is clamped per composing model).
+
+    Every model has max_batch_size 0: its tensors are ragged (patches and tokens per request),
+    and the decoder batches inside its engine. Triton then hands one request per execute, taken
+    from the queue in priority order.
+    """
     return mc.ModelDynamicBatching(
-        preferred_batch_size=preferred or [],
-        max_queue_delay_microseconds=options.max_queue_delay_us,
         priority_levels=options.priority_levels,
         default_priority_level=options.default_priority,
     )

@@ -44,8 +44,6 @@ class BuildOptions:
     )
     preprocess_instances: int = field(default=2, metadata={"help": "CPU instances of the preprocess model"})
     vision_instances: int = field(default=1, metadata={"help": "vision encoder instances per GPU"})
-    max_batch_size: int = field(default=8, metadata={"help": "requests per preprocess execute call"})
-    max_queue_delay_us: int = field(default=500, metadata={"help": "dynamic batcher wait for a fuller batch"})
     priority_levels: int = field(default=3, metadata={"help": "Triton priority levels (1 = highest)"})
     default_priority: int = field(default=2, metadata={"help": "level of requests that set no priority"})
     force: bool = field(default=False, metadata={"help": "replace an existing output directory"})
@@ -74,9 +72,8 @@ class BuildOptions:
         check(self.max_pixels <= 16_777_216, "--max-pixels is above the checkpoint's own limit (16,777,216)")
         check(self.max_source_pixels >= self.max_pixels, "--max-source-pixels must be >= --max-pixels")
         check(self.max_images >= 1, "--max-images must be >= 1")
-        for name in ("preprocess_instances", "vision_instances", "max_batch_size"):
+        for name in ("preprocess_instances", "vision_instances"):
             check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
-        check(self.max_queue_delay_us >= 0, "--max-queue-delay-us must be >= 0")
         check(self.priority_levels >= 1, "--priority-levels must be >= 1")
         check(
             1 <= self.default_priority <= self.priority_levels,

@@ -7,6 +7,7 @@ import base64
 import binascii
 import io
 import re
+import struct
 import warnings
 
 from PIL import Image, UnidentifiedImageError
@@ -44,6 +45,8 @@ def decode_image(data: bytes, index: int, *, max_source_pixels: int) -> Image.Im
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))  # reads the header only
     except UnidentifiedImageError:
+        if _png_declares_no_pixels(data):
+            raise ImageError(f"image {index}: has no pixels (0 width or height)") from None
         raise ImageError(f"image {index}: not a PNG, JPEG or WebP image (unknown or corrupt data)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(f"image {index}: too many pixels (decompression bomb guard)") from None
@@ -62,3 +65,11 @@ def decode_image(data: bytes, index: int, *, max_source_pixels: int) -> Image.Im
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"image {index}: corrupt or truncated {image.format} data ({exc})") from None
     return image.convert("RGB")
+
+
+def _png_declares_no_pixels(data: bytes) -> bool:
+    """PIL refuses a 0x0 PNG as unidentifiable; read its header to say what is really wrong."""
+    if not data.startswith(_MAGIC[0]) or data[12:16] != b"IHDR" or len(data) < 24:
+        return False
+    width, height = struct.unpack(">II", data[16:24])
+    return width == 0 or height == 0

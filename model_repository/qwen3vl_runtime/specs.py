@@ -33,7 +33,7 @@ NUMPY_DTYPES = {"BYTES": "object", "FP32": "float32", "FP16": "float16", "INT64"
 # --- The endpoint: what a client sends and receives -------------------------------------------
 ENDPOINT_INPUTS = (
     TensorSpec("prompt", "BYTES", (1,), doc="UTF-8 text of the user turn, or a JSON chat (see README)"),
-    TensorSpec("images", "BYTES", (-1,), doc="encoded images (PNG, JPEG or WebP), zero or more"),
+    TensorSpec("images", "BYTES", (-1,), optional=True, doc="encoded images (PNG, JPEG or WebP, raw or base64)"),
 )
 ENDPOINT_OUTPUTS = (
     TensorSpec("text", "BYTES", (1,), doc="UTF-8 text generated since the previous response"),

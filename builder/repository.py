@@ -1,0 +1,193 @@
+"""Assemble a Triton model repository from a checkpoint: the build ``build-repo`` runs.
+
+Output layout (every Python model carries its own copy of ``qwen3vl_runtime``, so the repository
+can be mounted into NVIDIA's tritonserver container with only pip packages added):
+
+  qwen3_vl/          ensemble: the one endpoint
+  preprocess/1/      model.py, qwen3vl_runtime/, processor/ (tokenizer, chat template, image processor)
+  vision_encoder/1/  model.onnx (+ model.py and qwen3vl_runtime/ with --vision-backend python)
+  language_model/1/  model.py, qwen3vl_runtime/, decoder/ (weights, config, tokenizer)
+  manifest.json      source, versions, options, file sizes, parity and accuracy figures
+  requirements.txt   what the Python models import
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from model_repository import RUNTIME_PACKAGE, SOURCE_DIR
+from model_repository.qwen3vl_runtime import specs
+
+from . import configs
+from .checkpoint import checkpoint_fingerprint, resolve_checkpoint
+from .options import BuildOptions, OptionError
+from .progress import Progress
+
+MANIFEST = "manifest.json"
+# Files a checkpoint may hold for its tokenizer, chat template and processors (the ones present
+# are copied).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+)
+PROCESSOR_FILES = TOKENIZER_FILES + ("config.json", "preprocessor_config.json")
+DECODER_EXTRA_FILES = TOKENIZER_FILES + ("generation_config.json",)
+PACKAGES = ("torch", "transformers", "onnx", "onnxruntime", "tritonclient", "safetensors", "pillow", "numpy")
+STEPS = 6
+
+
+def build_repository(options: BuildOptions, progress: Progress | None = None) -> dict:
+    """Build the repository ``options`` describe; returns the manifest it wrote."""
+    progress = progress or Progress(STEPS)
+    final = Path(options.output)
+    _check_output(final, options.force)
+    # Built beside the target and moved into place at the end: a failed build leaves no
+    # half-written repository behind.
+    out = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        manifest = _build(options, out, progress)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    out.rename(final)
+    return manifest
+
+
+def _build(options: BuildOptions, out: Path, progress: Progress) -> dict:
+    from transformers import AutoImageProcessor, AutoTokenizer, Qwen3VLForConditionalGeneration
+
+    from .decoder_export import write_decoder
+    from .quantize import accuracy_token_sequences
+    from .vision_export import check_vision_parity, export_vision_onnx
+
+    with progress.step(f"Opening checkpoint {options.model}"):
+        checkpoint = resolve_checkpoint(options.model)
+        source = checkpoint_fingerprint(checkpoint)
+        config = json.loads((checkpoint / "config.json").read_text())
+        text_hidden = config["text_config"]["hidden_size"]
+        # float32 reference: the vision export and the decoder's accuracy are measured against it.
+        hf = Qwen3VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+        progress.say(f"{sum(p.numel() for p in hf.parameters()):,} parameters from {checkpoint}")
+
+    vision_dir = out / specs.VISION / "1"
+    with progress.step("Exporting the vision tower to ONNX"):
+        onnx_path = export_vision_onnx(hf.model.visual, vision_dir / "model.onnx", progress=progress.say)
+    with progress.step("Checking ONNX Runtime against PyTorch on random images"):
+        image_processor = AutoImageProcessor.from_pretrained(checkpoint, backend="pil")
+        vision_parity = check_vision_parity(hf.model.visual, onnx_path, image_processor, progress=progress.say)
+
+    with progress.step("Reference logits of the unquantized decoder (transformers, float32)"):
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        sequences = accuracy_token_sequences(tokenizer)
+        with torch.no_grad():
+            reference = [hf(input_ids=torch.tensor([ids])).logits[0] for ids in sequences]
+        del hf  # the largest object of the build; the decoder steps need the room
+
+    decoder_dir = out / specs.LANGUAGE_MODEL / "1" / "decoder"
+    with progress.step(f"Writing decoder weights (quant={options.quant}, dtype={options.dtype})"):
+        write_decoder(checkpoint, decoder_dir, quantization=options.quant, dtype=options.dtype)
+        _copy_present(checkpoint, decoder_dir, DECODER_EXTRA_FILES)
+        accuracy = _decoder_accuracy(decoder_dir, sequences, reference)
+        progress.say(
+            "served decoder vs transformers float32: top-1 agreement {top1_agreement:.4f}, mean logit cosine "
+            "{mean_logit_cosine:.5f} over {positions} positions".format(**accuracy)
+        )
+
+    with progress.step("Writing configs, runtime code and manifest"):
+        _write_models(out, options, checkpoint, text_hidden)
+        manifest = {
+            "format": 1,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "source": source,
+            "versions": _versions(),
+            "options": options.to_json(),
+            "vision_parity": vision_parity,
+            "decoder_accuracy": accuracy,
+            "timings_s": progress.timings,
+        }
+        manifest["files"] = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
+        manifest["total_bytes"] = sum(manifest["files"].values())
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _check_output(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise OptionError(f"--output {out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise OptionError(f"--output {out} exists and is not empty; pass --force to replace it")
+        if not (out / MANIFEST).is_file():
+            raise OptionError(f"--output {out} is not a repository built by build-repo (no {MANIFEST}); not deleting it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _decoder_accuracy(decoder_dir: Path, sequences: list[list[int]], reference: list[torch.Tensor]) -> dict:
+    """The served decoder (our runtime, quantized, in its dtype) against transformers' float32."""
+    from model_repository.qwen3vl_runtime.decoder_weights import load_text_model
+
+    from .quantize import measure_accuracy
+
+    served = load_text_model(decoder_dir, "cpu")
+    by_sequence = {tuple(ids): logits for ids, logits in zip(sequences, reference)}
+    return measure_accuracy(
+        lambda ids: by_sequence[tuple(ids[0].tolist())],
+        lambda ids: served.sequence_logits(ids[0]),
+        sequences,
+    )
+
+
+def _write_models(out: Path, options: BuildOptions, checkpoint: Path, text_hidden: int) -> None:
+    python_models = [specs.PREPROCESS, specs.LANGUAGE_MODEL]
+    if options.vision_backend == "python":
+        python_models.append(specs.VISION)
+    for name in python_models:
+        version = out / name / "1"
+        version.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(SOURCE_DIR / name / "1" / "model.py", version / "model.py")
+        shutil.copytree(RUNTIME_PACKAGE, version / RUNTIME_PACKAGE.name, ignore=shutil.ignore_patterns("__pycache__"))
+    _copy_present(checkpoint, out / specs.PREPROCESS / "1" / "processor", PROCESSOR_FILES)
+    (out / specs.ENSEMBLE / "1").mkdir(parents=True, exist_ok=True)
+    for config in (
+        configs.ensemble_config(),
+        configs.preprocess_config(options),
+        configs.vision_config(options, text_hidden),
+        configs.language_model_config(options, text_hidden),
+    ):
+        (out / config.name / "config.pbtxt").write_text(configs.to_pbtxt(config))
+    requirements = ["numpy<2", "torch", "transformers>=5.17", "safetensors", "pillow"]
+    if options.vision_backend == "python":
+        requirements.append("onnxruntime-gpu" if options.device == "cuda" else "onnxruntime")
+    (out / "requirements.txt").write_text("\n".join(requirements) + "\n")
+
+
+def _copy_present(src: Path, dest: Path, names: tuple[str, ...]) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dest / name)
+
+
+def _versions() -> dict:
+    versions = {}
+    for package in ("qwen3vl-triton",) + PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions

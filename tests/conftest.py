@@ -1,0 +1,55 @@
+"""Shared fixtures: a tiny random-weight Qwen3-VL checkpoint, repositories built from it by the
+real build, and real tritonserver processes serving them."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+from builder.checkpoint import make_demo_checkpoint
+from builder.options import BuildOptions
+from builder.repository import build_repository
+
+# Small enough for the CPU machine, large enough for every test prompt and answer.
+TEST_BUILD = dict(dtype="float32", device="cpu", vision_backend="python", max_context=1024, kv_cache_slots=4)
+
+
+def png(width: int, height: int, seed: int = 0, fmt: str = "PNG") -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    return make_demo_checkpoint(tmp_path_factory.mktemp("checkpoint"))
+
+
+@pytest.fixture(scope="session")
+def build(tiny_checkpoint, tmp_path_factory):
+    """build(quant) -> (repository path, manifest); each quantization is built once per session."""
+    built = {}
+
+    def _build(quant: str = "none"):
+        if quant not in built:
+            out = tmp_path_factory.mktemp(f"repo-{quant}")
+            manifest = build_repository(BuildOptions(model=str(tiny_checkpoint), output=out, quant=quant, **TEST_BUILD))
+            built[quant] = (out, manifest)
+        return built[quant]
+
+    return _build
+
+
+@pytest.fixture(scope="session")
+def server(build):
+    """A real tritonserver serving the unquantized float32 repository."""
+    from builder.serve import TritonServer
+
+    repository, _ = build("none")
+    with TritonServer(repository) as running:
+        yield running
