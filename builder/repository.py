@@ -108,21 +108,21 @@ def _build(options: BuildOptions, out: Path, progress: Progress) -> dict:
             "{mean_logit_cosine:.5f} over {positions} positions".format(**accuracy)
         )
 
-    with progress.step("Writing configs, runtime code and manifest"):
+    with progress.step("Writing configs and runtime code"):
         _write_models(out, options, checkpoint, text_hidden)
-        manifest = {
-            "format": 1,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "source": source,
-            "versions": _versions(),
-            "options": options.to_json(),
-            "vision_parity": vision_parity,
-            "decoder_accuracy": accuracy,
-            "timings_s": progress.timings,
-        }
-        manifest["files"] = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
-        manifest["total_bytes"] = sum(manifest["files"].values())
-        (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    manifest = {
+        "format": 1,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": source,
+        "versions": _versions(),
+        "options": options.to_json(),
+        "vision_parity": vision_parity,
+        "decoder_accuracy": accuracy,
+        "timings_s": progress.timings,
+        "files": {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()},
+    }
+    manifest["total_bytes"] = sum(manifest["files"].values())
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
