@@ -1,0 +1,185 @@
+"""The decoder engine's parts on their own: sampling settings, slots, scheduler, detokenizer,
+and the engine loop on the tiny model (no server)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from model_repository.qwen3vl_runtime.engine import Engine, FinishReason, SamplingParams, Sequence
+from model_repository.qwen3vl_runtime.engine.detokenizer import IncrementalDetokenizer
+from model_repository.qwen3vl_runtime.engine.runner import ModelRunner, PromptInputs
+from model_repository.qwen3vl_runtime.engine.scheduler import Scheduler
+from model_repository.qwen3vl_runtime.engine.slots import SlotPool
+
+DEFAULTS = SamplingParams(max_tokens=16)
+
+
+def test_sampling_params_from_request_parameters():
+    params = SamplingParams.from_parameters(
+        {"max_tokens": "7", "temperature": 0.5, "top_p": "0.9", "top_k": 20, "seed": 3, "stop": '["a", "bc"]', "tier": "vip"},
+        DEFAULTS,
+    )
+    assert params == SamplingParams(max_tokens=7, temperature=0.5, top_p=0.9, top_k=20, seed=3, stop=("a", "bc"))
+    assert SamplingParams.from_parameters({"stop": "END"}, DEFAULTS).stop == ("END",)
+    assert SamplingParams.from_parameters({}, DEFAULTS) == DEFAULTS
+
+
+@pytest.mark.parametrize(
+    "parameters, message",
+    [
+        ({"max_tokens": 0}, "max_tokens must be an integer >= 1"),
+        ({"max_tokens": 2.5}, "max_tokens must be an integer"),
+        ({"max_tokens": "many"}, "max_tokens must be an integer"),
+        ({"max_tokens": True}, "max_tokens must be a number"),
+        ({"temperature": -0.1}, "temperature must be >= 0"),
+        ({"top_p": 0}, "top_p must be in"),
+        ({"top_k": -1}, "top_k must be an integer >= 0"),
+        ({"stop": "[1]"}, "stop must be a list of non-empty strings"),
+        ({"stop": "[oops"}, "stop must be a string or a JSON list"),
+    ],
+)
+def test_sampling_params_reject_bad_values(parameters, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams.from_parameters(parameters, DEFAULTS)
+
+
+def test_slot_pool():
+    pool = SlotPool(2)
+    a, b = pool.allocate(), pool.allocate()
+    assert {a, b} == {0, 1} and not pool.can_allocate()
+    pool.free(a)
+    with pytest.raises(ValueError, match="not allocated"):
+        pool.free(a)
+    assert pool.allocate() == a
+
+
+def _seq(name: str, emit=lambda out: None, **kwargs) -> Sequence:
+    return Sequence(name, prompt=None, prompt_len=4, rope_delta=0, params=DEFAULTS, emit=emit, **kwargs)
+
+
+def test_scheduler_admits_while_slots_last_and_retire_frees_them():
+    scheduler = Scheduler(SlotPool(2), max_prefills_per_step=4)
+    seqs = [_seq(str(i)) for i in range(3)]
+    for s in seqs:
+        scheduler.add(s)
+    assert scheduler.admit() == seqs[:2] and list(scheduler.waiting) == seqs[2:]
+    scheduler.retire(seqs[0])
+    assert seqs[0].slot is None and seqs[0].finished
+    assert scheduler.admit() == [seqs[2]] and scheduler.running == [seqs[1], seqs[2]]
+
+
+def test_scheduler_bounds_prefills_per_step():
+    scheduler = Scheduler(SlotPool(8), max_prefills_per_step=2)
+    for i in range(5):
+        scheduler.add(_seq(str(i)))
+    assert len(scheduler.admit()) == 2 and len(scheduler.admit()) == 2 and len(scheduler.admit()) == 1
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_checkpoint):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_checkpoint)
+
+
+def _feed(detok: IncrementalDetokenizer, ids: list[int]) -> tuple[list[str], bool]:
+    chunks = []
+    for token in ids:
+        text, stopped = detok.add(token)
+        chunks.append(text)
+        if stopped:
+            return chunks, True
+    chunks.append(detok.flush())
+    return chunks, False
+
+
+def test_detokenizer_streams_exactly_the_decoded_text(tokenizer):
+    text = "Hello 世界! Ünïcödé and emoji 🎉 split across byte tokens."
+    ids = tokenizer(text)["input_ids"]
+    chunks, stopped = _feed(IncrementalDetokenizer(tokenizer), ids)
+    assert "".join(chunks) == text and not stopped
+    assert not any("\ufffd" in c for c in chunks)
+
+
+def test_detokenizer_stop_string_across_tokens_is_cut_and_never_sent(tokenizer):
+    ids = tokenizer("alpha beta gamma delta")["input_ids"]
+    chunks, stopped = _feed(IncrementalDetokenizer(tokenizer, stop=("a gam",)), ids)
+    assert stopped and "".join(chunks) == "alpha bet"
+
+
+@pytest.fixture(scope="module")
+def engine_parts(tiny_checkpoint, tokenizer, tmp_path_factory):
+    from builder.decoder_export import write_decoder
+    from model_repository.qwen3vl_runtime.decoder_weights import load_text_model
+
+    folder = tmp_path_factory.mktemp("decoder")
+    write_decoder(tiny_checkpoint, folder, quantization="none", dtype="float32")
+    return load_text_model(folder), tokenizer
+
+
+def _run(engine_parts, requests: list[tuple[list[int], SamplingParams]], *, slots: int, max_len: int = 64, cancel=None):
+    model, tokenizer = engine_parts
+    runner = ModelRunner(model, num_slots=slots, max_len=max_len, image_token_id=151655)
+    engine = Engine(runner, tokenizer, eos_token_ids={151645}, num_slots=slots).start()
+    outputs = {i: [] for i in range(len(requests))}
+    finished, all_done = set(), threading.Event()
+
+    def emit(i, out):  # on the engine thread
+        outputs[i].append(out)
+        if out.finish_reason or out.error:
+            finished.add(i)
+            if len(finished) == len(requests):
+                all_done.set()
+
+    try:
+        for i, (ids, params) in enumerate(requests):
+            ids_t = torch.tensor(ids)
+            prompt = PromptInputs(ids_t, torch.arange(len(ids)).expand(3, -1))
+            is_cancelled = (lambda i=i: cancel(i, outputs[i])) if cancel else (lambda: False)
+            engine.submit(
+                Sequence(str(i), prompt, len(ids), 0, params, lambda out, i=i: emit(i, out), is_cancelled=is_cancelled)
+            )
+        assert all_done.wait(60), "the engine did not finish every request"
+        return outputs, engine
+    finally:
+        engine.stop()
+
+
+def test_more_requests_than_slots_wait_and_all_finish(engine_parts):
+    requests = [([100 + i, 200, 300], SamplingParams(max_tokens=5)) for i in range(5)]
+    outputs, engine = _run(engine_parts, requests, slots=2)
+    for out in outputs.values():
+        assert sum(len(o.token_ids) for o in out) == 5 and out[-1].finish_reason == FinishReason.LENGTH
+    assert engine.scheduler.slots.num_free == 2
+
+
+def test_answers_do_not_depend_on_batching(engine_parts):
+    requests = [([100 + i, 200 + 3 * i, 300], SamplingParams(max_tokens=6)) for i in range(4)]
+    together, _ = _run(engine_parts, requests, slots=4)
+    for i, request in enumerate(requests):
+        alone, _ = _run(engine_parts, [request], slots=1)
+        assert [t for o in alone[0] for t in o.token_ids] == [t for o in together[i] for t in o.token_ids]
+
+
+def test_cancelled_request_frees_its_slot(engine_parts):
+    requests = [([101, 202], SamplingParams(max_tokens=40)), ([103, 204], SamplingParams(max_tokens=3))]
+    outputs, engine = _run(engine_parts, requests, slots=2, cancel=lambda i, out: i == 0 and len(out) >= 2)
+    assert outputs[0][-1].finish_reason == FinishReason.CANCELLED and len(outputs[0]) == 3
+    assert outputs[1][-1].finish_reason == FinishReason.LENGTH
+    assert engine.scheduler.slots.num_free == 2
+
+
+def test_generation_stops_at_the_context_end(engine_parts):
+    outputs, _ = _run(engine_parts, [(list(range(100, 160)), SamplingParams(max_tokens=50))], slots=1, max_len=64)
+    assert outputs[0][-1].finish_reason == FinishReason.LENGTH
+    assert sum(len(o.token_ids) for o in outputs[0]) == 64 - 60
+
+
+def test_prompt_that_fills_the_context_is_refused(engine_parts):
+    model, tokenizer = engine_parts
+    engine = Engine(ModelRunner(model, num_slots=1, max_len=8, image_token_id=151655), tokenizer, eos_token_ids=set(), num_slots=1)
+    with pytest.raises(ValueError, match="the prompt is 8 tokens; this server's max context is 8"):
+        engine.submit(Sequence("x", None, 8, 0, DEFAULTS, lambda out: None))
