@@ -28,7 +28,9 @@ PROCESSOR_FILES = (
 
 # Random weights drawn with the default initializer_range (0.02) make a tiny model answer every
 # prompt with the same token; 0.5 makes greedy tokens depend on the image and the prompt, so a
-# parity test can tell a right implementation from a wrong one.
+# parity test can tell a right implementation from a wrong one. The full-size model keeps the
+# checkpoint's 0.02: at 0.5 its 24-layer vision tower is chaotic (float32 differs from float64 by
+# 44% relative), so no float32 parity check could pass.
 SENSITIVE_INIT_RANGE = 0.5
 
 
@@ -115,9 +117,8 @@ def demo_config(full_size: bool = False):
             out_hidden_size=128,
             deepstack_visual_indexes=[0, 1, 2],
         )
-    config["initializer_range"] = SENSITIVE_INIT_RANGE
-    config["text_config"]["initializer_range"] = SENSITIVE_INIT_RANGE
-    config["vision_config"]["initializer_range"] = SENSITIVE_INIT_RANGE
+        for part in (config, config["text_config"], config["vision_config"]):
+            part["initializer_range"] = SENSITIVE_INIT_RANGE
     return Qwen3VLConfig(**config)
 
 
