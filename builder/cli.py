@@ -8,9 +8,24 @@ import sys
 import typing
 from pathlib import Path
 
-from .options import DEVICES, DTYPES, QUANT_MODES, VISION_BACKENDS, BuildOptions, OptionError, option_fields
+from .options import (
+    DEVICES,
+    DTYPES,
+    QUANT_MODES,
+    VISION_BACKENDS,
+    VISION_WEIGHTS,
+    BuildOptions,
+    OptionError,
+    option_fields,
+)
 
-CHOICES = {"quant": QUANT_MODES, "dtype": DTYPES, "device": DEVICES, "vision_backend": VISION_BACKENDS}
+CHOICES = {
+    "quant": QUANT_MODES,
+    "dtype": DTYPES,
+    "device": DEVICES,
+    "vision_backend": VISION_BACKENDS,
+    "vision_weights": VISION_WEIGHTS,
+}
 
 
 def _gpu_ids(text: str) -> tuple[int, ...]:

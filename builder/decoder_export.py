@@ -8,7 +8,12 @@ from pathlib import Path
 
 import torch
 
-from model_repository.qwen3vl_runtime.decoder_weights import SETTINGS_FILE, WEIGHTS_FILE, decoder_tensor_name
+from model_repository.qwen3vl_runtime.decoder_weights import (
+    SETTINGS_FILE,
+    WEIGHTS_FILE,
+    decoder_tensor_name,
+    fuse_projections,
+)
 
 
 def read_decoder_state(checkpoint: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -32,8 +37,8 @@ def is_matrix(name: str, tensor: torch.Tensor) -> bool:
     return tensor.ndim == 2 and tensor.is_floating_point() and name.endswith(".weight")
 
 
-def write_decoder(checkpoint: Path, dest: Path, *, quantization: str, dtype: str) -> dict[str, torch.Tensor]:
-    """Write config, settings and (maybe quantized) weights into ``dest``; returns the float state."""
+def write_decoder(checkpoint: Path, dest: Path, *, quantization: str, dtype: str) -> None:
+    """Write config, settings and (maybe quantized) weights into ``dest``."""
     from safetensors.torch import save_file
 
     from .quantize import quantize_state_dict
@@ -43,11 +48,11 @@ def write_decoder(checkpoint: Path, dest: Path, *, quantization: str, dtype: str
     config = json.loads((Path(checkpoint) / "config.json").read_text())
     if config.get("tie_word_embeddings", True):
         state.pop("lm_head.weight", None)  # some exports store the tied head twice
+    state = fuse_projections(state)
     stored = state if quantization == "none" else quantize_state_dict(state, quantization, should_quantize=is_matrix)
     save_file({k: v.contiguous() for k, v in stored.items()}, dest / WEIGHTS_FILE)
     shutil.copyfile(Path(checkpoint) / "config.json", dest / "config.json")
     (dest / SETTINGS_FILE).write_text(json.dumps({"quantization": quantization, "dtype": dtype}, indent=2) + "\n")
-    return state
 
 
 def is_matrix(name: str, tensor: torch.Tensor) -> bool:

@@ -8,6 +8,7 @@ from pathlib import Path
 QUANT_MODES = ("none", "int8", "fp8")
 DTYPES = ("bfloat16", "float16", "float32")
 VISION_BACKENDS = ("onnxruntime", "python")
+VISION_WEIGHTS = ("auto", "float", "int8")
 DEVICES = ("cuda", "cpu")
 
 
@@ -28,6 +29,10 @@ class BuildOptions:
     vision_backend: str = field(
         default="onnxruntime",
         metadata={"help": "onnxruntime: Triton's ORT backend (NVIDIA's container); python: ORT in a Python model"},
+    )
+    vision_weights: str = field(
+        default="auto",
+        metadata={"help": "vision ONNX weights: float, or int8 (dequantized in the graph); auto = int8 with --quant"},
     )
     max_context: int = field(default=4096, metadata={"help": "tokens per sequence, prompt + answer"})
     kv_cache_slots: int = field(
@@ -60,6 +65,10 @@ class BuildOptions:
             self.vision_backend in VISION_BACKENDS,
             f"--vision-backend must be one of {', '.join(VISION_BACKENDS)}, got {self.vision_backend!r}",
         )
+        check(
+            self.vision_weights in VISION_WEIGHTS,
+            f"--vision-weights must be one of {', '.join(VISION_WEIGHTS)}, got {self.vision_weights!r}",
+        )
         check(self.device == "cpu" or len(self.gpus) > 0, "--gpus needs at least one id with --device cuda")
         check(all(g >= 0 for g in self.gpus) and len(set(self.gpus)) == len(self.gpus), f"--gpus: bad ids {self.gpus}")
         check(self.max_context >= 64, f"--max-context must be >= 64, got {self.max_context}")
@@ -79,6 +88,10 @@ class BuildOptions:
             1 <= self.default_priority <= self.priority_levels,
             f"--default-priority must be in [1, {self.priority_levels}], got {self.default_priority}",
         )
+
+    @property
+    def vision_int8(self) -> bool:
+        return self.vision_weights == "int8" or (self.vision_weights == "auto" and self.quant != "none")
 
     def to_json(self) -> dict:
         data = asdict(self)

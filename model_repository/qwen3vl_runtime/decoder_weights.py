@@ -3,8 +3,9 @@
 Layout of ``language_model/1/decoder/``:
   config.json         the checkpoint's config (text_config used)
   decoder.json        {"quantization": "none"|"int8"|"fp8", "dtype": "float32"|"bfloat16"|...}
-  model.safetensors   text-model tensors, names without the ``model.language_model.`` prefix;
-                      quantized weights carry a ``<name>.weight_scale`` beside them
+  model.safetensors   text-model tensors, names without the ``model.language_model.`` prefix,
+                      q/k/v and gate/up fused (FUSED_PROJECTIONS); quantized weights carry a
+                      ``<name>.weight_scale`` beside them
 """
 
 from __future__ import annotations
@@ -28,6 +29,24 @@ def decoder_tensor_name(checkpoint_name: str) -> str | None:
     if checkpoint_name == "lm_head.weight":
         return checkpoint_name
     return None
+
+
+# Checkpoint projections stored fused, in this row order (one matmul instead of three or two).
+FUSED_PROJECTIONS = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+
+def fuse_projections(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Concatenate each layer's q/k/v and gate/up weights (decoder names, float tensors)."""
+    fused = dict(state)
+    layers = {name.split(".")[1] for name in state if name.startswith("layers.")}
+    for i in sorted(layers, key=int):
+        for target, parts in FUSED_PROJECTIONS.items():
+            names = [f"layers.{i}.{part}.weight" for part in parts]
+            fused[f"layers.{i}.{target}.weight"] = torch.cat([fused.pop(n) for n in names], dim=0)
+    return fused
 
 
 def read_settings(folder: Path) -> dict:

@@ -104,14 +104,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + rotated * sin[:, None]
 
 
+def sdpa_decode_attention(q, k_cache, v_cache, slots, lengths) -> torch.Tensor:
+    """Decode attention in plain PyTorch (CPU, and the reference for the GPU kernel).
+
+    q: [B, H, D]; k_cache, v_cache: [slots, Hkv, max_len, D]; lengths: [B] valid keys per
+    sequence (the new token's included) -> [B, H, D]. Pads to the longest sequence in the batch.
+    """
+    span = int(lengths.max())
+    keys, values = k_cache[slots, :, :span], v_cache[slots, :, :span]  # [B, Hkv, span, D]
+    mask = torch.arange(span, device=q.device)[None, :] < lengths[:, None]  # [B, span]
+    out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask[:, None, None], enable_gqa=True)
+    return out[:, :, 0]
+
+
 class Attention(nn.Module):
     def __init__(self, config: TextConfig):
         super().__init__()
         c = config
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
-        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=False)
-        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
-        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
+        # q, k and v projections fused into one matmul (rows in that order).
+        self.qkv_proj = nn.Linear(c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim, bias=False)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
@@ -119,9 +131,9 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x: [L, hidden] -> q: [L, H, D], k and v: [L, Hkv, D] with RoPE applied to q and k."""
         n = x.shape[0]
-        q = self.q_norm(self.q_proj(x).view(n, self.num_heads, self.head_dim))
-        k = self.k_norm(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim))
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x).view(n, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        q, k, v = qkv.split((self.num_heads, self.num_kv_heads, self.num_kv_heads), dim=1)
+        q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def prefill(self, x, cos, sin, k_cache, v_cache, slot: int, start: int) -> torch.Tensor:
@@ -135,37 +147,36 @@ class Attention(nn.Module):
         k_cache[slot, :, start:end] = k.transpose(0, 1)
         v_cache[slot, :, start:end] = v.transpose(0, 1)
         keys, values = k_cache[slot, :, :end], v_cache[slot, :, :end]  # [Hkv, end, D]
-        # Token i (absolute start + i) sees keys 0..start + i.
-        mask = torch.ones(n, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), keys, values, attn_mask=mask, enable_gqa=True
-        )  # [H, L, D]
-        return self.o_proj(out.transpose(0, 1).reshape(n, -1))
+        if start == 0:  # a whole prompt: the fused causal kernels apply
+            out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, is_causal=True, enable_gqa=True)
+        else:  # token i (absolute start + i) sees keys 0..start + i
+            mask = torch.ones(n, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(out.transpose(0, 1).reshape(n, -1))  # out: [H, L, D]
 
-    def decode(self, x, cos, sin, k_cache, v_cache, slots: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """One new token per sequence. x: [B, hidden]; slots, lengths: [B] (tokens already cached)."""
+    def decode(self, x, cos, sin, k_cache, v_cache, slots, lengths, attend) -> torch.Tensor:
+        """One new token per sequence. x: [B, hidden]; slots, lengths: [B] (tokens already cached).
+
+        No host synchronisation with a GPU ``attend``: the step can be captured in a CUDA graph.
+        """
         b = x.shape[0]
         q, k, v = self.project(x, cos, sin)
         k_cache[slots, :, lengths] = k
         v_cache[slots, :, lengths] = v
-        span = int(lengths.max()) + 1
-        keys, values = k_cache[slots, :, :span], v_cache[slots, :, :span]  # [B, Hkv, span, D]
-        mask = torch.arange(span, device=x.device)[None, :] <= lengths[:, None]  # [B, span]
-        out = F.scaled_dot_product_attention(
-            q[:, :, None], keys, values, attn_mask=mask[:, None, None], enable_gqa=True
-        )  # [B, H, 1, D]
-        return self.o_proj(out.reshape(b, -1))
+        return self.o_proj(attend(q, k_cache, v_cache, slots, lengths + 1).reshape(b, -1))
 
 
 class MLP(nn.Module):
     def __init__(self, config: TextConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.intermediate_size = config.intermediate_size
+        # gate and up projections fused into one matmul (rows in that order).
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -182,7 +193,8 @@ class DecoderLayer(nn.Module):
 
 
 class TextModel(nn.Module):
-    """Parameter names match the checkpoint's ``model.language_model.*`` (prefix removed)."""
+    """Parameter names are the checkpoint's ``model.language_model.*`` (prefix removed), with q/k/v
+    fused into ``qkv_proj`` and gate/up into ``gate_up_proj`` (see ``decoder_weights``)."""
 
     def __init__(self, config: TextConfig):
         super().__init__()
@@ -191,6 +203,8 @@ class TextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rope = MRoPE(config)
+        # Decode attention over the slot cache; the runner swaps in a GPU kernel on CUDA.
+        self.decode_attention = sdpa_decode_attention
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
@@ -265,5 +279,7 @@ class TextModel(nn.Module):
         cos, sin = self.rope(positions, x.dtype)
         for i, layer in enumerate(self.layers):
             k_cache, v_cache = kv[i]
-            x = layer(x, lambda attn, h: attn.decode(h, cos, sin, k_cache, v_cache, slots, lengths))
+            x = layer(
+                x, lambda attn, h: attn.decode(h, cos, sin, k_cache, v_cache, slots, lengths, self.decode_attention)
+            )
         return self.logits(self.norm(x))

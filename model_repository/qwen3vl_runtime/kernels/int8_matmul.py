@@ -1,0 +1,72 @@
+"""Weight-only int8 matmul: y = x @ dequant(W)^T with the dequantization fused into the kernel.
+
+W stays int8 in memory ([out, in], one float32 scale per output row): a decode step reads half
+the bytes of bf16 weights, which is what makes it faster (the step is bound by weight reads).
+The scale multiplies the fp32 accumulator once per output element.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _configs():
+    return [
+        triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+        for n, k, w, s in (
+            (16, 256, 4, 4),
+            (32, 256, 4, 4),
+            (32, 128, 4, 4),
+            (64, 128, 4, 3),
+            (64, 256, 8, 3),
+            (128, 128, 8, 3),
+        )
+    ]
+
+
+@triton.jit
+def _int8_matmul_kernel(
+    X, W, Scale, Out,
+    M, N, K,
+    stride_xm, stride_wn, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        x = tl.load(X + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        w = tl.load(W + rn[None, :] * stride_wn + kk[:, None], mask=(rn[None, :] < N) & (kk[:, None] < K), other=0)
+        acc += tl.dot(x, w.to(x.dtype))  # w: [BLOCK_K, BLOCK_N], dequantized in registers
+    scale = tl.load(Scale + rn, mask=rn < N, other=0.0)
+    out = acc * scale[None, :]
+    tl.store(Out + rm[:, None] * stride_om + rn[None, :], out.to(Out.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+# Tuned once per (batch bucket, N, K) on first use; the runner's warm-up does that before graph capture.
+_tuned_kernel = triton.autotune(configs=_configs(), key=["BLOCK_M", "N", "K"])(_int8_matmul_kernel)
+
+
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
+    """x: [..., K] (bf16/fp16) @ int8 weight [N, K]^T, times scale [N] -> [..., N] in x's dtype.
+
+    config: fixed {"BLOCK_N", "BLOCK_K"} instead of autotuning (tests under TRITON_INTERPRET).
+    """
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m, k = x2.shape
+    n = weight.shape[0]
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, block_m))  # noqa: E731
+    kernel, meta = (_tuned_kernel, {}) if config is None else (_int8_matmul_kernel, config)
+    kernel[grid](x2, weight, scale, out, m, n, k, x2.stride(0), weight.stride(0), out.stride(0), BLOCK_M=block_m, **meta)
+    return out.reshape(*shape[:-1], n)
