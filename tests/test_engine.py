@@ -19,10 +19,21 @@ DEFAULTS = SamplingParams(max_tokens=16)
 
 def test_sampling_params_from_request_parameters():
     params = SamplingParams.from_parameters(
-        {"max_tokens": "7", "temperature": 0.5, "top_p": "0.9", "top_k": 20, "seed": 3, "stop": '["a", "bc"]', "tier": "vip"},
+        {
+            "max_tokens": "7",
+            "temperature": 0.5,
+            "top_p": "0.9",
+            "top_k": 20,
+            "seed": 3,
+            "stop": '["a", "bc"]',
+            "ignore_eos": "true",
+            "tier": "vip",
+        },
         DEFAULTS,
     )
-    assert params == SamplingParams(max_tokens=7, temperature=0.5, top_p=0.9, top_k=20, seed=3, stop=("a", "bc"))
+    assert params == SamplingParams(
+        max_tokens=7, temperature=0.5, top_p=0.9, top_k=20, seed=3, stop=("a", "bc"), ignore_eos=True
+    )
     assert SamplingParams.from_parameters({"stop": "END"}, DEFAULTS).stop == ("END",)
     assert SamplingParams.from_parameters({}, DEFAULTS) == DEFAULTS
 
@@ -39,6 +50,7 @@ def test_sampling_params_from_request_parameters():
         ({"top_k": -1}, "top_k must be an integer >= 0"),
         ({"stop": "[1]"}, "stop must be a list of non-empty strings"),
         ({"stop": "[oops"}, "stop must be a string or a JSON list"),
+        ({"ignore_eos": "maybe"}, "ignore_eos must be true or false"),
     ],
 )
 def test_sampling_params_reject_bad_values(parameters, message):

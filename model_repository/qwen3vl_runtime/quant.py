@@ -5,8 +5,8 @@ at load time ``swap_in_quantized`` replaces the float modules by these, filled f
 dict. Key convention: ``<name>.weight`` (int8 / float8_e4m3fn, [out, in]) and
 ``<name>.weight_scale`` (float32, [out]); dequantized weight = weight * scale[:, None].
 
-The math lives in ``quant_matmul`` alone so that a fused kernel (Inductor, ``torch._scaled_mm``)
-can replace it later without touching the modules.
+The math lives in ``quant_matmul`` (the CPU path and the reference); on CUDA
+``gpu.use_gpu_kernels`` sets each module's ``matmul`` to a fused kernel (kernels/).
 """
 
 from __future__ import annotations
@@ -77,6 +77,8 @@ class _QuantStorage(nn.Module):
             raise ValueError(f"weight {tuple(qweight.shape)} needs one scale per row, got {tuple(scale.shape)}")
         self.register_buffer("weight", qweight)  # [out, in]
         self.register_buffer("weight_scale", scale.float())  # [out]
+        # The product; gpu.use_gpu_kernels swaps in a fused kernel on CUDA.
+        self.matmul = quant_matmul
 
     def _apply(self, fn, recurse=True):
         weight, scale = self.weight, self.weight_scale
@@ -102,7 +104,7 @@ class QuantLinear(_QuantStorage):
         return self.weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
-        y = quant_matmul(x, self.weight, self.weight_scale)
+        y = self.matmul(x, self.weight, self.weight_scale)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
 
@@ -130,7 +132,7 @@ class QuantEmbedding(_QuantStorage):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., hidden] -> [..., vocab]
         """hidden @ W^T with W the dequantized table: the lm_head tied to this embedding."""
-        return quant_matmul(hidden, self.weight, self.weight_scale)
+        return self.matmul(hidden, self.weight, self.weight_scale)
 
 
 class QuantTiedHead(nn.Module):

@@ -111,7 +111,7 @@ class Engine:
         seq.output_ids.append(token)
         detok = self._detok[seq]
         text, hit_stop = detok.add(token)
-        if hit_stop or token in self.eos_token_ids:
+        if hit_stop or (token in self.eos_token_ids and not seq.params.ignore_eos):
             reason = FinishReason.STOP
         elif len(seq.output_ids) >= seq.params.max_tokens or seq.length >= self.max_len:
             reason = FinishReason.LENGTH

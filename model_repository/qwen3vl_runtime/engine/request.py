@@ -23,6 +23,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = no top-k cut
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # generate max_tokens whatever comes (benchmarks)
 
     def __post_init__(self):
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -51,6 +52,8 @@ class SamplingParams:
                 values[name] = _coerce(name, parameters[name], kind)
         if "stop" in parameters:
             values["stop"] = _stop_strings(parameters["stop"])
+        if "ignore_eos" in parameters:
+            values["ignore_eos"] = _flag("ignore_eos", parameters["ignore_eos"])
         return cls(**{**defaults.__dict__, **values})
 
 
@@ -64,6 +67,14 @@ def _coerce(name: str, value: Any, kind: type):
     if kind is int and isinstance(value, float) and value != number:
         raise ValueError(f"{name} must be an integer, got {value!r}")
     return number
+
+
+def _flag(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
 def _stop_strings(value: Any) -> tuple[str, ...]:

@@ -21,13 +21,25 @@ class PromptInputs:
 
 
 class ModelRunner:
-    def __init__(self, model: TextModel, *, num_slots: int, max_len: int, image_token_id: int):
+    """On CUDA: GPU kernels, and the decode step replayed from CUDA graphs (``cuda_graphs``)."""
+
+    def __init__(self, model: TextModel, *, num_slots: int, max_len: int, image_token_id: int, cuda_graphs: bool = True):
         self.model = model
         self.max_len = max_len
         self.image_token_id = image_token_id
         self.device, self.dtype = model.norm.weight.device, model.norm.weight.dtype
-        # Preallocated once: [slots, kv heads, max_len, head_dim] per layer for K and for V.
-        self.kv = model.new_cache(num_slots, max_len)
+        on_gpu = self.device.type == "cuda"
+        # Preallocated once: [slots, kv heads, max_len, head_dim] per layer for K and for V; on
+        # the GPU one more slot takes the padding rows of graphed steps.
+        self.kv = model.new_cache(num_slots + on_gpu, max_len)
+        self.graphed_decode = None
+        if on_gpu:
+            from ..gpu import use_gpu_kernels
+            from .cuda_graphs import GraphedDecodeStep
+
+            use_gpu_kernels(model)
+            if cuda_graphs:
+                self.graphed_decode = GraphedDecodeStep(model, self.kv, max_batch=num_slots, scratch_slot=num_slots)
 
     @torch.inference_mode()
     def prefill(self, seq: Sequence) -> torch.Tensor:
@@ -53,8 +65,11 @@ class ModelRunner:
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """Feed each sequence's last token; returns next-token logits: [B, vocab]."""
         cached = [s.length - 1 for s in seqs]  # the last output token is not in the cache yet
-        ids = torch.tensor([s.output_ids[-1] for s in seqs], device=self.device)
-        positions = torch.tensor([n + s.rope_delta for n, s in zip(cached, seqs)], device=self.device)
-        slots = torch.tensor([s.slot for s in seqs], device=self.device)
-        lengths = torch.tensor(cached, device=self.device)
-        return self.model.decode(ids, positions, self.kv, slots, lengths)
+        ids = torch.tensor([s.output_ids[-1] for s in seqs])
+        positions = torch.tensor([n + s.rope_delta for n, s in zip(cached, seqs)])
+        slots = torch.tensor([s.slot for s in seqs])
+        lengths = torch.tensor(cached)
+        if self.graphed_decode is not None:
+            return self.graphed_decode(ids, positions, slots, lengths)
+        to = lambda t: t.to(self.device)  # noqa: E731
+        return self.model.decode(to(ids), to(positions), self.kv, to(slots), to(lengths))

@@ -1,0 +1,29 @@
+"""Switch a loaded decoder to its GPU kernels: decode attention over the slot cache, fused
+8-bit matmuls. The model's CPU code paths stay the reference they are compared against."""
+
+from __future__ import annotations
+
+import torch
+
+from .quant import QuantEmbedding, QuantLinear
+from .text_model import TextModel
+
+
+def use_gpu_kernels(model: TextModel) -> TextModel:
+    from .kernels.decode_attention import decode_attention
+
+    model.decode_attention = decode_attention
+    for module in model.modules():
+        if isinstance(module, (QuantLinear, QuantEmbedding)):
+            module.matmul = _fast_matmul(module.weight.dtype)
+    return model
+
+
+def _fast_matmul(dtype: torch.dtype):
+    if dtype == torch.int8:
+        from .kernels.int8_matmul import int8_matmul
+
+        return int8_matmul
+    from .kernels.fp8_matmul import fp8_matmul
+
+    return fp8_matmul

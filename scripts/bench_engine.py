@@ -1,0 +1,256 @@
+"""Decoder engine alone vs transformers ``generate``, same GPU, same inputs, in one run.
+
+    python scripts/bench_engine.py --checkpoint DIR [--out results.json] [--precisions bf16 int8 fp8]
+
+Workload (the project's targets): one 448x448 image + ~40 text tokens through the checkpoint's
+own chat template (246 prompt tokens), 128 new tokens (EOS ignored), concurrency 1, 4, 8, 64.
+The engine runs closed-loop: each stream submits its next request when one finishes. Image
+embeddings come from transformers' vision tower on the GPU (its time is reported apart).
+Prints a table and writes JSON: per (system, precision, concurrency) ttft_p50_ms, ttft_p99_ms,
+tpot_p50_ms, output_tok_per_s, gpu_mem_gib.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from builder.decoder_export import write_decoder  # noqa: E402
+from model_repository.qwen3vl_runtime.decoder_weights import load_text_model  # noqa: E402
+from model_repository.qwen3vl_runtime.engine import Engine, SamplingParams, Sequence  # noqa: E402
+from model_repository.qwen3vl_runtime.engine.runner import ModelRunner, PromptInputs  # noqa: E402
+from model_repository.qwen3vl_runtime.preprocessing import PreprocessLimits, Preprocessor  # noqa: E402
+
+PROMPT = (
+    "Look at this picture carefully and describe every object you can see, their colours, positions "
+    "and what they might be used for, in plain words."
+)
+NEW_TOKENS = 128
+PRECISIONS = {"bf16": "none", "int8": "int8", "fp8": "fp8"}
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def workload(checkpoint: Path):
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (448, 448, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    pre = Preprocessor(checkpoint, PreprocessLimits(4096, 1024 * 1024, 65536, 4, 64_000_000))
+    inputs = pre(PROMPT, [buffer.getvalue()])
+    inputs["image_grid_thw"] = pre.image_processor(images=[Image.fromarray(pixels)], return_tensors="np")["image_grid_thw"]
+    return inputs
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
+def vision_embeddings(checkpoint: Path, inputs: dict, device: str):
+    """transformers' model (bf16), the image's embeddings from its tower, and the tower's median ms."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    model = Qwen3VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.bfloat16).to(device).eval()
+    pixel_values = torch.from_numpy(inputs["pixel_values"]).to(device, torch.bfloat16)
+    grid = torch.from_numpy(inputs["image_grid_thw"]).to(device)
+    times = []
+    with torch.no_grad():
+        for _ in range(6):
+            sync()
+            start = time.perf_counter()
+            out = model.model.visual(pixel_values, grid_thw=grid)
+            sync()
+            times.append((time.perf_counter() - start) * 1e3)
+    embeds, deepstack = out.pooler_output.float().cpu(), torch.stack(out.deepstack_features).float().cpu()
+    return model, embeds, deepstack, statistics.median(times[1:])
+
+
+def bench_transformers(model, inputs: dict, concurrency: int, device: str) -> dict:
+    ids = torch.from_numpy(inputs["input_ids"])[None].to(device)
+    pixel_values = torch.from_numpy(inputs["pixel_values"]).to(device, torch.bfloat16)
+    batch = dict(
+        input_ids=ids.repeat(concurrency, 1),
+        attention_mask=torch.ones_like(ids).repeat(concurrency, 1),
+        mm_token_type_ids=(ids == model.config.image_token_id).int().repeat(concurrency, 1),
+        pixel_values=pixel_values.repeat(concurrency, 1),
+        image_grid_thw=torch.from_numpy(inputs["image_grid_thw"]).to(device).repeat(concurrency, 1),
+        do_sample=False,
+    )
+
+    def timed(new_tokens: int) -> float:
+        sync()
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        sync()
+        return time.perf_counter() - start
+
+    timed(2)  # warm-up
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    ttft = statistics.median(timed(1) for _ in range(3))
+    total = timed(NEW_TOKENS)
+    return {
+        "ttft_p50_ms": ttft * 1e3,
+        "ttft_p99_ms": ttft * 1e3,
+        "tpot_p50_ms": (total - ttft) / (NEW_TOKENS - 1) * 1e3,
+        "output_tok_per_s": concurrency * NEW_TOKENS / total,
+        "gpu_mem_gib": peak_gib(),
+    }
+
+
+class ClosedLoop:
+    """`concurrency` streams, each submitting its next request as soon as one finishes."""
+
+    def __init__(self, engine: Engine, prompt: PromptInputs, prompt_len: int, rope_delta: int):
+        self.engine, self.prompt, self.prompt_len, self.rope_delta = engine, prompt, prompt_len, rope_delta
+
+    def run(self, concurrency: int, requests: int) -> dict:
+        records, lock, done = [], threading.Lock(), threading.Event()
+        submitted = [0]
+
+        def submit():
+            with lock:
+                if submitted[0] >= requests:
+                    return
+                submitted[0] += 1
+            record = {"submit": time.perf_counter(), "times": []}
+
+            def emit(out):
+                record["times"].append(time.perf_counter())
+                if out.error:
+                    raise RuntimeError(out.error)
+                if out.finish_reason:
+                    with lock:
+                        records.append(record)
+                        if len(records) == requests:
+                            done.set()
+                    submit()
+
+            params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
+            self.engine.submit(Sequence(str(submitted[0]), self.prompt, self.prompt_len, self.rope_delta, params, emit))
+
+        start = time.perf_counter()
+        for _ in range(concurrency):
+            submit()
+        if not done.wait(600):
+            raise TimeoutError("the engine did not finish")
+        wall = time.perf_counter() - start
+        ttft = [(r["times"][0] - r["submit"]) * 1e3 for r in records]
+        tpot = [(r["times"][-1] - r["times"][0]) / (len(r["times"]) - 1) * 1e3 for r in records]
+        return {
+            "ttft_p50_ms": percentile(ttft, 50),
+            "ttft_p99_ms": percentile(ttft, 99),
+            "tpot_p50_ms": percentile(tpot, 50),
+            "output_tok_per_s": sum(len(r["times"]) for r in records) / wall,
+        }
+
+
+def bench_engine(checkpoint: Path, precision: str, prompt: PromptInputs, inputs: dict, args) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    slots = args.slots
+    with tempfile.TemporaryDirectory() as folder:
+        write_decoder(checkpoint, Path(folder), quantization=PRECISIONS[precision], dtype="bfloat16")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        model = load_text_model(Path(folder), args.device)
+    start = time.perf_counter()
+    runner = ModelRunner(model, num_slots=slots, max_len=args.max_len, image_token_id=151655)
+    startup = time.perf_counter() - start
+    engine = Engine(runner, AutoTokenizer.from_pretrained(checkpoint), eos_token_ids={151645}, num_slots=slots).start()
+    loop = ClosedLoop(engine, prompt, len(inputs["input_ids"]), int(inputs["rope_delta"][0]))
+    loop.run(2, 4)  # warm-up
+    rows = []
+    try:
+        for c in args.concurrency:
+            result = loop.run(c, max(3 * c, 8))
+            result.update(system="engine", precision=precision, concurrency=c, startup_s=startup)
+            result["gpu_mem_gib"] = peak_gib()
+            rows.append(result)
+            print(_row(result), flush=True)
+    finally:
+        engine.stop()
+        del engine, runner, model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _row(r: dict) -> str:
+    return (
+        f"| {r['system']:<22} | {r['precision']:<5} | {r['concurrency']:>3} | {r['ttft_p50_ms']:8.1f} | "
+        f"{r['ttft_p99_ms']:8.1f} | {r['tpot_p50_ms']:7.2f} | {r['output_tok_per_s']:9.0f} | {r['gpu_mem_gib']:6.2f} |"
+    )
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--out", type=Path, default=Path("bench_engine.json"))
+    p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
+    p.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 8, 64])
+    p.add_argument("--slots", type=int, default=64, help="KV slots (sequences decoded together)")
+    p.add_argument("--max-len", type=int, default=2048, help="tokens per KV slot")
+    p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--device", default="cuda", help="cpu runs the same code slowly (a smoke test)")
+    args = p.parse_args()
+
+    inputs = workload(args.checkpoint)
+    hf, embeds, deepstack, vision_ms = vision_embeddings(args.checkpoint, inputs, args.device)
+    prompt = PromptInputs(
+        torch.from_numpy(inputs["input_ids"]), torch.from_numpy(inputs["position_ids"]), embeds, deepstack
+    )
+    print(f"prompt {len(inputs['input_ids'])} tokens; vision tower (transformers bf16 eager): {vision_ms:.1f} ms")
+    print("| system                 | prec  |   c | TTFT p50 | TTFT p99 | TPOT ms |    tok/s | GiB    |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = []
+    if not args.skip_transformers:
+        for c in args.concurrency:
+            result = bench_transformers(hf, inputs, c, args.device)
+            result.update(system="transformers-eager", precision="bf16", concurrency=c)
+            rows.append(result)
+            print(_row(result), flush=True)
+    del hf
+    for precision in args.precisions:
+        rows += bench_engine(args.checkpoint, precision, prompt, inputs, args)
+    report = {
+        "machine": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join(sys.argv),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "prompt_tokens": len(inputs["input_ids"]),
+        "new_tokens": NEW_TOKENS,
+        "vision_ms_transformers_bf16": vision_ms,
+        "results": rows,
+    }
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""The decoder's GPU path: kernels against the PyTorch reference, CUDA-graph decoding against
+transformers, and batching that does not change answers. Skipped without CUDA."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_decode_attention_kernel_matches_sdpa(dtype, bound):
+    from model_repository.qwen3vl_runtime.kernels.decode_attention import decode_attention
+    from model_repository.qwen3vl_runtime.text_model import sdpa_decode_attention
+
+    torch.manual_seed(0)
+    k = torch.randn(9, 8, 700, 128, device="cuda", dtype=dtype)
+    v = torch.randn_like(k)
+    q = torch.randn(6, 16, 128, device="cuda", dtype=dtype)
+    slots = torch.tensor([8, 0, 3, 5, 1, 2], device="cuda")
+    lengths = torch.tensor([1, 63, 64, 65, 300, 700], device="cuda")
+    out = decode_attention(q, k, v, slots, lengths)
+    assert rel_error(out, sdpa_decode_attention(q.double(), k.double(), v.double(), slots, lengths)) < bound
+
+
+@pytest.mark.parametrize("mode, bound", [("int8", 1e-2), ("fp8", 6e-2)])
+@pytest.mark.parametrize("m", [1, 7, 33, 64])
+def test_8bit_matmul_kernels_match_the_reference(mode, bound, m):
+    from model_repository.qwen3vl_runtime.gpu import _fast_matmul
+    from model_repository.qwen3vl_runtime.quant import dequantize_weight, quantize_weight
+
+    torch.manual_seed(m)
+    weight = torch.randn(4096, 2048, device="cuda")
+    q, scale = quantize_weight(weight, mode)
+    x = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
+    reference = x.double() @ dequantize_weight(q, scale, torch.float64).T
+    assert rel_error(_fast_matmul(q.dtype)(x, q, scale), reference) < bound
+
+
+@pytest.fixture(scope="module")
+def gpu_parts(tiny_checkpoint, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from builder.decoder_export import write_decoder
+    from model_repository.qwen3vl_runtime.decoder_weights import load_text_model
+
+    folder = tmp_path_factory.mktemp("decoder")
+    write_decoder(tiny_checkpoint, folder, quantization="none", dtype="float32")
+    return load_text_model(folder, "cuda"), AutoTokenizer.from_pretrained(tiny_checkpoint)
+
+
+def run_engine(parts, prompts, *, slots, max_tokens=16):
+    from model_repository.qwen3vl_runtime.engine import Engine, SamplingParams, Sequence
+    from model_repository.qwen3vl_runtime.engine.runner import ModelRunner, PromptInputs
+
+    model, tokenizer = parts
+    runner = ModelRunner(model, num_slots=slots, max_len=256, image_token_id=151655)
+    engine = Engine(runner, tokenizer, eos_token_ids={151645}, num_slots=slots).start()
+    outputs = {i: [] for i in range(len(prompts))}
+    finished, done = set(), threading.Event()
+
+    def emit(i, out):
+        outputs[i].extend(out.token_ids)
+        if out.finish_reason or out.error:
+            assert out.error is None, out.error
+            finished.add(i)
+            if len(finished) == len(prompts):
+                done.set()
+
+    try:
+        for i, ids in enumerate(prompts):
+            ids = torch.tensor(ids)
+            prompt = PromptInputs(ids, torch.arange(len(ids)).expand(3, -1))
+            params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+            engine.submit(Sequence(str(i), prompt, len(ids), 0, params, lambda out, i=i: emit(i, out)))
+        assert done.wait(120)
+    finally:
+        engine.stop()
+    return [outputs[i] for i in range(len(prompts))]
+
+
+def test_graphed_float32_decoding_matches_transformers(gpu_parts, tiny_checkpoint):
+    from transformers import Qwen3VLForConditionalGeneration
+
+    hf = Qwen3VLForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32).cuda().eval()
+    prompts = [[151644, 872, 198, 100 + 7 * i, 2000 + i, 151645, 198, 151644, 77091, 198] for i in range(3)]
+    ours = run_engine(gpu_parts, prompts, slots=4)
+    for prompt, tokens in zip(prompts, ours):
+        ids = torch.tensor([prompt], device="cuda")
+        with torch.no_grad():
+            out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, min_new_tokens=16, do_sample=False)
+        assert tokens == out[0, len(prompt) :].tolist()
+
+
+def test_64_streams_answer_as_each_alone(gpu_parts):
+    """float32, greedy: the batch a request is decoded in must not change its tokens."""
+    prompts = [[151644, 872, 198] + [100 + (i * 37 + j * 11) % 5000 for j in range(3 + i % 17)] + [151645, 198] for i in range(64)]
+    together = run_engine(gpu_parts, prompts, slots=64, max_tokens=24)
+    for i in range(0, 64, 9):
+        assert run_engine(gpu_parts, [prompts[i]], slots=1, max_tokens=24)[0] == together[i], i
