@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import io
 import json
 import platform
@@ -37,7 +38,7 @@ from model_repository.qwen3vl_runtime.preprocessing import PreprocessLimits, Pre
 
 PROMPT = (
     "Look at this picture carefully and describe every object you can see, their colours, positions "
-    "and what they might be used for, in plain words."
+    "and what they might be used for, in plain words, as a short list of numbered points."
 )
 NEW_TOKENS = 128
 PRECISIONS = {"bf16": "none", "int8": "int8", "fp8": "fp8"}
@@ -194,7 +195,8 @@ def bench_engine(checkpoint: Path, precision: str, prompt: PromptInputs, inputs:
             print(_row(result), flush=True)
     finally:
         engine.stop()
-        del engine, runner, model
+        del engine, runner, model, loop
+        gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return rows

@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 
 from builder.checkpoint import make_demo_checkpoint
-from builder.options import BuildOptions
-from builder.repository import build_repository
 
 # Small enough for the CPU machine, large enough for every test prompt and answer. The tiny
 # model's vision tower (initializer_range 0.5) is chaotic, so int8 vision weights would fail the
@@ -37,6 +35,9 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def build(tiny_checkpoint, tmp_path_factory):
     """build(quant) -> (repository path, manifest); each quantization is built once per session."""
+    from builder.options import BuildOptions
+    from builder.repository import build_repository
+
     built = {}
 
     def _build(quant: str = "none"):

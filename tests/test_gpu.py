@@ -105,3 +105,29 @@ def test_64_streams_answer_as_each_alone(gpu_parts):
     together = run_engine(gpu_parts, prompts, slots=64, max_tokens=24)
     for i in range(0, 64, 9):
         assert run_engine(gpu_parts, [prompts[i]], slots=1, max_tokens=24)[0] == together[i], i
+
+
+@pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_fused_forward_matches_the_reference_model(gpu_parts, dtype, bound):
+    from model_repository.qwen3vl_runtime.fused_forward import fused_decode, fused_prefill
+    from model_repository.qwen3vl_runtime.kernels.decode_attention import decode_attention
+
+    model = gpu_parts[0].to(dtype)
+    try:
+        torch.manual_seed(0)
+        n = 40
+        ids = torch.randint(100, 5000, (n,), device="cuda")
+        positions = torch.arange(n, device="cuda").expand(3, -1).clone()
+        positions[1:, 10:14] += 1
+        visual = torch.zeros(n, dtype=torch.bool, device="cuda")
+        visual[10:14] = True
+        deepstack = torch.randn(3, 4, model.config.hidden_size, device="cuda", dtype=dtype)
+        kv_ref, kv_fused = model.new_cache(3, 128), model.new_cache(3, 128)
+        ref = model.prefill(model.embed(ids), positions, kv_ref, 1, visual_mask=visual, deepstack=deepstack)
+        fused = fused_prefill(model, model.embed(ids), positions, kv_fused, 1, visual_mask=visual, deepstack=deepstack)
+        assert rel_error(fused, ref) < bound
+        model.decode_attention = decode_attention
+        step = [torch.tensor(t, device="cuda") for t in ([int(ref.argmax())], [n], [1], [n])]
+        assert rel_error(fused_decode(model, *step[:2], kv_fused, *step[2:]), model.decode(*step[:2], kv_ref, *step[2:])) < bound
+    finally:
+        model.to(torch.float32)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..fused_forward import fused_decode
 from ..text_model import TextModel
 
 BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128)
@@ -30,7 +31,7 @@ class GraphedDecodeStep:
         self._capture()
 
     def _step(self, b: int) -> torch.Tensor:
-        return self.model.decode(self.input_ids[:b], self.positions[:b], self.kv, self.slots[:b], self.lengths[:b])
+        return fused_decode(self.model, self.input_ids[:b], self.positions[:b], self.kv, self.slots[:b], self.lengths[:b])
 
     @torch.inference_mode()
     def _capture(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -33,11 +34,14 @@ class ModelRunner:
         # the GPU one more slot takes the padding rows of graphed steps.
         self.kv = model.new_cache(num_slots + on_gpu, max_len)
         self.graphed_decode = None
+        self._prefill = model.prefill
         if on_gpu:
+            from ..fused_forward import fused_prefill
             from ..gpu import use_gpu_kernels
             from .cuda_graphs import GraphedDecodeStep
 
             use_gpu_kernels(model)
+            self._prefill = partial(fused_prefill, model)
             if cuda_graphs:
                 self.graphed_decode = GraphedDecodeStep(model, self.kv, max_batch=num_slots, scratch_slot=num_slots)
 
@@ -57,7 +61,7 @@ class ModelRunner:
             embeds = embeds.clone()
             embeds[visual] = prompt.image_embeds.to(self.device, self.dtype)
             deepstack = prompt.deepstack.to(self.device, self.dtype)
-        return self.model.prefill(
+        return self._prefill(
             embeds, prompt.positions.to(self.device), self.kv, seq.slot, visual_mask=visual, deepstack=deepstack
         )
 

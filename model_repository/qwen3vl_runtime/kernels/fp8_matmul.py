@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import torch
 
-FP8_MAX = 448.0
+from .fused import fp8_rows
 
 
 def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x: [..., K] (bf16/fp16) @ fp8 weight [N, K]^T, times scale [N] -> [..., N] in x's dtype."""
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1]).float()
-    x_scale = x2.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / FP8_MAX  # [M, 1]
-    xq = (x2 / x_scale).to(torch.float8_e4m3fn)
+    xq, x_scale = fp8_rows(x.reshape(-1, shape[-1]))  # [M, K] fp8, [M, 1] float32
     out = torch._scaled_mm(
         xq, weight.t(), scale_a=x_scale, scale_b=scale.float().view(1, -1), out_dtype=x.dtype
     )  # weight.t(): [K, N] column-major, as cuBLASLt wants it

@@ -1,0 +1,72 @@
+"""The decoder's forward on CUDA with fused kernels: 9 kernels per layer instead of ~55.
+
+Same math as ``TextModel.prefill`` / ``TextModel.decode`` (their CPU code is the reference this is
+tested against); the residual stream is carried with its pending update so each residual add is
+fused into the next RMSNorm.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .kernels.fused import add_rmsnorm, qk_norm_rope_cache, silu_mul
+from .text_model import TextModel
+
+
+def _layers(model: TextModel, x, cos, sin, kv, slots, cache_positions, attend, after_layer=None) -> torch.Tensor:
+    """x: [M, hidden] embeddings -> final normed hidden [M, hidden]. attend(i, q) -> [M, H, D]."""
+    c = model.config
+    delta = None
+    for i, layer in enumerate(model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        h, x = add_rmsnorm(x, delta, layer.input_layernorm.weight, layer.input_layernorm.eps)
+        k_cache, v_cache = kv[i]
+        q = qk_norm_rope_cache(
+            attn.qkv_proj(h), attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps,
+            cos, sin, k_cache, v_cache, slots, cache_positions, c.num_heads, c.num_kv_heads,
+        )  # fmt: skip
+        h, x = add_rmsnorm(x, attn.o_proj(attend(i, q).reshape(len(q), -1)), *_norm(layer.post_attention_layernorm))
+        delta = mlp.down_proj(silu_mul(mlp.gate_up_proj(h)))
+        if after_layer is not None:
+            x, delta = after_layer(i, x, delta)
+    h, _ = add_rmsnorm(x, delta, *_norm(model.norm))
+    return h
+
+
+def _norm(norm):
+    return norm.weight, norm.eps
+
+
+def fused_decode(model: TextModel, input_ids, positions, kv, slots, lengths) -> torch.Tensor:
+    """Same contract as ``TextModel.decode``: one token per sequence -> logits [B, vocab]."""
+    x = model.embed(input_ids)
+    cos, sin = model.rope(positions, x.dtype)
+    valid = lengths + 1  # the new token's key is attended to as well
+
+    def attend(i, q):
+        return model.decode_attention(q, kv[i][0], kv[i][1], slots, valid)
+
+    return model.logits(_layers(model, x, cos, sin, kv, slots, lengths, attend))
+
+
+def fused_prefill(model: TextModel, embeds, positions, kv, slot: int, visual_mask=None, deepstack=None) -> torch.Tensor:
+    """Same contract as ``TextModel.prefill`` from position 0: a whole prompt -> last logits [vocab]."""
+    n = embeds.shape[0]
+    cos, sin = model.rope(positions, embeds.dtype)
+    slots = torch.full((n,), slot, device=embeds.device, dtype=torch.long)
+    cache_positions = torch.arange(n, device=embeds.device)
+
+    def attend(i, q):  # q: [L, H, D]; causal over the slot's first n keys (flash kernels)
+        keys, values = kv[i][0][slot, :, :n], kv[i][1][slot, :, :n]
+        return F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, is_causal=True, enable_gqa=True).transpose(0, 1)
+
+    def add_deepstack(i, x, delta):
+        if deepstack is None or i >= deepstack.shape[0]:
+            return x, delta
+        x = x + delta  # materialise the residual stream, then add the image features
+        x[visual_mask] += deepstack[i].to(x.dtype)
+        return x, None
+
+    hidden = _layers(model, embeds, cos, sin, kv, slots, cache_positions, attend, add_deepstack)
+    return model.logits(hidden[-1:])[0]

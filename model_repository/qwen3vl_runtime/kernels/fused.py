@@ -1,0 +1,137 @@
+"""Fused elementwise kernels of a decoder layer (Triton).
+
+Written one op at a time, a decode step is ~55 small kernels per layer, and on an H100 each costs
+a few microseconds even inside a CUDA graph: at batch 1 that overhead, not the weights, sets the
+time per token. These kernels do each group of elementwise work in one pass, rounding where
+transformers rounds (bf16 after the residual add, after normalising, after SiLU).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _add_rmsnorm_kernel(X, Delta, W, Out, Res, stride, N, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(X + row * stride + cols, mask=mask, other=0.0)
+    if HAS_DELTA:
+        delta = tl.load(Delta + row * stride + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + delta.to(tl.float32)).to(x.dtype)  # the residual stream, in its dtype
+        tl.store(Res + row * stride + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    normed = (xf * tl.rsqrt(tl.sum(xf * xf, 0) / N + eps)).to(x.dtype)
+    w = tl.load(W + cols, mask=mask, other=0.0)
+    tl.store(Out + row * stride + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(x.dtype), mask=mask)
+
+
+def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """x, delta: [M, N] -> (rmsnorm(x + delta) * weight, x + delta); without delta, x is returned."""
+    m, n = x.shape
+    out = torch.empty_like(x)
+    residual = torch.empty_like(x) if delta is not None else x
+    _add_rmsnorm_kernel[(m,)](
+        x, delta if delta is not None else x, weight, out, residual, x.stride(0), n, eps,
+        HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(n),
+    )  # fmt: skip
+    return out, residual
+
+
+@triton.jit
+def _qk_norm_rope_cache_kernel(
+    QKV, QNormW, KNormW, Cos, Sin, Q, KCache, VCache, Slots, Positions,
+    stride_qkv, stride_cos, stride_q, stride_ks, stride_kh, stride_kl,
+    eps, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    d = tl.arange(0, HALF)
+    base = QKV + row * stride_qkv + head * 2 * HALF
+    x1 = tl.load(base + d)
+    x2 = tl.load(base + HALF + d)
+    slot = tl.load(Slots + row).to(tl.int64)
+    position = tl.load(Positions + row).to(tl.int64)
+    if head >= HEADS + KV_HEADS:  # a value head: straight into the cache
+        out = VCache + slot * stride_ks + (head - HEADS - KV_HEADS) * stride_kh + position * stride_kl
+        tl.store(out + d, x1)
+        tl.store(out + HALF + d, x2)
+    else:
+        if head < HEADS:
+            norm_w = QNormW
+            out = Q + row * stride_q + head * 2 * HALF
+        else:
+            norm_w = KNormW
+            out = KCache + slot * stride_ks + (head - HEADS) * stride_kh + position * stride_kl
+        f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+        inv = tl.rsqrt((tl.sum(f1 * f1, 0) + tl.sum(f2 * f2, 0)) / (2 * HALF) + eps)
+        w1 = tl.load(norm_w + d).to(tl.float32)
+        w2 = tl.load(norm_w + HALF + d).to(tl.float32)
+        n1 = (w1 * (f1 * inv).to(x1.dtype).to(tl.float32)).to(x1.dtype).to(tl.float32)
+        n2 = (w2 * (f2 * inv).to(x1.dtype).to(tl.float32)).to(x1.dtype).to(tl.float32)
+        cos = tl.load(Cos + row * stride_cos + d).to(tl.float32)  # both halves of cos/sin are equal
+        sin = tl.load(Sin + row * stride_cos + d).to(tl.float32)
+        # rotate_half(x) = (-x2, x1); products rounded like transformers' q * cos + rotate_half(q) * sin
+        r1 = (n1 * cos).to(x1.dtype).to(tl.float32) + (-n2 * sin).to(x1.dtype).to(tl.float32)
+        r2 = (n2 * cos).to(x1.dtype).to(tl.float32) + (n1 * sin).to(x1.dtype).to(tl.float32)
+        tl.store(out + d, r1.to(x1.dtype))
+        tl.store(out + HALF + d, r2.to(x1.dtype))
+
+
+def qk_norm_rope_cache(qkv, q_norm_w, k_norm_w, eps, cos, sin, k_cache, v_cache, slots, positions, heads, kv_heads):
+    """qkv: [M, (H + 2 Hkv) * D] -> q: [M, H, D] normed and rotated; k (normed, rotated) and v go
+    straight into the cache at (slots[i], head, positions[i]). cos, sin: [M, D]."""
+    m = qkv.shape[0]
+    head_dim = k_cache.shape[-1]
+    q = torch.empty((m, heads, head_dim), device=qkv.device, dtype=qkv.dtype)
+    _qk_norm_rope_cache_kernel[(m, heads + 2 * kv_heads)](
+        qkv, q_norm_w, k_norm_w, cos, sin, q, k_cache, v_cache, slots, positions,
+        qkv.stride(0), cos.stride(0), q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        eps, HEADS=heads, KV_HEADS=kv_heads, HALF=head_dim // 2,
+    )  # fmt: skip
+    return q
+
+
+@triton.jit
+def _silu_mul_kernel(X, Out, stride_x, stride_o, N, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    gate = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    up = tl.load(X + row * stride_x + N + cols, mask=mask, other=0.0)
+    g = gate.to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
+    tl.store(Out + row * stride_o + cols, (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype), mask=mask)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[M, 2I] (gate then up) -> silu(gate) * up: [M, I]."""
+    m, two_i = gate_up.shape
+    n = two_i // 2
+    out = torch.empty((m, n), device=gate_up.device, dtype=gate_up.dtype)
+    block = 1024
+    _silu_mul_kernel[(m, triton.cdiv(n, block))](gate_up, out, gate_up.stride(0), out.stride(0), n, BLOCK=block)
+    return out
+
+
+@triton.jit
+def _fp8_rows_kernel(X, Q, Scale, stride_x, stride_q, K, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < K
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), 0), 1e-12) / FP8_MAX
+    tl.store(Scale + row, scale)
+    tl.store(Q + row * stride_q + cols, (x / scale).to(Q.dtype.element_ty), mask=mask)
+
+
+def fp8_rows(x: torch.Tensor, fp8_max: float = 448.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [M, K] -> (float8_e4m3fn [M, K], float32 scale [M, 1]) with one scale per row."""
+    m, k = x.shape
+    q = torch.empty((m, k), device=x.device, dtype=torch.float8_e4m3fn)
+    scale = torch.empty((m, 1), device=x.device, dtype=torch.float32)
+    _fp8_rows_kernel[(m,)](x, q, scale, x.stride(0), q.stride(0), k, FP8_MAX=fp8_max, BLOCK=triton.next_power_of_2(k))
+    return q, scale

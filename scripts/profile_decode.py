@@ -1,0 +1,98 @@
+"""Where a decode step's time goes on the GPU: graph replay vs kernels vs the engine's host work.
+
+    python scripts/profile_decode.py --checkpoint DIR [--precisions bf16 int8 fp8] [--out profile.json]
+
+For each precision and batch size: the median time of one CUDA-graph replay of the fused decode
+step, the sum of its kernels' GPU time (torch.profiler), their count, and the ten most costly
+kernels. The floor is the weights' bytes over the copy bandwidth (~3 TB/s on an H100).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from builder.decoder_export import write_decoder  # noqa: E402
+from model_repository.qwen3vl_runtime.decoder_weights import load_text_model  # noqa: E402
+from model_repository.qwen3vl_runtime.engine.runner import ModelRunner  # noqa: E402
+
+PRECISIONS = {"bf16": "none", "int8": "int8", "fp8": "fp8"}
+
+
+def replay_ms(graphed, batch: int, context: int, repeats: int = 50) -> float:
+    ids = torch.randint(100, 5000, (batch,))
+    lengths = torch.full((batch,), context)
+    slots = torch.arange(batch)
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        graphed(ids, lengths, slots, lengths)
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def kernel_profile(graphed, batch: int, context: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    ids, lengths, slots = torch.randint(100, 5000, (batch,)), torch.full((batch,), context), torch.arange(batch)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            graphed(ids, lengths, slots, lengths)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0) > 0]
+    kernels = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)
+    total_us = sum(e.self_device_time_total for e in kernels) / 5
+    return {
+        "kernel_ms_per_step": total_us / 1e3,
+        "kernels_per_step": sum(e.count for e in kernels) / 5,
+        "top": [(e.key[:80], round(e.self_device_time_total / 5 / 1e3, 4), e.count // 5) for e in kernels[:10]],
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 64])
+    p.add_argument("--context", type=int, default=300, help="cached tokens per sequence")
+    p.add_argument("--out", type=Path, default=Path("profile_decode.json"))
+    args = p.parse_args()
+    report = {"machine": torch.cuda.get_device_name(), "command": " ".join(sys.argv), "results": []}
+    for precision in args.precisions:
+        with tempfile.TemporaryDirectory() as folder:
+            write_decoder(args.checkpoint, Path(folder), quantization=PRECISIONS[precision], dtype="bfloat16")
+            model = load_text_model(Path(folder), "cuda")
+        weight_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+        runner = ModelRunner(model, num_slots=max(args.batches), max_len=2048, image_token_id=151655)
+        for batch in args.batches:
+            row = {"precision": precision, "batch": batch, "weights_gb": weight_bytes / 1e9}
+            row["replay_ms"] = replay_ms(runner.graphed_decode, batch, args.context)
+            row.update(kernel_profile(runner.graphed_decode, batch, args.context))
+            report["results"].append(row)
+            print(
+                f"{precision:5} b={batch:3}: replay {row['replay_ms']:.3f} ms, kernels {row['kernel_ms_per_step']:.3f} ms "
+                f"in {row['kernels_per_step']:.0f} launches, weights {row['weights_gb']:.2f} GB "
+                f"(floor {row['weights_gb'] / 3.0:.3f} ms at 3 TB/s)",
+                flush=True,
+            )
+            for name, ms, count in row["top"]:
+                print(f"    {ms:8.4f} ms  x{count:<4} {name}")
+        del runner, model
+        torch.cuda.empty_cache()
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
