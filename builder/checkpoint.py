@@ -122,15 +122,20 @@ def demo_config(full_size: bool = False):
     return Qwen3VLConfig(**config)
 
 
-def make_demo_checkpoint(dest: Path, *, full_size: bool = False, seed: int = 0, dtype: str = "float32") -> Path:
-    """Write a random-weight Qwen3-VL checkpoint (tiny by default) with the real processor files."""
+def make_demo_checkpoint(
+    dest: Path, *, full_size: bool = False, seed: int = 0, dtype: str = "float32", device: str = "cpu"
+) -> Path:
+    """Write a random-weight Qwen3-VL checkpoint (tiny by default) with the real processor files.
+
+    device: where the random weights are drawn (a GPU draws the 2B model's in seconds).
+    """
     import torch
     from transformers import Qwen3VLForConditionalGeneration
 
     dest = Path(dest)
     torch.manual_seed(seed)
     config = demo_config(full_size)
-    with torch.device("cpu"):
+    with torch.device(device):
         model = Qwen3VLForConditionalGeneration(config).to(getattr(torch, dtype))
     model.save_pretrained(dest)
     write_processor_files(dest)

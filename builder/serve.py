@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.util
 import os
 import re
 import shutil
@@ -55,11 +56,12 @@ def find_tritonserver() -> tuple[Path, Path | None]:
     on_path = shutil.which("tritonserver")
     if on_path:
         return Path(on_path), None
-    try:
-        import pytriton  # noqa: PLC0415 - optional dependency, only needed without a PATH server
-    except ImportError:
-        raise FileNotFoundError(INSTALL_HINT) from None
-    bundle = Path(pytriton.__file__).parent / "tritonserver"
+    # Located, not imported: only its server files are used, not pytriton's Python API (whose
+    # imports need packages a serving machine may lack).
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(INSTALL_HINT)
+    bundle = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
     binary = bundle / "bin" / "tritonserver"
     if not binary.is_file():
         raise FileNotFoundError(f"nvidia-pytriton has no server binary at {binary}; {INSTALL_HINT}")
