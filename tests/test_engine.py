@@ -73,7 +73,7 @@ def _seq(name: str, emit=lambda out: None, **kwargs) -> Sequence:
 
 
 def test_scheduler_admits_while_slots_last_and_retire_frees_them():
-    scheduler = Scheduler(SlotPool(2), max_prefills_per_step=4)
+    scheduler = Scheduler(SlotPool(2))
     seqs = [_seq(str(i)) for i in range(3)]
     for s in seqs:
         scheduler.add(s)
@@ -83,11 +83,14 @@ def test_scheduler_admits_while_slots_last_and_retire_frees_them():
     assert scheduler.admit() == [seqs[2]] and scheduler.running == [seqs[1], seqs[2]]
 
 
-def test_scheduler_bounds_prefills_per_step():
-    scheduler = Scheduler(SlotPool(8), max_prefills_per_step=2)
+def test_scheduler_bounds_prefill_tokens_per_step():
+    scheduler = Scheduler(SlotPool(8), prefill_token_budget=10)  # prompts of 4 tokens: two fit
     for i in range(5):
         scheduler.add(_seq(str(i)))
     assert len(scheduler.admit()) == 2 and len(scheduler.admit()) == 2 and len(scheduler.admit()) == 1
+    big = Scheduler(SlotPool(8), prefill_token_budget=2)  # one prompt over budget still runs alone
+    big.add(_seq("big"))
+    assert len(big.admit()) == 1
 
 
 @pytest.fixture(scope="module")

@@ -124,10 +124,27 @@ def test_fused_forward_matches_the_reference_model(gpu_parts, dtype, bound):
         deepstack = torch.randn(3, 4, model.config.hidden_size, device="cuda", dtype=dtype)
         kv_ref, kv_fused = model.new_cache(3, 128), model.new_cache(3, 128)
         ref = model.prefill(model.embed(ids), positions, kv_ref, 1, visual_mask=visual, deepstack=deepstack)
-        fused = fused_prefill(model, model.embed(ids), positions, kv_fused, 1, visual_mask=visual, deepstack=deepstack)
+        fused = fused_prefill(model, kv_fused, model.embed(ids), positions, [1], [n], visual, deepstack)[0]
         assert rel_error(fused, ref) < bound
         model.decode_attention = decode_attention
         step = [torch.tensor(t, device="cuda") for t in ([int(ref.argmax())], [n], [1], [n])]
         assert rel_error(fused_decode(model, *step[:2], kv_fused, *step[2:]), model.decode(*step[:2], kv_ref, *step[2:])) < bound
     finally:
         model.to(torch.float32)
+
+
+def test_batched_prefill_equals_one_by_one(gpu_parts):
+    """Prompts prefilled together (concatenated) give each one's own logits and cache."""
+    from model_repository.qwen3vl_runtime.fused_forward import fused_prefill
+
+    model = gpu_parts[0]
+    torch.manual_seed(1)
+    lengths = [7, 30, 12]
+    ids = [torch.randint(100, 5000, (n,), device="cuda") for n in lengths]
+    positions = [torch.arange(n, device="cuda").expand(3, -1) for n in lengths]
+    kv_batch, kv_single = model.new_cache(4, 64), model.new_cache(4, 64)
+    batched = fused_prefill(model, kv_batch, model.embed(torch.cat(ids)), torch.cat(positions, 1), [3, 0, 2], lengths)
+    for row, (slot, i, p) in enumerate(zip([3, 0, 2], ids, positions)):
+        single = fused_prefill(model, kv_single, model.embed(i), p, [slot], [len(i)])[0]
+        assert rel_error(batched[row], single) < 1e-5
+        assert rel_error(kv_batch[1][0][slot, :, : len(i)], kv_single[1][0][slot, :, : len(i)]) < 1e-5

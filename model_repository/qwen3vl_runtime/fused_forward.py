@@ -50,16 +50,27 @@ def fused_decode(model: TextModel, input_ids, positions, kv, slots, lengths) -> 
     return model.logits(_layers(model, x, cos, sin, kv, slots, lengths, attend))
 
 
-def fused_prefill(model: TextModel, embeds, positions, kv, slot: int, visual_mask=None, deepstack=None) -> torch.Tensor:
-    """Same contract as ``TextModel.prefill`` from position 0: a whole prompt -> last logits [vocab]."""
-    n = embeds.shape[0]
-    cos, sin = model.rope(positions, embeds.dtype)
-    slots = torch.full((n,), slot, device=embeds.device, dtype=torch.long)
-    cache_positions = torch.arange(n, device=embeds.device)
+def fused_prefill(model: TextModel, kv, embeds, positions, slots: list[int], lengths: list[int], visual_mask=None, deepstack=None) -> torch.Tensor:
+    """Whole prompts of several sequences in one pass -> each one's last-token logits [S, vocab].
 
-    def attend(i, q):  # q: [L, H, D]; causal over the slot's first n keys (flash kernels)
-        keys, values = kv[i][0][slot, :, :n], kv[i][1][slot, :, :n]
-        return F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, is_causal=True, enable_gqa=True).transpose(0, 1)
+    embeds: [T, hidden] (the prompts concatenated, image rows replaced); positions: [3, T];
+    slots, lengths: one per sequence; visual_mask: [T]; deepstack: [layers, image rows, hidden].
+    """
+    device = embeds.device
+    cos, sin = model.rope(positions, embeds.dtype)
+    token_slots = torch.repeat_interleave(torch.tensor(slots, device=device), torch.tensor(lengths, device=device))
+    cache_positions = torch.cat([torch.arange(n, device=device) for n in lengths])
+    bounds = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+
+    def attend(i, q):  # q: [T, H, D]; each prompt causal over its own slot's keys (flash kernels)
+        k_cache, v_cache = kv[i]
+        out = [
+            F.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1), k_cache[slot, :, : b - a], v_cache[slot, :, : b - a], is_causal=True, enable_gqa=True
+            ).transpose(0, 1)
+            for slot, a, b in zip(slots, bounds[:-1], bounds[1:])
+        ]
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def add_deepstack(i, x, delta):
         if deepstack is None or i >= deepstack.shape[0]:
@@ -68,5 +79,5 @@ def fused_prefill(model: TextModel, embeds, positions, kv, slot: int, visual_mas
         x[visual_mask] += deepstack[i].to(x.dtype)
         return x, None
 
-    hidden = _layers(model, embeds, cos, sin, kv, slots, cache_positions, attend, add_deepstack)
-    return model.logits(hidden[-1:])[0]
+    hidden = _layers(model, embeds, cos, sin, kv, token_slots, cache_positions, attend, add_deepstack)
+    return model.logits(hidden[[b - 1 for b in bounds[1:]]])

@@ -42,6 +42,7 @@ class Engine:
                 f"the prompt is {seq.prompt_len} tokens; this server's max context is {self.max_len} "
                 f"tokens (prompt + generated)"
             )
+        self.runner.check(seq.prompt)
         with self._wake:
             if self._stopping:
                 raise RuntimeError("the decoder is shutting down")
@@ -94,13 +95,12 @@ class Engine:
             if seq.is_cancelled():
                 self._finish(seq, StepOutput("", (), FinishReason.CANCELLED))
         decoding = list(self.scheduler.running)
-        for seq in self.scheduler.admit():
-            try:
-                logits = self.runner.prefill(seq)
-            except ValueError as exc:
-                self._fail(seq, str(exc))
-                continue
-            self._append(seq, sample(logits[None], [seq.params], [self._generators[seq]])[0])
+        admitted = self.scheduler.admit()
+        if admitted:
+            logits = self.runner.prefill(admitted)
+            tokens = sample(logits, [s.params for s in admitted], [self._generators[s] for s in admitted])
+            for seq, token in zip(admitted, tokens):
+                self._append(seq, token)
         if decoding:
             logits = self.runner.decode(decoding)
             tokens = sample(logits, [s.params for s in decoding], [self._generators[s] for s in decoding])

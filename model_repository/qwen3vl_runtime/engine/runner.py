@@ -34,36 +34,57 @@ class ModelRunner:
         # the GPU one more slot takes the padding rows of graphed steps.
         self.kv = model.new_cache(num_slots + on_gpu, max_len)
         self.graphed_decode = None
-        self._prefill = model.prefill
+        self._prefill = self._prefill_one_by_one
         if on_gpu:
             from ..fused_forward import fused_prefill
             from ..gpu import use_gpu_kernels
             from .cuda_graphs import GraphedDecodeStep
 
             use_gpu_kernels(model)
-            self._prefill = partial(fused_prefill, model)
+            self._prefill = partial(fused_prefill, model, self.kv)
             if cuda_graphs:
                 self.graphed_decode = GraphedDecodeStep(model, self.kv, max_batch=num_slots, scratch_slot=num_slots)
 
+    def check(self, prompt: PromptInputs) -> None:
+        """Raise ValueError unless the image rows match the prompt's image tokens (host data)."""
+        n_image = int((prompt.input_ids == self.image_token_id).sum())
+        rows = 0 if prompt.image_embeds is None or n_image == 0 else prompt.image_embeds.shape[0]
+        if n_image and rows != n_image:
+            raise ValueError(f"the prompt has {n_image} image tokens but the vision model gave {rows} rows")
+        if n_image and (prompt.deepstack is None or prompt.deepstack.shape[1] != n_image):
+            raise ValueError(f"deepstack features must have {n_image} rows per layer")
+
     @torch.inference_mode()
-    def prefill(self, seq: Sequence) -> torch.Tensor:
-        """Fill the sequence's slot with its prompt; returns the next-token logits: [vocab]."""
-        prompt: PromptInputs = seq.prompt
-        ids = prompt.input_ids.to(self.device)
+    def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Fill each sequence's slot with its (checked) prompt; returns next-token logits [S, vocab].
+
+        On the GPU the prompts run as one batch (their tokens concatenated); on the CPU one by one
+        through the reference model.
+        """
+        prompts: list[PromptInputs] = [s.prompt for s in seqs]
+        ids = torch.cat([p.input_ids for p in prompts]).to(self.device)
         embeds = self.model.embed(ids)
         visual = ids == self.image_token_id
         deepstack = None
-        n_image = int(visual.sum())
-        if n_image:
-            if prompt.image_embeds is None or prompt.image_embeds.shape[0] != n_image:
-                rows = 0 if prompt.image_embeds is None else prompt.image_embeds.shape[0]
-                raise ValueError(f"the prompt has {n_image} image tokens but the vision model gave {rows} rows")
+        if bool(visual.any()):
+            with_images = [p for p in prompts if p.image_embeds is not None and bool((p.input_ids == self.image_token_id).any())]
             embeds = embeds.clone()
-            embeds[visual] = prompt.image_embeds.to(self.device, self.dtype)
-            deepstack = prompt.deepstack.to(self.device, self.dtype)
-        return self._prefill(
-            embeds, prompt.positions.to(self.device), self.kv, seq.slot, visual_mask=visual, deepstack=deepstack
-        )
+            embeds[visual] = torch.cat([p.image_embeds for p in with_images]).to(self.device, self.dtype)
+            deepstack = torch.cat([p.deepstack for p in with_images], dim=1).to(self.device, self.dtype)
+        positions = torch.cat([p.positions for p in prompts], dim=1).to(self.device)
+        lengths = [len(p.input_ids) for p in prompts]
+        return self._prefill(embeds, positions, [s.slot for s in seqs], lengths, visual, deepstack)
+
+    def _prefill_one_by_one(self, embeds, positions, slots, lengths, visual, deepstack) -> torch.Tensor:
+        logits, start, image_row = [], 0, 0
+        for slot, n in zip(slots, lengths):
+            end = start + n
+            mask = visual[start:end]
+            rows = int(mask.sum())
+            features = deepstack[:, image_row : image_row + rows] if rows else None
+            logits.append(self.model.prefill(embeds[start:end], positions[:, start:end], self.kv, slot, visual_mask=mask, deepstack=features))
+            start, image_row = end, image_row + rows
+        return torch.stack(logits)
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:

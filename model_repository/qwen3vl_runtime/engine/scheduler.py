@@ -10,9 +10,9 @@ from .slots import SlotPool
 
 
 class Scheduler:
-    def __init__(self, slots: SlotPool, max_prefills_per_step: int = 4):
+    def __init__(self, slots: SlotPool, prefill_token_budget: int = 4096):
         self.slots = slots
-        self.max_prefills_per_step = max_prefills_per_step
+        self.prefill_token_budget = prefill_token_budget
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -25,11 +25,15 @@ class Scheduler:
     def admit(self) -> list[Sequence]:
         """Move waiting sequences into the running batch; they need a prefill this step.
 
-        A bounded number per step, so a burst of newcomers does not stall the running streams.
+        Prompts are prefilled together, up to a token budget per step (at least one prompt), so a
+        burst of newcomers is batched without stalling the running streams for long.
         """
-        admitted = []
-        while self.waiting and self.slots.can_allocate() and len(admitted) < self.max_prefills_per_step:
+        admitted, tokens = [], 0
+        while self.waiting and self.slots.can_allocate():
+            if admitted and tokens + self.waiting[0].prompt_len > self.prefill_token_budget:
+                break
             seq = self.waiting.popleft()
+            tokens += seq.prompt_len
             seq.slot = self.slots.allocate()
             self.running.append(seq)
             admitted.append(seq)

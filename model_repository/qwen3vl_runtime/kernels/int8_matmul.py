@@ -1,8 +1,8 @@
-"""Weight-only int8 matmul: y = x @ dequant(W)^T with the dequantization fused into the kernel.
+"""Weight-only 8-bit matmul: y = x @ dequant(W)^T with the dequantization fused into the kernel.
 
-W stays int8 in memory ([out, in], one float32 scale per output row): a decode step reads half
-the bytes of bf16 weights, which is what makes it faster (the step is bound by weight reads).
-The scale multiplies the fp32 accumulator once per output element.
+W stays 8-bit in memory (int8 or float8_e4m3fn, [out, in], one float32 scale per output row): a
+decode step reads half the bytes of bf16 weights, which is what makes it faster (small-batch
+steps are bound by weight reads). The scale multiplies the fp32 accumulator once per output.
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ def _configs():
         triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
         for n, k, w, s in (
             (16, 256, 4, 4),
+            (16, 512, 4, 3),
             (32, 256, 4, 4),
-            (32, 128, 4, 4),
-            (64, 128, 4, 3),
+            (32, 512, 8, 3),
+            (64, 128, 4, 4),
             (64, 256, 8, 3),
             (128, 128, 8, 3),
+            (128, 64, 4, 4),
         )
     ]
 
@@ -42,8 +44,9 @@ def _int8_matmul_kernel(
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         x = tl.load(X + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-        w = tl.load(W + rn[None, :] * stride_wn + kk[:, None], mask=(rn[None, :] < N) & (kk[:, None] < K), other=0)
-        acc += tl.dot(x, w.to(x.dtype))  # w: [BLOCK_K, BLOCK_N], dequantized in registers
+        # w: [BLOCK_N, BLOCK_K], K contiguous (16-byte loads along rows), dequantized in registers
+        w = tl.load(W + rn[:, None] * stride_wn + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0)
+        acc += tl.dot(x, tl.trans(w.to(x.dtype)))
     scale = tl.load(Scale + rn, mask=rn < N, other=0.0)
     out = acc * scale[None, :]
     tl.store(Out + rm[:, None] * stride_om + rn[None, :], out.to(Out.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
@@ -54,7 +57,7 @@ _tuned_kernel = triton.autotune(configs=_configs(), key=["BLOCK_M", "N", "K"])(_
 
 
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
-    """x: [..., K] (bf16/fp16) @ int8 weight [N, K]^T, times scale [N] -> [..., N] in x's dtype.
+    """x: [..., K] (bf16/fp16) @ 8-bit weight [N, K]^T, times scale [N] -> [..., N] in x's dtype.
 
     config: fixed {"BLOCK_N", "BLOCK_K"} instead of autotuning (tests under TRITON_INTERPRET).
     """
