@@ -238,7 +238,10 @@ class TritonServer:
 
     def _environment(self) -> dict:
         env = os.environ.copy()
-        _prepend_env(env, "PYTHONPATH", _python_import_path())
+        # The caller's PYTHONPATH stays first, as in the caller's own sys.path; this interpreter's
+        # site-packages follow, so the models import what the caller imports.
+        paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p] + _python_import_path()
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
         libs = [str(self.bundle.parent.parent / "nvidia_pytriton.libs")] if self.bundle else []
         # The stub links libpython3.X: take this interpreter's (pyenv, conda) over the system's, so
         # the models run on the same Python build and standard library as the caller.

@@ -60,6 +60,26 @@ def kernel_profile(graphed, batch: int, context: int) -> dict:
     }
 
 
+def prefill_ms(runner, count: int, tokens: int = 243, repeats: int = 10) -> float:
+    """Median time of one batched prefill of `count` text prompts of `tokens` tokens."""
+    from model_repository.qwen3vl_runtime.engine import SamplingParams, Sequence
+    from model_repository.qwen3vl_runtime.engine.runner import PromptInputs
+
+    seqs = []
+    for slot in range(count):
+        ids = torch.randint(100, 5000, (tokens,))
+        prompt = PromptInputs(ids, torch.arange(tokens).expand(3, -1))
+        seqs.append(Sequence(str(slot), prompt, tokens, 0, SamplingParams(), lambda out: None, slot=slot))
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        runner.prefill(seqs)
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, required=True)
@@ -75,6 +95,10 @@ def main() -> int:
             model = load_text_model(Path(folder), "cuda")
         weight_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
         runner = ModelRunner(model, num_slots=max(args.batches), max_len=2048, image_token_id=151655)
+        for count in (1, 8):
+            ms = prefill_ms(runner, count)
+            report["results"].append({"precision": precision, "prefill_prompts": count, "prefill_ms": ms})
+            print(f"{precision:5} prefill of {count} x 243-token prompts: {ms:.2f} ms", flush=True)
         for batch in args.batches:
             row = {"precision": precision, "batch": batch, "weights_gb": weight_bytes / 1e9}
             row["replay_ms"] = replay_ms(runner.graphed_decode, batch, args.context)

@@ -24,6 +24,8 @@ class TritonPythonModel:
             raise FileNotFoundError(f"vision_encoder: no ONNX model at {model_path}")
         providers = ["CPUExecutionProvider"]
         if args["model_instance_kind"] == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
+            if hasattr(ort, "preload_dlls"):  # CUDA and cuDNN from the nvidia-* wheels, before the session
+                ort.preload_dlls()
             device_id = int(args["model_instance_device_id"])
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
         # ONNX Runtime looks for model.onnx.data (the full-size weights) next to model.onnx.

@@ -1,0 +1,154 @@
+"""The whole Triton path under load: a real tritonserver, gRPC streaming, one 448 px image each.
+
+    python scripts/bench_triton.py --repository REPO [--concurrency 1 4 8 64] [--out triton.json]
+        [--perf-analyzer PATH]
+
+Starts the repository with serve.py's TritonServer, then for each concurrency:
+- a tritonclient streaming generator, closed loop (each stream sends its next request when one
+  ends): time to first token, time per output token, output tokens/s;
+- the real perf_analyzer (--streaming, gRPC) on the same inputs, when its binary is given.
+Records the server's GPU memory (nvidia-smi, all processes). Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import io
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from builder.client import stream_generate  # noqa: E402
+from builder.serve import TritonServer  # noqa: E402
+
+PROMPT = (
+    "Look at this picture carefully and describe every object you can see, their colours, positions "
+    "and what they might be used for, in plain words, as a short list of numbered points."
+)
+NEW_TOKENS = 128
+PARAMETERS = {"max_tokens": NEW_TOKENS, "ignore_eos": True, "temperature": 0}
+
+
+def image_png() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (448, 448, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def gpu_memory_gib() -> float:
+    """GPU memory in use on GPU 0 (the server's processes: one copy of the weights, KV cache)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"], capture_output=True, text=True
+        )
+    except FileNotFoundError:  # a CPU machine
+        return float("nan")
+    return float(out.stdout.split()[0]) / 1024 if out.returncode == 0 else float("nan")
+
+
+def closed_loop(url: str, image: bytes, concurrency: int, requests: int) -> dict:
+    records, lock = [], threading.Lock()
+    remaining = [requests]
+
+    def stream():
+        while True:
+            with lock:
+                if remaining[0] == 0:
+                    return
+                remaining[0] -= 1
+            start = time.perf_counter()
+            times, tokens = [], 0
+            for response in stream_generate(url, PROMPT, [image], parameters=PARAMETERS, timeout_s=300):
+                times.append(time.perf_counter())
+                tokens += len(response["token_ids"])
+            with lock:
+                records.append((start, times, tokens))
+
+    threads = [threading.Thread(target=stream) for _ in range(concurrency)]
+    begin = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - begin
+    ttft = [(times[0] - start) * 1e3 for start, times, _ in records]
+    tpot = [(times[-1] - times[0]) / max(tokens - 1, 1) * 1e3 for _, times, tokens in records]
+    return {
+        "requests": len(records),
+        "ttft_p50_ms": float(np.percentile(ttft, 50)),
+        "ttft_p99_ms": float(np.percentile(ttft, 99)),
+        "tpot_p50_ms": float(np.percentile(tpot, 50)),
+        "output_tok_per_s": sum(tokens for *_, tokens in records) / wall,
+        "responses_per_s": sum(len(times) for _, times, _ in records) / wall,
+    }
+
+
+def perf_analyzer(binary: str, url: str, image: bytes, concurrency: int, workdir: Path) -> dict:
+    data = workdir / "input.json"
+    data.write_text(
+        json.dumps({"data": [{"prompt": [PROMPT], "images": [{"b64": base64.b64encode(image).decode()}]}]})
+    )
+    csv = workdir / f"pa_{concurrency}.csv"
+    command = [
+        binary, "-m", "qwen3_vl", "-u", url, "-i", "grpc", "--streaming", "--input-data", str(data),
+        "--concurrency-range", str(concurrency), "--measurement-interval", "8000", "--stability-percentage", "50",
+        "--request-parameter", f"max_tokens:{NEW_TOKENS}:int", "--request-parameter", "ignore_eos:true:bool",
+        "--request-parameter", "temperature:0:int", "-f", str(csv),
+    ]  # fmt: skip
+    out = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    summary = [line.strip() for line in out.stdout.splitlines() if "Concurrency:" in line or "throughput" in line.lower()]
+    return {"returncode": out.returncode, "summary": summary[-4:], "csv": csv.read_text() if csv.exists() else out.stderr[-2000:]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repository", type=Path, required=True)
+    p.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 8, 64])
+    p.add_argument("--perf-analyzer", help="path of the perf_analyzer binary (tritonclient's wheel has one)")
+    p.add_argument("--precision", default="int8", help="label for the table (the repository's --quant)")
+    p.add_argument("--out", type=Path, default=Path("bench_triton.json"))
+    args = p.parse_args()
+    image = image_png()
+    rows = []
+    with TritonServer(args.repository, ready_timeout_s=600) as server, tempfile.TemporaryDirectory() as workdir:
+        closed_loop(server.grpc_url, image, 2, 4)  # warm-up
+        print("| system        | prec  |   c | TTFT p50 | TTFT p99 | TPOT ms |    tok/s | GiB    |")
+        print("|---|---|---|---|---|---|---|---|")
+        for c in args.concurrency:
+            row = closed_loop(server.grpc_url, image, c, max(3 * c, 8))
+            row.update(system="triton-grpc", precision=args.precision, concurrency=c, gpu_mem_gib=gpu_memory_gib())
+            if args.perf_analyzer:
+                row["perf_analyzer"] = perf_analyzer(args.perf_analyzer, server.grpc_url, image, c, Path(workdir))
+            rows.append(row)
+            print(
+                f"| triton-grpc   | {args.precision:<5} | {c:>3} | {row['ttft_p50_ms']:8.1f} | {row['ttft_p99_ms']:8.1f} | "
+                f"{row['tpot_p50_ms']:7.2f} | {row['output_tok_per_s']:8.0f} | {row['gpu_mem_gib']:6.2f} |",
+                flush=True,
+            )
+            for line in row.get("perf_analyzer", {}).get("summary", []):
+                print(f"    perf_analyzer: {line}", flush=True)
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join(sys.argv),
+        "repository_manifest_options": json.loads((args.repository / "manifest.json").read_text())["options"],
+        "new_tokens": NEW_TOKENS,
+        "results": rows,
+    }
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
