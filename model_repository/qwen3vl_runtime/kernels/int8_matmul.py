@@ -45,8 +45,9 @@ def _int8_matmul_kernel(
         kk = k0 + rk
         x = tl.load(X + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
         # w: [BLOCK_N, BLOCK_K], K contiguous (16-byte loads along rows), dequantized in registers
-        w = tl.load(W + rn[:, None] * stride_wn + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0)
-        acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+        w_mask = (rn[:, None] < N) & (kk[None, :] < K)
+        w = tl.load(W + rn[:, None] * stride_wn + kk[None, :], mask=w_mask)  # no `other`: fp8 has no literal
+        acc += tl.dot(x, tl.trans(tl.where(w_mask, w.to(x.dtype), 0.0)))
     scale = tl.load(Scale + rn, mask=rn < N, other=0.0)
     out = acc * scale[None, :]
     tl.store(Out + rm[:, None] * stride_om + rn[None, :], out.to(Out.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
