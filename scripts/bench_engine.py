@@ -237,8 +237,6 @@ def main() -> int:
             rows.append(result)
             print(_row(result), flush=True)
     del hf
-    for precision in args.precisions:
-        rows += bench_engine(args.checkpoint, precision, prompt, inputs, args)
     report = {
         "machine": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
         "date": datetime.date.today().isoformat(),
@@ -251,6 +249,9 @@ def main() -> int:
         "results": rows,
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")
+    for precision in args.precisions:  # the JSON is rewritten after each precision: a crash keeps the rest
+        rows += bench_engine(args.checkpoint, precision, prompt, inputs, args)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 

@@ -70,9 +70,13 @@ def closed_loop(url: str, image: bytes, concurrency: int, requests: int) -> dict
                 remaining[0] -= 1
             start = time.perf_counter()
             times, tokens = [], 0
-            for response in stream_generate(url, PROMPT, [image], parameters=PARAMETERS, timeout_s=300):
-                times.append(time.perf_counter())
-                tokens += len(response["token_ids"])
+            try:
+                for response in stream_generate(url, PROMPT, [image], parameters=PARAMETERS, timeout_s=300):
+                    times.append(time.perf_counter())
+                    tokens += len(response["token_ids"])
+            except Exception as exc:  # reported once, the run then fails with a count
+                print(f"request failed: {exc}", file=sys.stderr)
+                return
             with lock:
                 records.append((start, times, tokens))
 
@@ -83,6 +87,8 @@ def closed_loop(url: str, image: bytes, concurrency: int, requests: int) -> dict
     for t in threads:
         t.join()
     wall = time.perf_counter() - begin
+    if len(records) < requests:
+        raise RuntimeError(f"only {len(records)} of {requests} requests completed; see the errors above")
     ttft = [(times[0] - start) * 1e3 for start, times, _ in records]
     tpot = [(times[-1] - times[0]) / max(tokens - 1, 1) * 1e3 for _, times, tokens in records]
     return {
