@@ -55,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
         elif f.name == "gpus":
             kwargs.update(type=_gpu_ids, default=",".join(map(str, f.default)))
         else:
-            kwargs["type"] = Path if kind is Path else kind
+            kwargs["type"] = Path if kind in (Path, Path | None) else kind
             if f.name in CHOICES:
                 kwargs["choices"] = CHOICES[f.name]
         p.add_argument(flag, **kwargs)

@@ -33,15 +33,26 @@ def _instances(options: BuildOptions, count: int, *, on_gpu: bool) -> list:
 
 
 def _dynamic_batching(options: BuildOptions) -> mc.ModelDynamicBatching:
-    """Priority queues on every step (an ensemble's priority is clamped per composing model).
+    """One priority queue per tier on every step (an ensemble's priority is clamped per composing
+    model), each rejecting requests that wait past the tier's timeout or find it full.
 
     Every model has max_batch_size 0: its tensors are ragged (patches and tokens per request),
     and the decoder batches inside its engine. Triton then hands one request per execute, taken
-    from the queue in priority order.
+    from the queues in priority order. The decoupled decoder drains its queue at once, so its
+    engine enforces the tiers again (qwen3vl_runtime.engine.scheduler).
     """
+    table = options.tier_table
     return mc.ModelDynamicBatching(
-        priority_levels=options.priority_levels,
-        default_priority_level=options.default_priority,
+        priority_levels=len(table.tiers),
+        default_priority_level=table.get(None).priority,
+        priority_queue_policy={
+            tier.priority: mc.ModelQueuePolicy(
+                timeout_action=mc.ModelQueuePolicy.REJECT,
+                default_timeout_microseconds=int(tier.queue_timeout_s * 1e6),
+                max_queue_size=tier.max_queue,
+            )
+            for tier in table.tiers
+        },
     )
 
 
@@ -104,6 +115,7 @@ def language_model_config(options: BuildOptions, text_hidden: int) -> mc.ModelCo
                 "kv_cache_slots": options.kv_cache_slots,
                 "default_max_tokens": options.default_max_tokens,
                 "dtype": options.dtype,
+                "tiers": options.tier_table.to_json(),
             }
         ),
     )

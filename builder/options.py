@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+from model_repository.qwen3vl_runtime.tiers import DEFAULT_TIERS, TierTable
 
 QUANT_MODES = ("none", "int8", "fp8")
 DTYPES = ("bfloat16", "float16", "float32")
@@ -49,8 +52,10 @@ class BuildOptions:
     )
     preprocess_instances: int = field(default=2, metadata={"help": "CPU instances of the preprocess model"})
     vision_instances: int = field(default=1, metadata={"help": "vision encoder instances per GPU"})
-    priority_levels: int = field(default=3, metadata={"help": "Triton priority levels (1 = highest)"})
-    default_priority: int = field(default=2, metadata={"help": "level of requests that set no priority"})
+    tiers: Path | None = field(
+        default=None,
+        metadata={"help": "JSON file of service tiers (priority, concurrency, queue timeout, ...); default: vip/standard/free"},
+    )
     force: bool = field(default=False, metadata={"help": "replace an existing output directory"})
 
     def __post_init__(self):
@@ -83,11 +88,14 @@ class BuildOptions:
         check(self.max_images >= 1, "--max-images must be >= 1")
         for name in ("preprocess_instances", "vision_instances"):
             check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
-        check(self.priority_levels >= 1, "--priority-levels must be >= 1")
-        check(
-            1 <= self.default_priority <= self.priority_levels,
-            f"--default-priority must be in [1, {self.priority_levels}], got {self.default_priority}",
-        )
+        try:
+            self.tier_table
+        except (OSError, ValueError) as exc:
+            raise OptionError(f"--tiers {self.tiers}: {exc}") from None
+
+    @property
+    def tier_table(self) -> TierTable:
+        return DEFAULT_TIERS if self.tiers is None else TierTable.from_json(Path(self.tiers).read_text())
 
     @property
     def vision_int8(self) -> bool:
@@ -96,6 +104,7 @@ class BuildOptions:
     def to_json(self) -> dict:
         data = asdict(self)
         data["output"] = str(self.output)
+        data["tiers"] = json.loads(self.tier_table.to_json())
         data["gpus"] = list(self.gpus)
         return data
 

@@ -48,8 +48,11 @@ def test_configs_parse_as_triton_model_configs(build):
         "language_model",
     ]
     for name in ("preprocess", "vision_encoder", "language_model"):
-        assert parsed[name].dynamic_batching.priority_levels == 3
-        assert parsed[name].dynamic_batching.default_priority_level == 2
+        batching = parsed[name].dynamic_batching
+        assert batching.priority_levels == 3 and batching.default_priority_level == 2  # vip, standard*, free
+        vip = batching.priority_queue_policy[1]
+        assert vip.timeout_action == mc.ModelQueuePolicy.REJECT
+        assert vip.default_timeout_microseconds == 1_000_000 and vip.max_queue_size == 16
     # Self-contained: every Python model carries the runtime it imports.
     for name in ("preprocess", "vision_encoder", "language_model"):
         assert (repository / name / "1" / "qwen3vl_runtime" / "engine" / "engine.py").is_file()

@@ -11,8 +11,9 @@ import torch
 from model_repository.qwen3vl_runtime.engine import Engine, FinishReason, SamplingParams, Sequence
 from model_repository.qwen3vl_runtime.engine.detokenizer import IncrementalDetokenizer
 from model_repository.qwen3vl_runtime.engine.runner import ModelRunner, PromptInputs
-from model_repository.qwen3vl_runtime.engine.scheduler import Scheduler
+from model_repository.qwen3vl_runtime.engine.scheduler import UNLIMITED, QueueFull, Scheduler
 from model_repository.qwen3vl_runtime.engine.slots import SlotPool
+from model_repository.qwen3vl_runtime.tiers import DEFAULT_TIERS, Tier, TierTable
 
 DEFAULTS = SamplingParams(max_tokens=16)
 
@@ -68,8 +69,14 @@ def test_slot_pool():
     assert pool.allocate() == a
 
 
-def _seq(name: str, emit=lambda out: None, **kwargs) -> Sequence:
-    return Sequence(name, prompt=None, prompt_len=4, rope_delta=0, params=DEFAULTS, emit=emit, **kwargs)
+def _seq(name: str, emit=lambda out: None, tier=UNLIMITED.get(None), **kwargs) -> Sequence:
+    seq = Sequence(name, prompt=None, prompt_len=4, rope_delta=0, params=DEFAULTS, emit=emit, **kwargs)
+    seq.tier = tier
+    return seq
+
+
+def _queued(scheduler) -> list[str]:
+    return [s.request_id for q in scheduler.waiting.values() for s in q]
 
 
 def test_scheduler_admits_while_slots_last_and_retire_frees_them():
@@ -77,7 +84,7 @@ def test_scheduler_admits_while_slots_last_and_retire_frees_them():
     seqs = [_seq(str(i)) for i in range(3)]
     for s in seqs:
         scheduler.add(s)
-    assert scheduler.admit() == seqs[:2] and list(scheduler.waiting) == seqs[2:]
+    assert scheduler.admit() == seqs[:2] and _queued(scheduler) == ["2"]
     scheduler.retire(seqs[0])
     assert seqs[0].slot is None and seqs[0].finished
     assert scheduler.admit() == [seqs[2]] and scheduler.running == [seqs[1], seqs[2]]
@@ -91,6 +98,66 @@ def test_scheduler_bounds_prefill_tokens_per_step():
     big = Scheduler(SlotPool(8), prefill_token_budget=2)  # one prompt over budget still runs alone
     big.add(_seq("big"))
     assert len(big.admit()) == 1
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_tiers_admit_highest_priority_first_within_caps():
+    scheduler = Scheduler(SlotPool(8), DEFAULT_TIERS)
+    vip, standard, free = (DEFAULT_TIERS.get(n) for n in ("vip", "standard", "free"))
+    for i in range(3):
+        scheduler.add(_seq(f"free{i}", tier=free))
+    for i in range(6):
+        scheduler.add(_seq(f"vip{i}", tier=vip))
+    scheduler.add(_seq("std0", tier=standard))
+    admitted = [s.request_id for s in scheduler.admit()]
+    # VIP up to its cap of 4, then standard, then one free (cap 1): 6 of the 8 slots.
+    assert admitted == ["vip0", "vip1", "vip2", "vip3", "std0", "free0"]
+    assert scheduler.admit() == []  # caps hold although slots are free
+    scheduler.retire(scheduler.running[0])  # a VIP finishes: the next VIP goes first
+    assert [s.request_id for s in scheduler.admit()] == ["vip4"]
+
+
+def test_slots_short_go_to_the_highest_tier():
+    scheduler = Scheduler(SlotPool(2), DEFAULT_TIERS)
+    scheduler.add(_seq("free0", tier=DEFAULT_TIERS.get("free")))
+    scheduler.add(_seq("vip0", tier=DEFAULT_TIERS.get("vip")))
+    scheduler.add(_seq("vip1", tier=DEFAULT_TIERS.get("vip")))
+    assert [s.request_id for s in scheduler.admit()] == ["vip0", "vip1"]
+    assert _queued(scheduler) == ["free0"]
+
+
+def test_queue_timeout_and_queue_cap_per_tier():
+    clock = FakeClock()
+    tiers = TierTable((Tier("only", 1, max_concurrent=1, queue_timeout_s=2.0, max_queue=2, max_tokens=64),), "only")
+    scheduler = Scheduler(SlotPool(1), tiers, clock=clock)
+    only = tiers.get(None)
+    scheduler.add(_seq("a", tier=only))
+    assert scheduler.admit()[0].request_id == "a"
+    scheduler.add(_seq("b", tier=only))
+    clock.now = 1.0
+    scheduler.add(_seq("c", tier=only))
+    with pytest.raises(QueueFull, match="the only tier's queue is full \\(2 waiting\\)"):
+        scheduler.add(_seq("d", tier=only))
+    clock.now = 2.5  # b waited 2.5 s (> 2), c 1.5 s
+    assert [s.request_id for s in scheduler.expired()] == ["b"] and _queued(scheduler) == ["c"]
+
+
+def test_tier_table_validation_and_lookup():
+    assert DEFAULT_TIERS.get(None).name == "standard" and DEFAULT_TIERS.get("vip").priority == 1
+    with pytest.raises(ValueError, match="unknown tier 'gold'; this server has vip, standard, free"):
+        DEFAULT_TIERS.get("gold")
+    with pytest.raises(ValueError, match="priorities must be 1..2"):
+        TierTable((Tier("a", 1, 1, 1.0, 1, 1), Tier("b", 3, 1, 1.0, 1, 1)), "a")
+    with pytest.raises(ValueError, match="max_concurrent must be >= 1"):
+        Tier("a", 1, 0, 1.0, 1, 1)
+    assert TierTable.from_json(DEFAULT_TIERS.to_json()) == DEFAULT_TIERS
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +265,55 @@ def test_prompt_that_fills_the_context_is_refused(engine_parts):
     engine = Engine(ModelRunner(model, num_slots=1, max_len=8, image_token_id=151655), tokenizer, eos_token_ids=set(), num_slots=1)
     with pytest.raises(ValueError, match="the prompt is 8 tokens; this server's max context is 8"):
         engine.submit(Sequence("x", None, 8, 0, DEFAULTS, lambda out: None))
+
+
+def test_engine_serves_queued_vip_before_free_within_caps_and_times_out(engine_parts):
+    """Stepped by hand with a fake clock: nothing depends on timing."""
+    model, tokenizer = engine_parts
+    clock = FakeClock()
+    tiers = TierTable(
+        (
+            Tier("vip", 1, max_concurrent=2, queue_timeout_s=1.0, max_queue=8, max_tokens=64),
+            Tier("free", 2, max_concurrent=1, queue_timeout_s=3.0, max_queue=8, max_tokens=64),
+        ),
+        default="free",
+    )
+    runner = ModelRunner(model, num_slots=2, max_len=64, image_token_id=151655)
+    engine = Engine(runner, tokenizer, eos_token_ids=set(), num_slots=2, tiers=tiers, clock=clock)
+    first_token, finished = [], {}
+
+    def emit(name, out):
+        if not any(n == name for n in first_token) and out.token_ids:
+            first_token.append(name)
+        if out.finish_reason or out.error:
+            finished[name] = out
+
+    def submit(name, tier, max_tokens=3):
+        ids = torch.tensor([100 + len(finished), 200, 300])
+        prompt = PromptInputs(ids, torch.arange(3).expand(3, -1))
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        engine.submit(Sequence(name, prompt, 3, 0, params, lambda out: emit(name, out), tier_name=tier))
+
+    for name in ("free0", "free1"):
+        submit(name, "free")
+    for name in ("vip0", "vip1", "vip2"):
+        submit(name, "vip")
+    with pytest.raises(ValueError, match="unknown tier 'gold'"):
+        submit("gold0", "gold")
+    with pytest.raises(ValueError, match="max_tokens 100 is over the vip tier's limit of 64"):
+        submit("vip9", "vip", max_tokens=100)
+    steps = 0
+    while "vip2" not in finished:
+        engine.step()
+        steps += 1
+        assert engine.scheduler.running_by_tier["vip"] <= 2 and engine.scheduler.running_by_tier["free"] <= 1
+    # Every queued VIP started before any queued Free request, though the Free ones came first.
+    assert first_token[:3] == ["vip0", "vip1", "vip2"]
+    clock.now = 3.5  # free1 has waited past the free tier's 3 s queue timeout
+    while len(finished) < 5:
+        engine.step()
+    assert finished["free0"].finish_reason == "length"
+    assert finished["free1"].error.startswith("timed out: waited 3.50 s in the free queue (limit 3 s)")
+    counters = engine.metrics.snapshot()
+    assert counters["vip"].requests == 3 and counters["vip"].rejected == 1 and counters["free"].timed_out == 1
+    assert counters["vip"].tokens == 9 and counters["vip"].ttft_count == 3

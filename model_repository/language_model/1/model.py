@@ -19,6 +19,8 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 from qwen3vl_runtime.decoder_weights import load_text_model  # noqa: E402
 from qwen3vl_runtime.engine import Engine, SamplingParams, Sequence, StepOutput  # noqa: E402
 from qwen3vl_runtime.engine.runner import ModelRunner, PromptInputs  # noqa: E402
+from qwen3vl_runtime.tiers import TierTable  # noqa: E402
+from qwen3vl_runtime.triton_metrics import EngineMetricsPublisher  # noqa: E402
 from qwen3vl_runtime.triton_io import error_response, input_array, model_parameters, request_parameters  # noqa: E402
 
 DECODER_DIR = Path(__file__).parent / "decoder"
@@ -54,8 +56,10 @@ class TritonPythonModel:
             AutoTokenizer.from_pretrained(DECODER_DIR),
             eos_token_ids=set(eos if isinstance(eos, list) else [eos]),
             num_slots=num_slots,
+            tiers=TierTable.from_json(settings["tiers"]),
             log=self.logger.log_error,
         ).start()
+        self.metrics = EngineMetricsPublisher(self.engine).start()
 
     def execute(self, requests):
         for request in requests:
@@ -76,7 +80,8 @@ class TritonPythonModel:
         prompt = PromptInputs(
             torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(image_embeds), torch.from_numpy(deepstack)
         )
-        params = SamplingParams.from_parameters(request_parameters(request), self.defaults)
+        parameters = request_parameters(request)
+        params = SamplingParams.from_parameters(parameters, self.defaults)
         prompt_tokens = np.array([len(ids)], dtype=np.int32)
 
         def emit(out: StepOutput) -> None:
@@ -101,7 +106,9 @@ class TritonPythonModel:
             params=params,
             emit=emit,
             is_cancelled=sender.is_cancelled,
+            tier_name=parameters.get("tier"),
         )
 
     def finalize(self):
+        self.metrics.stop()
         self.engine.stop()

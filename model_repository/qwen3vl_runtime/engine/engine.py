@@ -3,25 +3,44 @@
 from __future__ import annotations
 
 import threading
+import time
 import traceback
 
 import torch
 
+from ..tiers import TierTable
 from .detokenizer import IncrementalDetokenizer
+from .metrics import EngineMetrics
 from .request import FinishReason, Sequence, StepOutput
 from .runner import ModelRunner
 from .sampler import sample
-from .scheduler import Scheduler
+from .scheduler import UNLIMITED, QueueFull, Scheduler
 from .slots import SlotPool
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, tokenizer, *, eos_token_ids: set[int], num_slots: int, log=print):
+    """tiers: who is admitted first and the per-tier caps and timeouts (default: none).
+    clock: seconds, monotonic; tests pass a fake one to make queue timeouts deterministic."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        tokenizer,
+        *,
+        eos_token_ids: set[int],
+        num_slots: int,
+        tiers: TierTable = UNLIMITED,
+        clock=time.monotonic,
+        log=print,
+    ):
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_token_ids = set(eos_token_ids)
         self.max_len = runner.max_len
-        self.scheduler = Scheduler(SlotPool(num_slots))
+        self.tiers = tiers
+        self.clock = clock
+        self.scheduler = Scheduler(SlotPool(num_slots), tiers, clock=clock)
+        self.metrics = EngineMetrics(tiers)
         self.log = log
         self._inbox: list[Sequence] = []
         self._wake = threading.Condition()
@@ -36,18 +55,33 @@ class Engine:
         return self
 
     def submit(self, seq: Sequence) -> None:
-        """Queue a sequence; raises ValueError at once when it cannot fit the context."""
-        if seq.prompt_len >= self.max_len:
-            raise ValueError(
-                f"the prompt is {seq.prompt_len} tokens; this server's max context is {self.max_len} "
-                f"tokens (prompt + generated)"
-            )
-        self.runner.check(seq.prompt)
-        with self._wake:
-            if self._stopping:
-                raise RuntimeError("the decoder is shutting down")
-            self._inbox.append(seq)
-            self._wake.notify()
+        """Queue a sequence; raises ValueError at once when it cannot be served (unknown tier,
+        too many tokens for its tier, a prompt that fills the context, its tier's queue full)."""
+        seq.tier = self.tiers.get(seq.tier_name)
+        try:
+            if seq.params.max_tokens > seq.tier.max_tokens:
+                raise ValueError(
+                    f"max_tokens {seq.params.max_tokens} is over the {seq.tier.name} tier's limit of {seq.tier.max_tokens}"
+                )
+            if seq.prompt_len >= self.max_len:
+                raise ValueError(
+                    f"the prompt is {seq.prompt_len} tokens; this server's max context is {self.max_len} "
+                    f"tokens (prompt + generated)"
+                )
+            self.runner.check(seq.prompt)
+            with self._wake:
+                if self._stopping:
+                    raise RuntimeError("the decoder is shutting down")
+                waiting = len(self.scheduler.waiting[seq.tier.name]) + sum(s.tier is seq.tier for s in self._inbox)
+                if waiting >= seq.tier.max_queue:
+                    raise QueueFull(f"the {seq.tier.name} tier's queue is full ({waiting} waiting); retry later")
+                seq.submitted_at = self.clock()
+                self._inbox.append(seq)
+                self._wake.notify()
+        except (ValueError, RuntimeError):
+            self.metrics.add(seq.tier.name, "rejected")
+            raise
+        self.metrics.add(seq.tier.name, "requests")
 
     def stop(self) -> None:
         """Stop the loop and end every sequence still queued or running with an error."""
@@ -55,8 +89,11 @@ class Engine:
             self._stopping = True
             self._wake.notify()
         self._thread.join(timeout=30)
-        for seq in list(self.scheduler.waiting) + list(self.scheduler.running) + self._inbox:
+        for seq in self._all_waiting() + list(self.scheduler.running) + self._inbox:
             self._fail(seq, "the decoder is shutting down")
+
+    def _all_waiting(self) -> list[Sequence]:
+        return [seq for queue in self.scheduler.waiting.values() for seq in queue]
 
     # --- the loop -------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -66,9 +103,6 @@ class Engine:
                     self._wake.wait()
                 if self._stopping:
                     return
-                for seq in self._inbox:
-                    self._start_sequence(seq)
-                self._inbox.clear()
             try:
                 self.step()
             except Exception:  # a bug must not kill the loop: fail what was running, keep serving
@@ -87,14 +121,29 @@ class Engine:
             else:
                 generator.seed()
         self._generators[seq] = generator
-        self.scheduler.add(seq)
+        try:
+            self.scheduler.add(seq)
+        except QueueFull as exc:  # filled up between submit and now
+            self.metrics.add(seq.tier.name, "rejected")
+            self._fail(seq, str(exc))
 
     def step(self) -> None:
-        """One engine step: drop cancelled sequences, prefill newcomers, decode the rest together."""
-        for seq in list(self.scheduler.waiting) + list(self.scheduler.running):
+        """One engine step: take in submitted sequences, drop cancelled and timed-out ones, prefill
+        newcomers (highest tier first), decode the rest together. The loop thread calls it; tests
+        may call it directly on an engine that was not started."""
+        with self._wake:
+            inbox, self._inbox = self._inbox, []
+        for seq in inbox:
+            self._start_sequence(seq)
+        for seq in self._all_waiting() + list(self.scheduler.running):
             if seq.is_cancelled():
                 self._finish(seq, StepOutput("", (), FinishReason.CANCELLED))
+        for seq in self.scheduler.expired():
+            self.metrics.add(seq.tier.name, "timed_out")
+            waited = self.clock() - seq.enqueued_at
+            self._fail(seq, f"timed out: waited {waited:.2f} s in the {seq.tier.name} queue (limit {seq.tier.queue_timeout_s:g} s)")
         decoding = list(self.scheduler.running)
+        self.metrics.batch_size = len(decoding)
         admitted = self.scheduler.admit()
         if admitted:
             logits = self.runner.prefill(admitted)
@@ -109,6 +158,9 @@ class Engine:
 
     def _append(self, seq: Sequence, token: int) -> None:
         seq.output_ids.append(token)
+        self.metrics.add(seq.tier.name, "tokens")
+        if len(seq.output_ids) == 1:
+            self.metrics.first_token(seq.tier.name, self.clock() - seq.submitted_at)
         detok = self._detok[seq]
         text, hit_stop = detok.add(token)
         if hit_stop or (token in self.eos_token_ids and not seq.params.ignore_eos):

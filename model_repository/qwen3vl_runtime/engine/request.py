@@ -114,9 +114,13 @@ class Sequence:
     params: SamplingParams
     emit: Callable[[StepOutput], None]
     is_cancelled: Callable[[], bool] = lambda: False
+    tier_name: str | None = None  # the request's tier; None = the server's default tier
     output_ids: list[int] = field(default_factory=list)
     slot: int | None = None
     finished: bool = False
+    tier: Any = None  # the resolved Tier, set by the engine
+    enqueued_at: float = 0.0
+    submitted_at: float = 0.0
 
     @property
     def length(self) -> int:

@@ -1,42 +1,76 @@
-"""Which sequences run this step: admit waiting ones while KV slots are free (first come, first
-served), retire finished ones. Plain Python, no torch."""
+"""Which sequences run this step, by tier: admit waiting ones in priority order while KV slots are
+free and each tier stays under its concurrency cap; reject those that waited past their tier's
+timeout; retire finished ones. Running sequences are never preempted: when slots are short, lower
+tiers wait (and time out) instead. Plain Python, no torch."""
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
+from ..tiers import Tier, TierTable
 from .request import Sequence
 from .slots import SlotPool
 
+# Without a tier table: one tier, no caps, no timeouts (benchmarks, tests of the engine alone).
+UNLIMITED = TierTable((Tier("default", 1, 1 << 30, float("inf"), 1 << 30, 1 << 30),), "default")
+
+
+class QueueFull(ValueError):
+    """The request's tier has max_queue requests waiting already."""
+
 
 class Scheduler:
-    def __init__(self, slots: SlotPool, prefill_token_budget: int = 4096):
+    def __init__(self, slots: SlotPool, tiers: TierTable = UNLIMITED, prefill_token_budget: int = 4096, clock=time.monotonic):
         self.slots = slots
+        self.tiers = tiers
         self.prefill_token_budget = prefill_token_budget
-        self.waiting: deque[Sequence] = deque()
+        self.clock = clock
+        self.waiting: dict[str, deque[Sequence]] = {t.name: deque() for t in tiers.by_priority()}
         self.running: list[Sequence] = []
+        self.running_by_tier: dict[str, int] = {t.name: 0 for t in tiers.tiers}
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        """Queue a sequence in its tier (``seq.tier``, set by the engine); QueueFull if full."""
+        queue = self.waiting[seq.tier.name]
+        if len(queue) >= seq.tier.max_queue:
+            raise QueueFull(f"the {seq.tier.name} tier's queue is full ({len(queue)} waiting); retry later")
+        seq.enqueued_at = self.clock()
+        queue.append(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.running) or any(self.waiting.values())
+
+    def num_waiting(self) -> int:
+        return sum(len(q) for q in self.waiting.values())
+
+    def expired(self) -> list[Sequence]:
+        """Remove and return the waiting sequences whose wait exceeds their tier's timeout."""
+        now, late = self.clock(), []
+        for queue in self.waiting.values():
+            # FIFO within a tier: the oldest are at the front.
+            while queue and now - queue[0].enqueued_at > queue[0].tier.queue_timeout_s:
+                late.append(queue.popleft())
+        return late
 
     def admit(self) -> list[Sequence]:
-        """Move waiting sequences into the running batch; they need a prefill this step.
+        """Move waiting sequences into the running batch, highest tier first; they need a prefill.
 
-        Prompts are prefilled together, up to a token budget per step (at least one prompt), so a
+        Prompts are prefilled together up to a token budget per step (at least one prompt), so a
         burst of newcomers is batched without stalling the running streams for long.
         """
         admitted, tokens = [], 0
-        while self.waiting and self.slots.can_allocate():
-            if admitted and tokens + self.waiting[0].prompt_len > self.prefill_token_budget:
-                break
-            seq = self.waiting.popleft()
-            tokens += seq.prompt_len
-            seq.slot = self.slots.allocate()
-            self.running.append(seq)
-            admitted.append(seq)
+        for tier in self.tiers.by_priority():
+            queue = self.waiting[tier.name]
+            while queue and self.slots.can_allocate() and self.running_by_tier[tier.name] < tier.max_concurrent:
+                if admitted and tokens + queue[0].prompt_len > self.prefill_token_budget:
+                    return admitted
+                seq = queue.popleft()
+                seq.slot = self.slots.allocate()
+                self.running.append(seq)
+                self.running_by_tier[tier.name] += 1
+                admitted.append(seq)
+                tokens += seq.prompt_len
         return admitted
 
     def retire(self, seq: Sequence) -> None:
@@ -44,7 +78,8 @@ class Scheduler:
         seq.finished = True
         if seq.slot is not None:
             self.running.remove(seq)
+            self.running_by_tier[seq.tier.name] -= 1
             self.slots.free(seq.slot)
             seq.slot = None
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
+        elif seq.tier is not None and seq in self.waiting[seq.tier.name]:
+            self.waiting[seq.tier.name].remove(seq)

@@ -1,0 +1,80 @@
+"""The engine's per-tier counters and gauges as Triton custom metrics (Prometheus, port 8002).
+
+Published from a background thread twice a second, not from the decode loop: each update crosses
+the stub's IPC, which the per-token path must not wait on. Imported only inside a Triton model.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import triton_python_backend_utils as pb_utils
+
+PREFIX = "qwen3vl"
+COUNTERS = {  # TierCounters field -> (metric name, help)
+    "requests": ("requests_total", "requests accepted into a tier's queue"),
+    "rejected": ("rejected_total", "requests refused at once (queue full, over the tier's limits)"),
+    "timed_out": ("timed_out_total", "requests that waited past their tier's queue timeout"),
+    "tokens": ("generated_tokens_total", "output tokens generated"),
+    "ttft_seconds_sum": ("time_to_first_token_seconds_sum", "sum of times to first token (engine)"),
+    "ttft_count": ("time_to_first_token_seconds_count", "requests that got a first token"),
+}
+
+
+class EngineMetricsPublisher:
+    def __init__(self, engine, interval_s: float = 0.5):
+        self.engine = engine
+        self.interval_s = interval_s
+        tiers = [t.name for t in engine.tiers.tiers]
+        # Triton deletes a family's metrics with it: keep every family alive as long as this object.
+        self._families = []
+
+        def family(name, help_text, kind):
+            self._families.append(pb_utils.MetricFamily(name=f"{PREFIX}_{name}", description=help_text, kind=kind))
+            return self._families[-1]
+
+        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
+        self.counters = {
+            field: {tier: fam.Metric(labels={"tier": tier}) for tier in tiers}
+            for field, fam in ((f, family(n, h, counter)) for f, (n, h) in COUNTERS.items())
+        }
+        queue, running = family("queue_length", "requests waiting, per tier", gauge), family("running_requests", "requests decoding, per tier", gauge)
+        self.queue = {tier: queue.Metric(labels={"tier": tier}) for tier in tiers}
+        self.running = {tier: running.Metric(labels={"tier": tier}) for tier in tiers}
+        self.kv_used = family("kv_slots_used", "KV-cache slots held by running requests", gauge).Metric(labels={})
+        self.kv_total = family("kv_slots_total", "KV-cache slots in the pool", gauge).Metric(labels={})
+        self.batch = family("decode_batch_size", "sequences in the last decode step", gauge).Metric(labels={})
+        self._published = {}  # (field, tier) -> value already added to the Prometheus counter
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine-metrics", daemon=True)
+
+    def start(self) -> "EngineMetricsPublisher":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.publish()
+            except Exception as exc:  # metrics must never take the model down; say it once
+                pb_utils.Logger.log_error(f"engine metrics stopped: {exc}")
+                return
+
+    def publish(self) -> None:
+        scheduler = self.engine.scheduler
+        for tier, counters in self.engine.metrics.snapshot().items():
+            for field, metrics in self.counters.items():
+                value = getattr(counters, field)
+                delta = value - self._published.get((field, tier), 0)
+                if delta:
+                    metrics[tier].increment(delta)
+                    self._published[(field, tier)] = value
+            self.queue[tier].set(len(scheduler.waiting[tier]))
+            self.running[tier].set(scheduler.running_by_tier[tier])
+        self.kv_total.set(scheduler.slots.num_slots)
+        self.kv_used.set(scheduler.slots.num_slots - scheduler.slots.num_free)
+        self.batch.set(self.engine.metrics.batch_size)

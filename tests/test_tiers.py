@@ -1,0 +1,47 @@
+"""Tiers through the real server: the tier parameter reaches the engine, and its per-tier
+counters reach Triton's Prometheus endpoint."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.request
+
+import pytest
+
+from builder.cli import main as build_repo
+from builder.client import GenerationError, stream_generate
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+
+def metric(server, name: str, tier: str) -> float:
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    found = re.search(rf'^qwen3vl_{name}{{tier="{tier}"}} ([0-9.e+-]+)$', text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_tier_parameter_reaches_the_engine_and_its_metrics(server):
+    before = metric(server, "generated_tokens_total", "vip")
+    responses = list(stream_generate(server.grpc_url, "Hi", parameters={"max_tokens": 5, "tier": "vip"}, priority=1))
+    assert sum(len(r["token_ids"]) for r in responses) == 5
+    deadline = time.monotonic() + 10  # the engine publishes its counters twice a second
+    while metric(server, "generated_tokens_total", "vip") < before + 5 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert metric(server, "generated_tokens_total", "vip") == before + 5
+    assert metric(server, "requests_total", "vip") >= 1
+
+
+def test_unknown_tier_and_tier_token_limit_are_clear_errors(server):
+    with pytest.raises(GenerationError, match="unknown tier 'gold'; this server has vip, standard, free"):
+        list(stream_generate(server.grpc_url, "Hi", parameters={"tier": "gold", "max_tokens": 2}))
+    with pytest.raises(GenerationError, match="max_tokens 600 is over the free tier's limit of 512"):
+        list(stream_generate(server.grpc_url, "Hi", parameters={"tier": "free", "max_tokens": 600}))
+
+
+def test_bad_tiers_file_is_refused(tiny_checkpoint, tmp_path, capsys):
+    tiers = tmp_path / "tiers.json"
+    tiers.write_text(json.dumps({"default": "a", "tiers": [{"name": "a", "priority": 2}]}))
+    assert build_repo(["--model", str(tiny_checkpoint), "--output", str(tmp_path / "out"), "--tiers", str(tiers)]) == 2
+    assert "--tiers" in capsys.readouterr().err
