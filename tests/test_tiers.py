@@ -45,3 +45,24 @@ def test_bad_tiers_file_is_refused(tiny_checkpoint, tmp_path, capsys):
     tiers.write_text(json.dumps({"default": "a", "tiers": [{"name": "a", "priority": 2}]}))
     assert build_repo(["--model", str(tiny_checkpoint), "--output", str(tmp_path / "out"), "--tiers", str(tiers)]) == 2
     assert "--tiers" in capsys.readouterr().err
+
+
+def test_tier_load_generator_runs_bounded_and_reports_each_tier(server):
+    """A short open-loop run (fixed seed, so the same arrivals every time) ends by itself."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import load_tiers
+
+    from model_repository.qwen3vl_runtime.tiers import DEFAULT_TIERS
+
+    started = time.monotonic()
+    results = load_tiers.run(server.grpc_url, DEFAULT_TIERS, {"vip": 3.0, "free": 3.0}, 2.0, 4, 60.0, seed=1)
+    summary = load_tiers.summarize(results, 2.0)
+    assert time.monotonic() - started < 60
+    assert set(summary) == {"vip", "free"}
+    for row in summary.values():
+        assert row["requests"] == row["ok"] + row["rejected"] + row["timed_out"] + row["errors"]
+        assert row["errors"] == 0
+    assert summary["vip"]["ok"] == summary["vip"]["requests"] > 0
