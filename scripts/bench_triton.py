@@ -8,6 +8,9 @@ Starts the repository with serve.py's TritonServer, then for each concurrency:
   ends): time to first token, time per output token, output tokens/s;
 - the real perf_analyzer (--streaming, gRPC) on the same inputs, when its binary is given.
 Records the server's GPU memory (nvidia-smi, all processes). Prints a table and writes JSON.
+Measuring capacity needs a tier that admits the concurrency: build the repository with
+`--tiers scripts/tiers_capacity.json` (one tier, 256 at once); the default tiers cap a server
+at 4 + 2 + 1 requests decoding at once.
 """
 
 from __future__ import annotations
@@ -103,8 +106,20 @@ def closed_loop(url: str, image: bytes, concurrency: int, requests: int) -> dict
 
 def perf_analyzer(binary: str, url: str, image: bytes, concurrency: int, workdir: Path) -> dict:
     data = workdir / "input.json"
+    # BYTES elements are JSON strings for perf_analyzer: the image goes as base64 text, which the
+    # preprocess model accepts as well as raw bytes.
+    image_text = base64.b64encode(image).decode()
     data.write_text(
-        json.dumps({"data": [{"prompt": [PROMPT], "images": [{"b64": base64.b64encode(image).decode()}]}]})
+        json.dumps(
+            {
+                "data": [
+                    {
+                        "prompt": {"content": [PROMPT], "shape": [1]},
+                        "images": {"content": [image_text], "shape": [1]},
+                    }
+                ]
+            }
+        )
     )
     csv = workdir / f"pa_{concurrency}.csv"
     command = [
