@@ -61,7 +61,7 @@ def gpu_memory_gib() -> float:
     return float(out.stdout.split()[0]) / 1024 if out.returncode == 0 else float("nan")
 
 
-def closed_loop(url: str, image: bytes, concurrency: int, requests: int) -> dict:
+def closed_loop(url: str, image: bytes | None, concurrency: int, requests: int) -> dict:
     records, lock = [], threading.Lock()
     remaining = [requests]
 
@@ -74,7 +74,8 @@ def closed_loop(url: str, image: bytes, concurrency: int, requests: int) -> dict
             start = time.perf_counter()
             times, tokens = [], 0
             try:
-                for response in stream_generate(url, PROMPT, [image], parameters=PARAMETERS, timeout_s=300):
+                images = [image] if image is not None else []
+                for response in stream_generate(url, PROMPT, images, parameters=PARAMETERS, timeout_s=300):
                     times.append(time.perf_counter())
                     tokens += len(response["token_ids"])
             except Exception as exc:  # reported once, the run then fails with a count
@@ -140,17 +141,20 @@ def main() -> int:
     p.add_argument("--perf-analyzer", help="path of the perf_analyzer binary (tritonclient's wheel has one)")
     p.add_argument("--precision", default="int8", help="label for the table (the repository's --quant)")
     p.add_argument("--out", type=Path, default=Path("bench_triton.json"))
+    p.add_argument("--text-only", action="store_true", help="no image: the decode and response path alone")
+    p.add_argument("--server-arg", action="append", default=[], help="extra tritonserver argument (repeatable)")
     args = p.parse_args()
-    image = image_png()
+    image = None if args.text_only else image_png()
     rows = []
-    with TritonServer(args.repository, ready_timeout_s=600) as server, tempfile.TemporaryDirectory() as workdir:
+    server = TritonServer(args.repository, ready_timeout_s=600, extra_args=tuple(args.server_arg))
+    with server, tempfile.TemporaryDirectory() as workdir:
         closed_loop(server.grpc_url, image, 2, 4)  # warm-up
         print("| system        | prec  |   c | TTFT p50 | TTFT p99 | TPOT ms |    tok/s | GiB    |")
         print("|---|---|---|---|---|---|---|---|")
         for c in args.concurrency:
             row = closed_loop(server.grpc_url, image, c, max(3 * c, 8))
             row.update(system="triton-grpc", precision=args.precision, concurrency=c, gpu_mem_gib=gpu_memory_gib())
-            if args.perf_analyzer:
+            if args.perf_analyzer and image is not None:
                 row["perf_analyzer"] = perf_analyzer(args.perf_analyzer, server.grpc_url, image, c, Path(workdir))
             rows.append(row)
             print(
@@ -165,6 +169,7 @@ def main() -> int:
         "command": " ".join(sys.argv),
         "repository_manifest_options": json.loads((args.repository / "manifest.json").read_text())["options"],
         "new_tokens": NEW_TOKENS,
+        "image": None if image is None else "448x448 PNG",
         "results": rows,
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")
