@@ -13,7 +13,6 @@ class Progress:
         self.stream = stream or sys.stderr
         self.done = 0
         self.timings: dict[str, float] = {}
-        self._started = time.perf_counter()
 
     def say(self, message: str) -> None:
         print(f"      {message}", file=self.stream, flush=True)
@@ -27,7 +26,3 @@ class Progress:
         seconds = time.perf_counter() - start
         self.timings[title] = round(seconds, 2)
         print(f"      done in {seconds:.1f} s", file=self.stream, flush=True)
-
-    @property
-    def elapsed(self) -> float:
-        return time.perf_counter() - self._started

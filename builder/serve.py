@@ -1,33 +1,26 @@
 """Start a real tritonserver on a model repository: for tests, demos and `serve-repo`.
 
 Uses `tritonserver` from PATH (NVIDIA's container) or else the one bundled in nvidia-pytriton,
-which needs three fixes to run outside pytriton: a Python backend stub matching the running
-interpreter, the bundle's shared libraries on LD_LIBRARY_PATH (the stub and backend find them
-through an $ORIGIN-relative RPATH that breaks once copied), and PYTHONPATH pointing at this
-interpreter's packages so that the Python models import numpy, torch, ... from here.
+prepared by server_setup.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import importlib.util
 import os
 import re
 import shutil
 import signal
-import site
-import socket
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-INSTALL_HINT = "no tritonserver on PATH and nvidia-pytriton is not installed: pip install '.[server]'"
+from .server_setup import bundle_backends, find_tritonserver, free_ports, parent_death_signal, server_environment
+
 # `failed to load 'NAME' version V: MESSAGE"` lines name the model that broke the start.
 _FAILED_LOAD = re.compile(r"failed to load '([^']+)' version (\S+): (.*?)\"?$")
 
@@ -49,84 +42,6 @@ def failure_causes(log: str) -> list[str]:
         elif line.startswith("error: ") or "address already in use" in line.lower():
             causes.append(line.strip())
     return list(dict.fromkeys(causes))
-
-
-def find_tritonserver() -> tuple[Path, Path | None]:
-    """Return (tritonserver binary, bundle root or None when it comes from PATH)."""
-    on_path = shutil.which("tritonserver")
-    if on_path:
-        return Path(on_path), None
-    # Located, not imported: only its server files are used, not pytriton's Python API (whose
-    # imports need packages a serving machine may lack).
-    spec = importlib.util.find_spec("pytriton")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(INSTALL_HINT)
-    bundle = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
-    binary = bundle / "bin" / "tritonserver"
-    if not binary.is_file():
-        raise FileNotFoundError(f"nvidia-pytriton has no server binary at {binary}; {INSTALL_HINT}")
-    return binary, bundle
-
-
-def free_ports(count: int) -> list[int]:
-    """Ask the kernel for `count` distinct free TCP ports (held open together so none repeats)."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _python_import_path() -> list[str]:
-    """This interpreter's site-packages and the folders its .pth files add (editable installs).
-
-    Site directories and .pth entries come after the standard library on sys.path, while the
-    script's own folder or pytest's rootdir come first; only the former belong on PYTHONPATH.
-    """
-    site_dirs = set(site.getsitepackages())
-    if site.ENABLE_USER_SITE:
-        site_dirs.add(site.getusersitepackages())
-    first = next((i for i, p in enumerate(sys.path) if p in site_dirs), None)
-    if first is None:
-        return [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
-    return [p for p in dict.fromkeys(sys.path[first:]) if os.path.isdir(p)]
-
-
-def _parent_death_signal():
-    """A function for Popen's preexec_fn: the child gets SIGTERM when the process that started it dies.
-
-    Without this a test run killed hard (or a crashed parent) leaves tritonserver holding its ports
-    and memory. Linux only; the signal fires when the *thread* that started the server exits, so
-    start servers from a thread that outlives them (the main thread in tests and `serve-repo`).
-    prctl is looked up here, in the parent: loading libraries between fork and exec can deadlock.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    PR_SET_PDEATHSIG = 1
-    return lambda: prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def _prepend_env(env: dict, key: str, paths: list[str]) -> None:
-    parts = [p for p in paths if p] + ([env[key]] if env.get(key) else [])
-    env[key] = os.pathsep.join(parts)
-
-
-def _bundle_backends(bundle: Path, workdir: Path) -> Path:
-    """Writable copy of the bundle's backends with the stub for the running Python version."""
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    stub = bundle / "python_backend_stubs" / version / "triton_python_backend_stub"
-    if not stub.is_file():
-        raise FileNotFoundError(f"nvidia-pytriton has no Python backend stub for Python {version} ({stub})")
-    backends = workdir / "backends"
-    shutil.copytree(bundle / "backends", backends, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy2(stub, backends / "python" / stub.name)
-    return backends
 
 
 class TritonServer:
@@ -193,7 +108,7 @@ class TritonServer:
         """
         self._workdir = Path(tempfile.mkdtemp(prefix="serve-repo-"))
         try:
-            backends = _bundle_backends(self.bundle, self._workdir) if self.bundle else None
+            backends = bundle_backends(self.bundle, self._workdir) if self.bundle else None
             self.log_path = self._given_log_path or self._workdir / "tritonserver.log"
             attempts = 1 if all(self._fixed_ports) else 3
             for attempt in range(attempts):
@@ -236,21 +151,6 @@ class TritonServer:
             cmd.append(f"--backend-directory={backends}")
         return cmd + list(self.extra_args)
 
-    def _environment(self) -> dict:
-        env = os.environ.copy()
-        # The caller's PYTHONPATH stays first, as in the caller's own sys.path; this interpreter's
-        # site-packages follow, so the models import what the caller imports.
-        paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p] + _python_import_path()
-        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-        libs = [str(self.bundle.parent.parent / "nvidia_pytriton.libs")] if self.bundle else []
-        # The stub links libpython3.X: take this interpreter's (pyenv, conda) over the system's, so
-        # the models run on the same Python build and standard library as the caller.
-        libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
-        if libdir and soname and os.path.exists(os.path.join(libdir, soname)):
-            libs.append(libdir)
-        _prepend_env(env, "LD_LIBRARY_PATH", libs)
-        return env
-
     def _launch(self, backends: Path | None) -> None:
         with open(self.log_path, "ab") as log:
             # Own session: Ctrl-C in a terminal reaches only us, and stop() can end the whole
@@ -260,12 +160,12 @@ class TritonServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=self._environment(),
+                env=server_environment(self.bundle),
                 # The stubs put "" (the working folder) first on sys.path: a private folder keeps
                 # model imports independent of where the server was started from.
                 cwd=self._workdir,
                 start_new_session=True,
-                preexec_fn=_parent_death_signal(),
+                preexec_fn=parent_death_signal(),
             )
 
     def _wait_ready(self) -> None:

@@ -41,9 +41,6 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.running) or any(self.waiting.values())
 
-    def num_waiting(self) -> int:
-        return sum(len(q) for q in self.waiting.values())
-
     def expired(self) -> list[Sequence]:
         """Remove and return the waiting sequences whose wait exceeds their tier's timeout."""
         now, late = self.clock(), []
