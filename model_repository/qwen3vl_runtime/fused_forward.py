@@ -81,3 +81,30 @@ def fused_prefill(model: TextModel, kv, embeds, positions, slots: list[int], len
 
     hidden = _layers(model, embeds, cos, sin, kv, token_slots, cache_positions, attend, add_deepstack)
     return model.logits(hidden[[b - 1 for b in bounds[1:]]])
+
+
+def static_prefill(model: TextModel, kv, embeds, positions, token_slots, cache_positions, visual_rows, deepstack, last_rows) -> torch.Tensor:
+    """Prefill with fixed-size inputs and no host synchronisation, so it can be captured in a CUDA graph.
+
+    embeds: [T + 1, hidden] where row T (and any padding) is a dump row; positions: [3, T + 1];
+    token_slots, cache_positions: [T + 1] (padding: a scratch slot, position 0); visual_rows: [R]
+    rows of embeds that hold image tokens (padding: T); deepstack: [layers, R, hidden] (padding:
+    zeros); last_rows: [S] each prompt's last row (padding: T) -> logits [S, vocab].
+    Each token attends over its own slot's keys 0..position, written just before by the same
+    layer: the decode-attention kernel with one query per token, no per-prompt loop.
+    """
+    cos, sin = model.rope(positions, embeds.dtype)
+    valid = cache_positions + 1
+
+    def attend(i, q):
+        return model.decode_attention(q, kv[i][0], kv[i][1], token_slots, valid)
+
+    def add_deepstack(i, x, delta):
+        if i >= deepstack.shape[0]:
+            return x, delta
+        x = x + delta
+        x.index_add_(0, visual_rows, deepstack[i].to(x.dtype))
+        return x, None
+
+    hidden = _layers(model, embeds, cos, sin, kv, token_slots, cache_positions, attend, add_deepstack)
+    return model.logits(hidden[last_rows])

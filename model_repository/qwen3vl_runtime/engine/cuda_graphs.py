@@ -63,3 +63,89 @@ class GraphedDecodeStep:
             self.lengths[n:b].zero_()
         self.graphs[b].replay()
         return self.logits[b][:n]
+
+
+class GraphedPrefill:
+    """Prefill of up to ``max_prompts`` prompts captured as CUDA graphs, one per token bucket.
+
+    Eager, a prefill is hundreds of launches; on a host that spends tens of microseconds per
+    launch that, not the GPU, sets the time to first token. Prompts longer than the largest
+    bucket run eagerly: the per-token attention here re-reads each prompt's prefix (quadratic),
+    fine for short prompts only.
+    """
+
+    TOKEN_BUCKETS = (64, 128, 256, 512)
+
+    def __init__(self, model: TextModel, kv, *, scratch_slot: int, max_prompts: int = 8, max_image_rows: int = 512):
+        self.model, self.kv = model, kv
+        self.scratch_slot, self.max_prompts = scratch_slot, max_prompts
+        device, hidden = model.norm.weight.device, model.config.hidden_size
+        top = self.TOKEN_BUCKETS[-1]
+        # Static inputs sized for the largest bucket (+1 dump row that padding points at).
+        self.embeds = torch.zeros(top + 1, hidden, device=device, dtype=model.norm.weight.dtype)
+        self.positions = torch.zeros(3, top + 1, dtype=torch.long, device=device)
+        self.token_slots = torch.full((top + 1,), scratch_slot, dtype=torch.long, device=device)
+        self.cache_positions = torch.zeros(top + 1, dtype=torch.long, device=device)
+        self.visual_rows = torch.zeros(max_image_rows, dtype=torch.long, device=device)
+        self.deepstack = torch.zeros(3, max_image_rows, hidden, device=device, dtype=self.embeds.dtype)
+        self.last_rows = torch.zeros(max_prompts, dtype=torch.long, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self._capture()
+
+    def fits(self, tokens: int, prompts: int, image_rows: int) -> bool:
+        return tokens <= self.TOKEN_BUCKETS[-1] and prompts <= self.max_prompts and image_rows <= len(self.visual_rows)
+
+    def _run(self, b: int) -> torch.Tensor:
+        from ..fused_forward import static_prefill
+
+        n = b + 1  # the bucket's rows plus its dump row
+        return static_prefill(
+            self.model, self.kv, self.embeds[:n], self.positions[:, :n], self.token_slots[:n],
+            self.cache_positions[:n], self.visual_rows, self.deepstack, self.last_rows,
+        )  # fmt: skip
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        pool, stream = None, torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for b in reversed(self.TOKEN_BUCKETS):
+                self._reset(b)  # in-range indices for this bucket while it is captured
+                for _ in range(2):
+                    self._run(b)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    self.logits[b] = self._run(b)
+                pool = graph.pool()
+                self.graphs[b] = graph
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+
+    def _reset(self, b: int) -> None:
+        """Point every row of bucket b, and every image row, at the dump row and scratch slot."""
+        self.token_slots[: b + 1].fill_(self.scratch_slot)
+        self.cache_positions[: b + 1].zero_()
+        self.positions[:, : b + 1].zero_()
+        self.visual_rows.fill_(b)
+        self.deepstack.zero_()
+        self.last_rows.fill_(b)
+
+    def __call__(self, embeds, positions, slots: list[int], lengths: list[int], visual_mask, deepstack) -> torch.Tensor:
+        """Same contract as ``fused_prefill`` (inputs already on the GPU) -> logits [S, vocab]."""
+        tokens = embeds.shape[0]
+        b = next(size for size in self.TOKEN_BUCKETS if size >= tokens)
+        self._reset(b)
+        device = embeds.device
+        self.embeds[:tokens].copy_(embeds)
+        self.positions[:, :tokens].copy_(positions)
+        self.token_slots[:tokens].copy_(torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths)))
+        self.cache_positions[:tokens].copy_(torch.cat([torch.arange(n) for n in lengths]))
+        if deepstack is not None:
+            rows = visual_mask.nonzero().flatten()
+            self.visual_rows[: len(rows)].copy_(rows)
+            self.deepstack[:, : len(rows)].copy_(deepstack)
+        ends = torch.tensor(lengths).cumsum(0) - 1
+        self.last_rows[: len(lengths)].copy_(ends.to(device))
+        self.graphs[b].replay()
+        return self.logits[b][: len(lengths)]

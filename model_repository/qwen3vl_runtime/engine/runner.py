@@ -38,12 +38,13 @@ class ModelRunner:
         if on_gpu:
             from ..fused_forward import fused_prefill
             from ..gpu import use_gpu_kernels
-            from .cuda_graphs import GraphedDecodeStep
+            from .cuda_graphs import GraphedDecodeStep, GraphedPrefill
 
             use_gpu_kernels(model)
             self._prefill = partial(fused_prefill, model, self.kv)
             if cuda_graphs:
                 self.graphed_decode = GraphedDecodeStep(model, self.kv, max_batch=num_slots, scratch_slot=num_slots)
+                self._prefill = partial(self._graphed_or_eager_prefill, GraphedPrefill(model, self.kv, scratch_slot=num_slots))
 
     def check(self, prompt: PromptInputs) -> None:
         """Raise ValueError unless the image rows match the prompt's image tokens (host data)."""
@@ -74,6 +75,14 @@ class ModelRunner:
         positions = torch.cat([p.positions for p in prompts], dim=1).to(self.device)
         lengths = [len(p.input_ids) for p in prompts]
         return self._prefill(embeds, positions, [s.slot for s in seqs], lengths, visual, deepstack)
+
+    def _graphed_or_eager_prefill(self, graphed, embeds, positions, slots, lengths, visual, deepstack) -> torch.Tensor:
+        image_rows = 0 if deepstack is None else deepstack.shape[1]
+        if graphed.fits(embeds.shape[0], len(slots), image_rows):
+            return graphed(embeds, positions, slots, lengths, visual, deepstack)
+        from ..fused_forward import fused_prefill  # CUDA only: the kernels import triton
+
+        return fused_prefill(self.model, self.kv, embeds, positions, slots, lengths, visual, deepstack)
 
     def _prefill_one_by_one(self, embeds, positions, slots, lengths, visual, deepstack) -> torch.Tensor:
         logits, start, image_row = [], 0, 0
