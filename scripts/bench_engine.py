@@ -180,7 +180,9 @@ def bench_engine(checkpoint: Path, precision: str, prompt: PromptInputs, inputs:
             torch.cuda.reset_peak_memory_stats()
         model = load_text_model(Path(folder), args.device)
     start = time.perf_counter()
-    runner = ModelRunner(model, num_slots=slots, max_len=args.max_len, image_token_id=151655)
+    runner = ModelRunner(
+        model, num_slots=slots, max_len=args.max_len, image_token_id=151655, graphed_prefill=args.graphed_prefill
+    )
     startup = time.perf_counter() - start
     engine = Engine(runner, AutoTokenizer.from_pretrained(checkpoint), eos_token_ids={151645}, num_slots=slots).start()
     loop = ClosedLoop(engine, prompt, len(inputs["input_ids"]), int(inputs["rope_delta"][0]))
@@ -219,6 +221,7 @@ def main() -> int:
     p.add_argument("--max-len", type=int, default=2048, help="tokens per KV slot")
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--device", default="cuda", help="cpu runs the same code slowly (a smoke test)")
+    p.add_argument("--graphed-prefill", action="store_true", help="replay short prompts' prefill from CUDA graphs")
     args = p.parse_args()
 
     inputs = workload(args.checkpoint)

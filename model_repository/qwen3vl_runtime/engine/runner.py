@@ -22,9 +22,22 @@ class PromptInputs:
 
 
 class ModelRunner:
-    """On CUDA: GPU kernels, and the decode step replayed from CUDA graphs (``cuda_graphs``)."""
+    """On CUDA: GPU kernels, and the decode step replayed from CUDA graphs (``cuda_graphs``).
 
-    def __init__(self, model: TextModel, *, num_slots: int, max_len: int, image_token_id: int, cuda_graphs: bool = True):
+    graphed_prefill: short prompts' prefill replayed from CUDA graphs too. Off by default: on the
+    H100 a second runner created in the same process failed its capture (cause not found yet).
+    """
+
+    def __init__(
+        self,
+        model: TextModel,
+        *,
+        num_slots: int,
+        max_len: int,
+        image_token_id: int,
+        cuda_graphs: bool = True,
+        graphed_prefill: bool = False,
+    ):
         self.model = model
         self.max_len = max_len
         self.image_token_id = image_token_id
@@ -44,7 +57,9 @@ class ModelRunner:
             self._prefill = partial(fused_prefill, model, self.kv)
             if cuda_graphs:
                 self.graphed_decode = GraphedDecodeStep(model, self.kv, max_batch=num_slots, scratch_slot=num_slots)
-                self._prefill = partial(self._graphed_or_eager_prefill, GraphedPrefill(model, self.kv, scratch_slot=num_slots))
+                if graphed_prefill:
+                    prefill_graphs = GraphedPrefill(model, self.kv, scratch_slot=num_slots)
+                    self._prefill = partial(self._graphed_or_eager_prefill, prefill_graphs)
 
     def check(self, prompt: PromptInputs) -> None:
         """Raise ValueError unless the image rows match the prompt's image tokens (host data)."""
