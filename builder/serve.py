@@ -17,9 +17,17 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
-from .server_setup import bundle_backends, find_tritonserver, free_ports, parent_death_signal, server_environment
+from .server_setup import (
+    bundle_backends,
+    bundled_stub_problem,
+    find_tritonserver,
+    free_ports,
+    parent_death_signal,
+    server_environment,
+)
 
 # `failed to load 'NAME' version V: MESSAGE"` lines name the model that broke the start.
 _FAILED_LOAD = re.compile(r"failed to load '([^']+)' version (\S+): (.*?)\"?$")
@@ -106,6 +114,9 @@ class TritonServer:
         Picked ports can be taken by another process between picking and binding: then it retries
         with new ones (given ports are not retried). After a failure the log is kept on disk.
         """
+        problem = bundled_stub_problem(self.bundle)
+        if problem:
+            warnings.warn(problem, RuntimeWarning, stacklevel=2)
         self._workdir = Path(tempfile.mkdtemp(prefix="serve-repo-"))
         try:
             backends = bundle_backends(self.bundle, self._workdir) if self.bundle else None

@@ -115,3 +115,25 @@ def server_environment(bundle: Path | None) -> dict:
         libs.append(libdir)
     _prepend_env(env, "LD_LIBRARY_PATH", libs)
     return env
+
+
+def bundled_stub_problem(bundle: Path | None) -> str | None:
+    """Why the bundle's Python backend stub would fail here, or None.
+
+    The stub of nvidia-pytriton 0.7.0 (python_backend 2.51) is built against numpy 1: under
+    numpy 2 it aborts decoding any BYTES (string) input ('unpack_from requires a buffer of at
+    least ...'), which every request to a built repository has. Reproduced with Python 3.12 and
+    numpy 2.5 on the CPU machine, gone with numpy 1.26.
+    """
+    if bundle is None:
+        return None
+    try:
+        import numpy
+    except ImportError:
+        return None
+    if int(numpy.__version__.split(".")[0]) >= 2:
+        return (
+            f"numpy {numpy.__version__} is installed, but the Python backend stub bundled with nvidia-pytriton "
+            "0.7.0 aborts on string (BYTES) inputs under numpy 2: install numpy<2 for this Python"
+        )
+    return None

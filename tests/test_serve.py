@@ -227,3 +227,16 @@ def test_leaving_a_stream_early_returns_at_once(echo_server, protocol):
     assert next(answer)["text"] == "x "
     answer.close()  # cancels the request instead of waiting for the rest
     assert time.monotonic() - started < 2
+
+
+def test_warns_about_numpy_2_with_the_bundled_stub(monkeypatch, tmp_path):
+    """The bundled stub corrupts string inputs under numpy 2 (reproduced with Python 3.12)."""
+    import numpy
+
+    from builder.server_setup import bundled_stub_problem
+
+    assert bundled_stub_problem(None) is None  # a server from PATH brings its own stub
+    monkeypatch.setattr(numpy, "__version__", "2.5.2")
+    assert "install numpy<2" in bundled_stub_problem(tmp_path)
+    monkeypatch.setattr(numpy, "__version__", "1.26.4")
+    assert bundled_stub_problem(tmp_path) is None

@@ -20,6 +20,8 @@ class TritonPythonModel:
         settings = model_parameters(args)
         limits = PreprocessLimits(**{name: int(settings[name]) for name in PreprocessLimits.__dataclass_fields__})
         self.preprocessor = Preprocessor(PROCESSOR_DIR, limits)
+        # String inputs break under numpy 2 with some Python backend stubs: say which one runs.
+        pb_utils.Logger.log_info(f"preprocess: numpy {np.__version__} from {np.__file__}")
 
     def execute(self, requests):
         return [self._run(request) for request in requests]
