@@ -19,6 +19,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 from qwen3vl_runtime.decoder_weights import load_text_model  # noqa: E402
 from qwen3vl_runtime.engine import Engine, SamplingParams, Sequence, StepOutput  # noqa: E402
 from qwen3vl_runtime.engine.runner import ModelRunner, PromptInputs  # noqa: E402
+from qwen3vl_runtime.streaming import ResponseStreamer  # noqa: E402
 from qwen3vl_runtime.tiers import TierTable  # noqa: E402
 from qwen3vl_runtime.triton_metrics import EngineMetricsPublisher  # noqa: E402
 from qwen3vl_runtime.triton_io import error_response, input_array, model_parameters, request_parameters  # noqa: E402
@@ -51,6 +52,8 @@ class TritonPythonModel:
             image_token_id=config["image_token_id"],
         )
         self.logger = pb_utils.Logger
+        # Sends leave the decode loop's thread; outputs that pile up behind a send are merged.
+        self.streamer = ResponseStreamer(log=self.logger.log_error).start()
         self.engine = Engine(
             runner,
             AutoTokenizer.from_pretrained(DECODER_DIR),
@@ -84,7 +87,7 @@ class TritonPythonModel:
         params = SamplingParams.from_parameters(parameters, self.defaults)
         prompt_tokens = np.array([len(ids)], dtype=np.int32)
 
-        def emit(out: StepOutput) -> None:
+        def send(out: StepOutput) -> None:
             if out.error is not None:
                 sender.send(error_response(out.error), flags=FINAL)
                 return
@@ -104,11 +107,12 @@ class TritonPythonModel:
             prompt_len=len(ids),
             rope_delta=int(input_array(request, "rope_delta", np.int64, ndim=1)[0]),
             params=params,
-            emit=emit,
+            emit=self.streamer.emitter(send),
             is_cancelled=sender.is_cancelled,
             tier_name=parameters.get("tier"),
         )
 
     def finalize(self):
         self.metrics.stop()
-        self.engine.stop()
+        self.engine.stop()  # fails what is still queued or running: those errors go out next
+        self.streamer.stop()
