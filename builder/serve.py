@@ -264,9 +264,10 @@ class TritonServer:
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="serve-repo", description="Serve a Triton model repository.")
     p.add_argument("repository", help="model repository folder (e.g. the output of build-repo)")
-    p.add_argument("--http-port", type=int, help="default: a free port")
-    p.add_argument("--grpc-port", type=int, help="default: a free port")
-    p.add_argument("--metrics-port", type=int, help="default: a free port")
+    # Triton's own defaults, which clients and perf_analyzer assume; 0 picks a free port.
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP port (0: a free one)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (0: a free one)")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (0: a free one)")
     p.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
     p.add_argument("--python-shm-mb", type=int, default=64, help="Python backend shared memory per model instance")
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for every model to load")
@@ -285,9 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server = TritonServer(
             args.repository,
-            http_port=args.http_port,
-            grpc_port=args.grpc_port,
-            metrics_port=args.metrics_port,
+            http_port=args.http_port or None,
+            grpc_port=args.grpc_port or None,
+            metrics_port=args.metrics_port or None,
             log_verbose=args.log_verbose,
             python_shm_mb=args.python_shm_mb,
             ready_timeout_s=args.ready_timeout,

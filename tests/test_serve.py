@@ -117,7 +117,8 @@ def test_broken_model_fails_fast_naming_it(tmp_path):
 @pytest.mark.server
 def test_serve_repo_prints_addresses_and_stops_on_sigterm(echo_server):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "builder.serve", str(ECHO_REPO)],
+        # Port 0: free ports (the CLI's defaults are Triton's 8000-8002).
+        [sys.executable, "-m", "builder.serve", str(ECHO_REPO), "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
