@@ -91,3 +91,21 @@ def test_quantized_repository_is_accurate_and_serves(build, quant):
     with TritonServer(repository) as server:
         responses = list(stream_generate(server.grpc_url, "Hello", parameters={"max_tokens": 6, "temperature": 0}))
     assert sum(len(r["token_ids"]) for r in responses) == 6
+
+
+@pytest.mark.parametrize("gpus", [(0,), (0, 1), (0, 1, 2, 3)])
+def test_instance_groups_put_one_engine_and_one_vision_instance_on_each_gpu(gpus):
+    """No build needed: the configs alone, as build-repo writes them for --gpus."""
+    from pathlib import Path
+
+    from builder import configs
+    from builder.options import BuildOptions
+
+    options = BuildOptions(model="unused", output=Path("unused"), gpus=gpus)
+    for config in (configs.language_model_config(options, 2048), configs.vision_config(options, 2048)):
+        groups = [(g.kind, g.count, list(g.gpus)) for g in config.instance_group]
+        assert groups == [(mc.ModelInstanceGroup.KIND_GPU, 1, [g]) for g in gpus]
+    preprocess = configs.preprocess_config(options).instance_group
+    assert [(g.kind, g.count) for g in preprocess] == [(mc.ModelInstanceGroup.KIND_CPU, 2)]
+    cpu = BuildOptions(model="unused", output=Path("unused"), device="cpu")
+    assert [g.kind for g in configs.language_model_config(cpu, 2048).instance_group] == [mc.ModelInstanceGroup.KIND_CPU]
