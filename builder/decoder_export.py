@@ -53,8 +53,3 @@ def write_decoder(checkpoint: Path, dest: Path, *, quantization: str, dtype: str
     save_file({k: v.contiguous() for k, v in stored.items()}, dest / WEIGHTS_FILE)
     shutil.copyfile(Path(checkpoint) / "config.json", dest / "config.json")
     (dest / SETTINGS_FILE).write_text(json.dumps({"quantization": quantization, "dtype": dtype}, indent=2) + "\n")
-
-
-def is_matrix(name: str, tensor: torch.Tensor) -> bool:
-    """Which decoder tensors are quantized: every Linear weight and the (tied) embedding table."""
-    return tensor.ndim == 2 and tensor.is_floating_point() and name.endswith(".weight")

@@ -20,7 +20,7 @@ def _layers(model: TextModel, x, cos, sin, kv, slots, cache_positions, attend, a
     delta = None
     for i, layer in enumerate(model.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        h, x = add_rmsnorm(x, delta, layer.input_layernorm.weight, layer.input_layernorm.eps)
+        h, x = add_rmsnorm(x, delta, *_norm(layer.input_layernorm))
         k_cache, v_cache = kv[i]
         q = qk_norm_rope_cache(
             attn.qkv_proj(h), attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps,

@@ -1,7 +1,8 @@
 """Streamed responses sent off the engine's thread, coalesced when sending falls behind.
 
 Every Triton response crosses the Python stub's shared memory and the gRPC stream; one stub
-sends roughly 10k responses/s however many streams there are. The engine only enqueues its
+sends roughly 10k responses/s however many streams there are (measured on the H100 machine,
+shared/docs/TRITON_NOTES.md). The engine only enqueues its
 outputs; one sender thread drains the queue, and when several outputs of a stream are waiting
 it sends them as one response (text concatenated, token ids in order). A small batch therefore
 streams every token as it comes, a large one streams several tokens per response, and the
