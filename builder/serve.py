@@ -17,7 +17,6 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-import warnings
 from pathlib import Path
 
 from .server_setup import (
@@ -27,6 +26,7 @@ from .server_setup import (
     free_ports,
     parent_death_signal,
     server_environment,
+    stub_python_env,
 )
 
 # `failed to load 'NAME' version V: MESSAGE"` lines name the model that broke the start.
@@ -116,17 +116,18 @@ class TritonServer:
         """
         problem = bundled_stub_problem(self.bundle)
         if problem:
-            warnings.warn(problem, RuntimeWarning, stacklevel=2)
+            raise ServerStartError(problem)
         self._workdir = Path(tempfile.mkdtemp(prefix="serve-repo-"))
         try:
             backends = bundle_backends(self.bundle, self._workdir) if self.bundle else None
+            stub_bin = stub_python_env(self._workdir) if self.bundle else None
             self.log_path = self._given_log_path or self._workdir / "tritonserver.log"
             attempts = 1 if all(self._fixed_ports) else 3
             for attempt in range(attempts):
                 picked = iter(free_ports(3))
                 self.ports = tuple(p if p else next(picked) for p in self._fixed_ports)
                 log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
-                self._launch(backends)
+                self._launch(backends, stub_bin)
                 try:
                     self._wait_ready()
                     return self
@@ -162,7 +163,7 @@ class TritonServer:
             cmd.append(f"--backend-directory={backends}")
         return cmd + list(self.extra_args)
 
-    def _launch(self, backends: Path | None) -> None:
+    def _launch(self, backends: Path | None, stub_bin: Path | None) -> None:
         with open(self.log_path, "ab") as log:
             # Own session: Ctrl-C in a terminal reaches only us, and stop() can end the whole
             # group, stub processes included.
@@ -171,7 +172,7 @@ class TritonServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=server_environment(self.bundle),
+                env=server_environment(self.bundle, stub_bin),
                 # The stubs put "" (the working folder) first on sys.path: a private folder keeps
                 # model imports independent of where the server was started from.
                 cwd=self._workdir,

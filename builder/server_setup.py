@@ -2,8 +2,8 @@
 
 The bundle in nvidia-pytriton needs three fixes: a Python backend stub matching the running
 interpreter, the bundle's shared libraries on LD_LIBRARY_PATH (the stub and backend find them
-through an $ORIGIN-relative RPATH that breaks once copied), and PYTHONPATH pointing at this
-interpreter's packages so that the Python models import numpy, torch, ... from here.
+through an $ORIGIN-relative RPATH that breaks once copied), and this interpreter's import path
+for the Python models, so that they import numpy, torch, ... from here (stub_python_env says how).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
+import platform
 import shutil
 import signal
 import site
@@ -100,13 +101,45 @@ def bundle_backends(bundle: Path, workdir: Path) -> Path:
     return backends
 
 
-def server_environment(bundle: Path | None) -> dict:
+def model_import_path() -> list[str]:
+    """Where the models look for packages: the caller's PYTHONPATH first, as in the caller's own
+    sys.path, then this interpreter's site-packages, so the models import what the caller imports."""
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p] + python_import_path()
+    return list(dict.fromkeys(paths))
+
+
+def stub_python_env(workdir: Path) -> Path:
+    """A minimal virtual environment whose site-packages point at model_import_path(); returns its bin/.
+
+    The Python 3.12 stub of nvidia-pytriton starts its interpreter isolated (sys.flags.isolated):
+    PYTHONPATH is ignored and the models get the site-packages of whichever Python the stub's
+    libpython belongs to, e.g. a system numpy 2 where this process runs numpy 1 from elsewhere.
+    Isolated or not, the embedded interpreter still finds its prefix the way `python3` does: the
+    first `python3` on PATH, and a pyvenv.cfg beside it makes that a venv. So the server's PATH
+    starts with this folder's bin/, and a .pth file in its site-packages lists the import path.
+    """
+    env_dir = workdir / "stub-python"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    base = Path(os.path.realpath(getattr(sys, "_base_executable", sys.executable)))
+    bin_dir = env_dir / "bin"
+    site_packages = env_dir / "lib" / f"python{version}" / "site-packages"
+    bin_dir.mkdir(parents=True)
+    site_packages.mkdir(parents=True)
+    (bin_dir / "python3").symlink_to(base)
+    (env_dir / "pyvenv.cfg").write_text(
+        f"home = {base.parent}\ninclude-system-site-packages = false\nversion = {platform.python_version()}\n"
+    )
+    (site_packages / "caller-import-path.pth").write_text("".join(f"{p}\n" for p in model_import_path()))
+    return bin_dir
+
+
+def server_environment(bundle: Path | None, stub_bin: Path | None = None) -> dict:
     """The server's environment: this one, plus where the models find packages and the bundle's libraries."""
     env = os.environ.copy()
-    # The caller's PYTHONPATH stays first, as in the caller's own sys.path; this interpreter's
-    # site-packages follow, so the models import what the caller imports.
-    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p] + python_import_path()
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    # Read by stubs that honour the environment (a server from PATH, the bundle's older stubs).
+    env["PYTHONPATH"] = os.pathsep.join(model_import_path())
+    if stub_bin:
+        _prepend_env(env, "PATH", [str(stub_bin)])
     libs = [str(bundle.parent.parent / "nvidia_pytriton.libs")] if bundle else []
     # The stub links libpython3.X: take this interpreter's (pyenv, conda) over the system's, so
     # the models run on the same Python build and standard library as the caller.
@@ -122,8 +155,9 @@ def bundled_stub_problem(bundle: Path | None) -> str | None:
 
     The stub of nvidia-pytriton 0.7.0 (python_backend 2.51) is built against numpy 1: under
     numpy 2 it aborts decoding any BYTES (string) input ('unpack_from requires a buffer of at
-    least ...'), which every request to a built repository has. Reproduced with Python 3.12 and
-    numpy 2.5 on the CPU machine, gone with numpy 1.26.
+    least ...'), which every request to a built repository has: refusing to start says so at
+    once. Reproduced with Python 3.12 and numpy 2.5 on the CPU machine, gone with numpy 1.26.
+    The models import this process's numpy (stub_python_env), so this process's numpy decides.
     """
     if bundle is None:
         return None

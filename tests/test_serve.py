@@ -230,7 +230,28 @@ def test_leaving_a_stream_early_returns_at_once(echo_server, protocol):
     assert time.monotonic() - started < 2
 
 
-def test_warns_about_numpy_2_with_the_bundled_stub(monkeypatch, tmp_path):
+def test_isolated_stub_interpreter_imports_what_the_caller_imports(monkeypatch, tmp_path):
+    """The bundle's Python 3.12 stub runs its interpreter isolated (PYTHONPATH ignored): the venv
+    that stub_python_env writes must still hand it the caller's import path. `python3 -I` is the
+    same isolated start; it finds its prefix through PATH as the stub does."""
+    import numpy
+
+    from builder.server_setup import server_environment, stub_python_env
+
+    extra = tmp_path / "caller-extra"
+    extra.mkdir()
+    monkeypatch.setenv("PYTHONPATH", str(extra))
+    stub_bin = stub_python_env(tmp_path)
+    env = server_environment(None, stub_bin)
+    probe = "import sys, numpy; print(repr(sys.path)); print(numpy.__file__)"
+    out = subprocess.run(
+        ["python3", "-I", "-c", probe], env=env, capture_output=True, text=True, check=True, cwd=tmp_path
+    ).stdout.splitlines()
+    assert str(extra) in out[0]
+    assert out[1] == numpy.__file__
+
+
+def test_refuses_numpy_2_with_the_bundled_stub(monkeypatch, tmp_path):
     """The bundled stub corrupts string inputs under numpy 2 (reproduced with Python 3.12)."""
     import numpy
 
