@@ -35,17 +35,20 @@ def _gpu_ids(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"GPU ids must be comma-separated integers, got {text!r}") from None
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="build-repo",
-        description="Export and quantize Qwen3-VL into a Triton model repository (one streaming endpoint).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+def add_option_arguments(
+    p: argparse.ArgumentParser, names: tuple[str, ...] | None = None, *, keep: bool = False
+) -> None:
+    """One flag per BuildOptions field (those in `names`, or all). With keep=True every default is
+    None, meaning "unchanged" (configure-repo); otherwise the field's own default applies."""
     hints = typing.get_type_hints(BuildOptions)
     for f in option_fields():
+        if names is not None and f.name not in names:
+            continue
         flag = "--" + f.name.replace("_", "-")
         kwargs = {"help": f.metadata["help"], "dest": f.name}
-        if f.default is dataclasses.MISSING:
+        if keep:
+            kwargs["default"] = None
+        elif f.default is dataclasses.MISSING:
             kwargs["required"] = True
         else:
             kwargs["default"] = f.default
@@ -53,12 +56,23 @@ def parser() -> argparse.ArgumentParser:
         if kind is bool:
             kwargs["action"] = "store_true"
         elif f.name == "gpus":
-            kwargs.update(type=_gpu_ids, default=",".join(map(str, f.default)))
+            kwargs["type"] = _gpu_ids
+            if not keep:
+                kwargs["default"] = ",".join(map(str, f.default))
         else:
             kwargs["type"] = Path if kind in (Path, Path | None) else kind
             if f.name in CHOICES:
                 kwargs["choices"] = CHOICES[f.name]
         p.add_argument(flag, **kwargs)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="build-repo",
+        description="Export and quantize Qwen3-VL into a Triton model repository (one streaming endpoint).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_option_arguments(p)
     return p
 
 

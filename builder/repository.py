@@ -185,17 +185,28 @@ def _write_models(out: Path, options: BuildOptions, checkpoint: Path, text_hidde
         shutil.copytree(RUNTIME_PACKAGE, version / RUNTIME_PACKAGE.name, ignore=shutil.ignore_patterns("__pycache__"))
     _copy_present(checkpoint, out / specs.PREPROCESS / "1" / "processor", PROCESSOR_FILES)
     (out / specs.ENSEMBLE / "1").mkdir(parents=True, exist_ok=True)
+    write_configs(out, options, text_hidden)
+    requirements = ["numpy<2", "torch", "transformers>=5.17", "safetensors", "pillow"]
+    if options.vision_backend == "python":
+        requirements.append("onnxruntime-gpu" if options.device == "cuda" else "onnxruntime")
+    (out / "requirements.txt").write_text("\n".join(requirements) + "\n")
+
+
+def write_configs(out: Path, options: BuildOptions, text_hidden: int) -> None:
+    """The four config.pbtxt files. Each is replaced, not overwritten in place: in a repository
+    copied with hard links (configure-repo --output) the source keeps its own configs."""
     for config in (
         configs.ensemble_config(),
         configs.preprocess_config(options),
         configs.vision_config(options, text_hidden),
         configs.language_model_config(options, text_hidden),
     ):
-        (out / config.name / "config.pbtxt").write_text(configs.to_pbtxt(config))
-    requirements = ["numpy<2", "torch", "transformers>=5.17", "safetensors", "pillow"]
-    if options.vision_backend == "python":
-        requirements.append("onnxruntime-gpu" if options.device == "cuda" else "onnxruntime")
-    (out / "requirements.txt").write_text("\n".join(requirements) + "\n")
+        replace_file(out / config.name / "config.pbtxt", configs.to_pbtxt(config))
+
+
+def replace_file(path: Path, text: str) -> None:
+    path.unlink(missing_ok=True)
+    path.write_text(text)
 
 
 def _copy_present(src: Path, dest: Path, names: tuple[str, ...]) -> None:

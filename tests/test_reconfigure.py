@@ -1,0 +1,70 @@
+"""configure-repo: serving settings change in the configs only; the weights stay as built."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from builder.client import stream_generate
+from builder.reconfigure import main as configure_repo
+from builder.serve import TritonServer
+
+ONE_TIER = {
+    "default": "bulk",
+    "tiers": [
+        {"name": "bulk", "priority": 1, "max_concurrent": 8, "queue_timeout_s": 5, "max_queue": 32, "max_tokens": 256}
+    ],
+}
+
+
+def _config(repository, model: str) -> mc.ModelConfig:
+    return text_format.Parse((repository / model / "config.pbtxt").read_text(), mc.ModelConfig())
+
+
+def _parameters(repository) -> dict:
+    return {k: v.string_value for k, v in _config(repository, "language_model").parameters.items()}
+
+
+@pytest.mark.server
+def test_linked_copy_gets_new_tiers_and_kv_pool_and_serves(build, tmp_path):
+    source, _ = build("none")
+    before = {p: p.read_bytes() for p in source.rglob("config.pbtxt")}
+    tiers = tmp_path / "tiers.json"
+    tiers.write_text(json.dumps(ONE_TIER))
+    copy = tmp_path / "bulk"
+    argv = [str(source), "--output", str(copy), "--tiers", str(tiers), "--kv-cache-slots", "8", "--max-images", "2"]
+    assert configure_repo(argv) == 0
+
+    params = _parameters(copy)
+    assert params["kv_cache_slots"] == "8" and json.loads(params["tiers"])["default"] == "bulk"
+    assert _config(copy, "preprocess").parameters["max_images"].string_value == "2"
+    batching = _config(copy, "vision_encoder").dynamic_batching
+    assert batching.priority_levels == 1 and batching.priority_queue_policy[1].default_timeout_microseconds == 5_000_000
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert manifest["options"]["kv_cache_slots"] == 8 and manifest["options"]["output"] == str(copy)
+    assert manifest["reconfigured"]["changes"] == ["kv_cache_slots", "max_images", "tiers"]
+    # The weights are the source's own files (hard links); the source's configs are untouched.
+    weights = "language_model/1/decoder/model.safetensors"
+    assert (copy / weights).stat().st_ino == (source / weights).stat().st_ino
+    assert {p: p.read_bytes() for p in source.rglob("config.pbtxt")} == before
+    assert _parameters(source)["kv_cache_slots"] == "4"
+
+    with TritonServer(copy) as server:
+        answer = list(
+            stream_generate(server.grpc_url, "Hi", parameters={"tier": "bulk", "max_tokens": 3, "temperature": 0})
+        )
+    assert sum(len(r["token_ids"]) for r in answer) == 3
+
+
+def test_refuses_what_needs_a_rebuild_and_bad_values(build, tmp_path, capsys):
+    source, _ = build("none")
+    with pytest.raises(SystemExit):  # not a configure-repo option at all
+        configure_repo([str(source), "--quant", "int8"])
+    assert configure_repo([str(source), "--output", str(tmp_path / "x"), "--kv-cache-slots", "0"]) == 2
+    assert "--kv-cache-slots must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # validated before anything is written
+    assert configure_repo([str(tmp_path)]) == 2
+    assert "not a repository written by build-repo" in capsys.readouterr().err
