@@ -58,7 +58,12 @@ def one_request(url: str, tier, image: bytes, max_tokens: int, timeout_s: float)
             tokens += len(response["token_ids"])
     except GenerationError as exc:
         message = str(exc)
-        outcome = "timed_out" if "timed out" in message else "rejected" if "queue is full" in message or "Exceeds" in message else "error"
+        outcome = "error"
+        # The engine's queue timeout says "timed out"; Triton's queue policy "Request timeout expired".
+        if "timed out" in message or "timeout expired" in message:
+            outcome = "timed_out"
+        elif "queue is full" in message or "Exceeds" in message:
+            outcome = "rejected"
         return {"tier": tier.name, "outcome": outcome, "message": message[:200]}
     return {
         "tier": tier.name,
@@ -70,11 +75,26 @@ def one_request(url: str, tier, image: bytes, max_tokens: int, timeout_s: float)
     }
 
 
-def run(url: str, table: TierTable, rates: dict[str, float], duration_s: float, max_tokens: int, drain_s: float, seed: int) -> list[dict]:
+def run(
+    url: str,
+    table: TierTable,
+    rates: dict[str, float],
+    duration_s: float,
+    max_tokens: int,
+    drain_s: float,
+    seed: int,
+    streams: dict[str, int] | None = None,
+) -> list[dict]:
+    """Open-loop arrivals at `rates` (requests/s per tier) and closed-loop `streams` (that many
+    requests in flight per tier, each sending its next when one ends) for `duration_s`."""
     image = image_png()
     results, lock = [], threading.Lock()
     pool = ThreadPoolExecutor(max_workers=256)
     end = time.perf_counter() + duration_s
+
+    def record(result):
+        with lock:
+            results.append(result)
 
     def arrivals(tier, rate, rng):
         while True:
@@ -82,12 +102,18 @@ def run(url: str, table: TierTable, rates: dict[str, float], duration_s: float, 
             if time.perf_counter() >= end:
                 return
             future = pool.submit(one_request, url, tier, image, max_tokens, duration_s + drain_s)
-            future.add_done_callback(lambda f: (lock.acquire(), results.append(f.result()), lock.release()))
+            future.add_done_callback(lambda f: record(f.result()))
+
+    def closed_loop(tier):
+        while time.perf_counter() < end:
+            record(one_request(url, tier, image, max_tokens, duration_s + drain_s))
 
     threads = [
         threading.Thread(target=arrivals, args=(table.get(name), rate, random.Random(seed + i)))
         for i, (name, rate) in enumerate(rates.items())
     ]
+    for name, count in (streams or {}).items():
+        threads += [threading.Thread(target=closed_loop, args=(table.get(name),)) for _ in range(count)]
     for t in threads:
         t.start()
     for t in threads:
@@ -119,7 +145,18 @@ def summarize(results: list[dict], duration_s: float) -> dict:
 
 
 def report(summary: dict, path: Path, results: list[dict]) -> None:
-    columns = ["requests", "ok", "rejected", "timed_out", "errors", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "e2e_p99_ms", "output_tok_per_s"]
+    columns = [
+        "requests",
+        "ok",
+        "rejected",
+        "timed_out",
+        "errors",
+        "ttft_p50_ms",
+        "ttft_p99_ms",
+        "tpot_p50_ms",
+        "e2e_p99_ms",
+        "output_tok_per_s",
+    ]
     lines = ["| tier | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     lines += [f"| {tier} | " + " | ".join(str(row[c]) for c in columns) + " |" for tier, row in summary.items()]
     path.write_text("\n".join(lines) + "\n")
@@ -146,7 +183,8 @@ def main() -> int:
     where.add_argument("--repository", type=Path, help="start a server on this repository for the run")
     where.add_argument("--url", help="gRPC HOST:PORT of a running server")
     p.add_argument("--tiers-from", type=Path, help="repository whose manifest gives the tiers (with --url)")
-    p.add_argument("--rate", action="append", required=True, metavar="TIER=REQ_PER_S")
+    p.add_argument("--rate", action="append", default=[], metavar="TIER=REQ_PER_S", help="open-loop arrivals")
+    p.add_argument("--streams", action="append", default=[], metavar="TIER=N", help="closed-loop streams")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals")
     p.add_argument("--drain", type=float, default=60.0, help="seconds requests still running may take")
     p.add_argument("--max-tokens", type=int, default=64)
@@ -155,21 +193,30 @@ def main() -> int:
     p.add_argument("--report", type=Path, default=Path("load_tiers.md"))
     args = p.parse_args()
     rates = {name: float(rate) for name, rate in (item.split("=", 1) for item in args.rate)}
+    streams = {name: int(count) for name, count in (item.split("=", 1) for item in args.streams)}
+    if not rates and not streams:
+        p.error("give at least one --rate or --streams")
     manifest_repo = args.repository or args.tiers_from
     table = DEFAULT_TIERS
     if manifest_repo:
         table = TierTable.from_json(json.dumps(json.loads((manifest_repo / "manifest.json").read_text())["options"]["tiers"]))
-    for name in rates:
+    for name in [*rates, *streams]:
         table.get(name)  # an unknown tier fails here, before any load
     if args.repository:
         from builder.serve import TritonServer
 
         with TritonServer(args.repository) as server:
-            results = run(server.grpc_url, table, rates, args.duration, args.max_tokens, args.drain, args.seed)
+            results = run(server.grpc_url, table, rates, args.duration, args.max_tokens, args.drain, args.seed, streams)
     else:
-        results = run(args.url, table, rates, args.duration, args.max_tokens, args.drain, args.seed)
+        results = run(args.url, table, rates, args.duration, args.max_tokens, args.drain, args.seed, streams)
     summary = summarize(results, args.duration)
-    args.out.write_text(json.dumps({"command": " ".join(sys.argv), "rates": rates, "duration_s": args.duration, "tiers": summary}, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {"command": " ".join(sys.argv), "rates": rates, "streams": streams, "duration_s": args.duration, "tiers": summary},
+            indent=2,
+        )
+        + "\n"
+    )
     report(summary, args.report, results)
     print(args.report.read_text())
     return 0
