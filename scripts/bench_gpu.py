@@ -1,0 +1,83 @@
+"""The GPU benchmark of record: transformers, the engine alone and the whole Triton path, one run.
+
+    python scripts/bench_gpu.py --checkpoint DIR --repository int8=REPO [--repository bf16=REPO ...]
+        [--perf-analyzer PATH] [--skip-transformers] [--out bench_gpu.json]
+
+Runs, one after the other on the same GPU and the same inputs (448 px image + ~40 text tokens,
+128 new tokens, concurrency 1, 4, 8, 64): bench_engine.py (transformers `generate` eager bf16 and
+the engine alone in each precision of the repositories), then bench_triton.py on each repository
+(real tritonserver, gRPC streaming, plus the real perf_analyzer when given). Each runs in its own
+process, so one's GPU memory is gone before the next starts. Prints one table and writes one JSON
+with machine, date, command and, per (system, precision, concurrency), ttft_p50_ms, ttft_p99_ms,
+tpot_p50_ms, output_tok_per_s, gpu_mem_gib.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def run(script: str, *args: str) -> None:
+    command = [sys.executable, str(HERE / script), *args]
+    print("$ " + " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--repository", action="append", required=True, metavar="PRECISION=DIR")
+    p.add_argument("--perf-analyzer", help="path of the perf_analyzer binary")
+    p.add_argument("--concurrency", nargs="+", default=["1", "4", "8", "64"])
+    p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--device", default="cuda", help="cpu: a slow smoke test of the whole run")
+    p.add_argument("--out", type=Path, default=Path("bench_gpu.json"))
+    args = p.parse_args()
+    repositories = dict(item.split("=", 1) for item in args.repository)
+    with tempfile.TemporaryDirectory() as tmp:
+        engine_json = Path(tmp) / "engine.json"
+        engine_args = ["--checkpoint", str(args.checkpoint), "--out", str(engine_json), "--precisions", *repositories]
+        run("bench_engine.py", *engine_args, "--concurrency", *args.concurrency,
+            "--device", args.device, *(["--skip-transformers"] if args.skip_transformers else []))  # fmt: skip
+        engine = json.loads(engine_json.read_text())
+        rows, manifests = list(engine["results"]), {}
+        for precision, repository in repositories.items():
+            out = Path(tmp) / f"triton_{precision}.json"
+            extra = ["--perf-analyzer", args.perf_analyzer] if args.perf_analyzer else []
+            run("bench_triton.py", "--repository", repository, "--precision", precision, "--out", str(out),
+                "--concurrency", *args.concurrency, *extra)  # fmt: skip
+            triton = json.loads(out.read_text())
+            rows += triton["results"]
+            manifests[precision] = triton["repository_manifest_options"]
+    report = {
+        "machine": engine["machine"],
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join(sys.argv),
+        "torch": engine["torch"],
+        "prompt_tokens": engine["prompt_tokens"],
+        "new_tokens": engine["new_tokens"],
+        "vision_ms_transformers_bf16": engine["vision_ms_transformers_bf16"],
+        "repositories": manifests,
+        "results": rows,
+    }
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print("\n| system | precision | c | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | output tok/s | GPU GiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['system']} | {r['precision']} | {r['concurrency']} | {r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} | "
+            f"{r['tpot_p50_ms']:.2f} | {r['output_tok_per_s']:.0f} | {r['gpu_mem_gib']:.2f} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
