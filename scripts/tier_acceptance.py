@@ -82,7 +82,10 @@ def gpu_name() -> str:
 def layouts(repository: Path, workdir: Path) -> dict[str, Path]:
     caps = {t.name: t.max_concurrent for t in DEFAULT_TIERS.tiers}
     out = {"shared": workdir / "shared"}
-    reconfigure_repository(repository, {"kv_cache_slots": sum(caps.values()), "max_context": CONTEXT}, out["shared"])
+    default_tiers = workdir / "default_tiers.json"
+    default_tiers.write_text(DEFAULT_TIERS.to_json())
+    changes = {"kv_cache_slots": sum(caps.values()), "max_context": CONTEXT, "tiers": default_tiers}
+    reconfigure_repository(repository, changes, out["shared"])
     for tier in json.loads(DEFAULT_TIERS.to_json())["tiers"]:
         tiers_file = workdir / f"{tier['name']}.json"
         alone = {**tier, "priority": 1}  # the only tier of its server
