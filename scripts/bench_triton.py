@@ -61,6 +61,37 @@ def gpu_memory_gib() -> float:
     return float(out.stdout.split()[0]) / 1024 if out.returncode == 0 else float("nan")
 
 
+STAGES = ("queue", "compute_input", "compute_infer", "compute_output")
+
+
+def model_statistics(url: str) -> dict:
+    """Triton's cumulative per-model counters: successful requests and nanoseconds per stage."""
+    import tritonclient.grpc as grpcclient
+
+    stats = grpcclient.InferenceServerClient(url).get_inference_statistics(as_json=True)
+    out = {}
+    for model in stats.get("model_stats", []):
+        inference = model.get("inference_stats", {})
+        out[model["name"]] = {"count": int(inference.get("success", {}).get("count", 0))} | {
+            stage: int(inference.get(stage, {}).get("ns", 0)) for stage in STAGES
+        }
+    return out
+
+
+def stage_times(before: dict, after: dict) -> dict:
+    """Mean milliseconds per request in each model's queue and compute stages between two snapshots.
+    (The decoupled decoder's compute_infer is only its execute(), which hands the request over.)"""
+    times = {}
+    for name, end in after.items():
+        start = before.get(name, {"count": 0} | dict.fromkeys(STAGES, 0))
+        count = end["count"] - start["count"]
+        if count:
+            times[name] = {"requests": count} | {
+                f"{stage}_ms": round((end[stage] - start[stage]) / count / 1e6, 2) for stage in STAGES
+            }
+    return times
+
+
 def closed_loop(url: str, image: bytes | None, concurrency: int, requests: int) -> dict:
     records, lock = [], threading.Lock()
     remaining = [requests]
@@ -143,16 +174,19 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("bench_triton.json"))
     p.add_argument("--text-only", action="store_true", help="no image: the decode and response path alone")
     p.add_argument("--server-arg", action="append", default=[], help="extra tritonserver argument (repeatable)")
+    p.add_argument("--server-log", type=Path, help="keep tritonserver's log here")
     args = p.parse_args()
     image = None if args.text_only else image_png()
     rows = []
-    server = TritonServer(args.repository, ready_timeout_s=600, extra_args=tuple(args.server_arg))
+    server = TritonServer(args.repository, ready_timeout_s=600, extra_args=tuple(args.server_arg), log_path=args.server_log)
     with server, tempfile.TemporaryDirectory() as workdir:
         closed_loop(server.grpc_url, image, 2, 4)  # warm-up
         print("| system        | prec  |   c | TTFT p50 | TTFT p99 | TPOT ms |    tok/s | GiB    |")
         print("|---|---|---|---|---|---|---|---|")
         for c in args.concurrency:
+            before = model_statistics(server.grpc_url)
             row = closed_loop(server.grpc_url, image, c, max(3 * c, 8))
+            row["triton_stages"] = stage_times(before, model_statistics(server.grpc_url))
             row.update(system="triton-grpc", precision=args.precision, concurrency=c, gpu_mem_gib=gpu_memory_gib())
             if args.perf_analyzer and image is not None:
                 row["perf_analyzer"] = perf_analyzer(args.perf_analyzer, server.grpc_url, image, c, Path(workdir))
@@ -162,6 +196,8 @@ def main() -> int:
                 f"{row['tpot_p50_ms']:7.2f} | {row['output_tok_per_s']:8.0f} | {row['gpu_mem_gib']:6.2f} |",
                 flush=True,
             )
+            for name, t in row["triton_stages"].items():
+                print(f"    {name}: queue {t['queue_ms']} ms, compute {t['compute_input_ms']} + {t['compute_infer_ms']} + {t['compute_output_ms']} ms")
             for line in row.get("perf_analyzer", {}).get("summary", []):
                 print(f"    perf_analyzer: {line}", flush=True)
     report = {

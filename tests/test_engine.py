@@ -317,3 +317,33 @@ def test_engine_serves_queued_vip_before_free_within_caps_and_times_out(engine_p
     counters = engine.metrics.snapshot()
     assert counters["vip"].requests == 3 and counters["vip"].rejected == 1 and counters["free"].timed_out == 1
     assert counters["vip"].tokens == 9 and counters["vip"].ttft_count == 3
+
+
+def test_cancellation_is_asked_at_most_once_per_interval(engine_parts):
+    """Each is_cancelled is an IPC round trip under Triton: the engine asks on an interval, and a
+    cancelled sequence is finished (its slot freed) at the first step once the interval is up."""
+    model, tokenizer = engine_parts
+    clock = FakeClock()
+    runner = ModelRunner(model, num_slots=1, max_len=64, image_token_id=151655)
+    engine = Engine(runner, tokenizer, eos_token_ids=set(), num_slots=1, clock=clock, cancel_check_interval_s=0.05)
+    asked, cancelled, outputs = [], [False], []
+
+    def is_cancelled():
+        asked.append(clock.now)
+        return cancelled[0]
+
+    prompt = PromptInputs(torch.tensor([100, 200, 300]), torch.arange(3).expand(3, -1))
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    engine.submit(Sequence("a", prompt, 3, 0, params, outputs.append, is_cancelled=is_cancelled))
+    for now in (0.0, 0.01, 0.02, 0.04):
+        clock.now = now
+        engine.step()
+    assert asked == [0.0]
+    cancelled[0] = True
+    clock.now = 0.049
+    engine.step()
+    assert outputs[-1].finish_reason is None  # not asked yet: still decoding
+    clock.now = 0.05
+    engine.step()
+    assert asked == [0.0, 0.05] and outputs[-1].finish_reason == FinishReason.CANCELLED
+    assert engine.scheduler.slots.num_free == 1
