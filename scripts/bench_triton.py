@@ -92,6 +92,26 @@ def stage_times(before: dict, after: dict) -> dict:
     return times
 
 
+def gpu_processes() -> list[dict]:
+    """GPU memory per process (nvidia-smi), to tell the decoder's from the vision encoder's."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+    except FileNotFoundError:
+        return []
+    rows = []
+    for line in out.stdout.splitlines():
+        pid, mib = (part.strip() for part in line.split(","))
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:160]
+        except OSError:
+            command = "?"
+        rows.append({"pid": int(pid), "gib": round(int(mib) / 1024, 3), "command": command})
+    return rows
+
+
 def closed_loop(url: str, image: bytes | None, concurrency: int, requests: int) -> dict:
     records, lock = [], threading.Lock()
     remaining = [requests]
@@ -188,6 +208,7 @@ def main() -> int:
             row = closed_loop(server.grpc_url, image, c, max(3 * c, 8))
             row["triton_stages"] = stage_times(before, model_statistics(server.grpc_url))
             row.update(system="triton-grpc", precision=args.precision, concurrency=c, gpu_mem_gib=gpu_memory_gib())
+            row["gpu_processes"] = gpu_processes()
             if args.perf_analyzer and image is not None:
                 row["perf_analyzer"] = perf_analyzer(args.perf_analyzer, server.grpc_url, image, c, Path(workdir))
             rows.append(row)

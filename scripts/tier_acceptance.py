@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_triton import gpu_memory_gib  # noqa: E402
+from bench_triton import gpu_memory_gib, gpu_processes  # noqa: E402
 from load_tiers import run, summarize  # noqa: E402
 
 from builder.reconfigure import reconfigure_repository  # noqa: E402
@@ -84,14 +84,15 @@ def layouts(repository: Path, workdir: Path) -> dict[str, Path]:
     out = {"shared": workdir / "shared"}
     default_tiers = workdir / "default_tiers.json"
     default_tiers.write_text(DEFAULT_TIERS.to_json())
-    changes = {"kv_cache_slots": sum(caps.values()), "max_context": CONTEXT, "tiers": default_tiers}
+    # One vision instance: the smallest whole server (the source may have been built with more).
+    changes = {"kv_cache_slots": sum(caps.values()), "max_context": CONTEXT, "tiers": default_tiers, "vision_instances": 1}
     reconfigure_repository(repository, changes, out["shared"])
     for tier in json.loads(DEFAULT_TIERS.to_json())["tiers"]:
         tiers_file = workdir / f"{tier['name']}.json"
         alone = {**tier, "priority": 1}  # the only tier of its server
         tiers_file.write_text(json.dumps({"default": tier["name"], "tiers": [alone]}))
         out[tier["name"]] = workdir / f"seed-{tier['name']}"
-        changes = {"kv_cache_slots": tier["max_concurrent"], "max_context": CONTEXT, "tiers": tiers_file}
+        changes = {"kv_cache_slots": tier["max_concurrent"], "max_context": CONTEXT, "tiers": tiers_file, "vision_instances": 1}
         reconfigure_repository(repository, changes, out[tier["name"]])
     return out
 
@@ -110,7 +111,7 @@ def phase(name: str, targets: list[tuple[str, dict, dict]], args) -> dict:
             t.start()
         for t in threads:
             t.join()
-    summary = {"tiers": summarize(results, args.duration), **memory.summary()}
+    summary = {"tiers": summarize(results, args.duration), **memory.summary(), "gpu_processes": gpu_processes()}
     summary["error_messages"] = sorted({r["message"] for r in results if r["outcome"] == "error"})[:5]
     summary["output_tok_per_s"] = round(sum(t["output_tok_per_s"] for t in summary["tiers"].values()), 1)
     print(

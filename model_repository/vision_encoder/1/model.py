@@ -27,7 +27,10 @@ class TritonPythonModel:
             if hasattr(ort, "preload_dlls"):  # CUDA and cuDNN from the nvidia-* wheels, before the session
                 ort.preload_dlls()
             device_id = int(args["model_instance_device_id"])
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
+            # The arena grows by what is asked, not to the next power of two: GPU memory stays
+            # near what the encoder needs, on a card shared by every tier.
+            options = {"device_id": device_id, "arena_extend_strategy": "kSameAsRequested"}
+            providers.insert(0, ("CUDAExecutionProvider", options))
         # ONNX Runtime looks for model.onnx.data (the full-size weights) next to model.onnx.
         self.session = ort.InferenceSession(str(model_path), providers=providers)
         pb_utils.Logger.log_info(f"vision_encoder: {model_path} on {self.session.get_providers()[0]}")
