@@ -30,8 +30,10 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # see Engine's cancel_check_interval_s.
 CANCEL_CHECK_INTERVAL_S = 0.05
 # The decode loop and the response sender share this process's GIL. At Python's default switch
-# interval (5 ms) a busy sender can hold the loop back 5 ms at each of its GIL waits (CUDA syncs,
-# copies); 64 streams then decoded at 32 ms per token through Triton against 8 ms alone (H100).
+# interval (5 ms) a busy sender can keep the loop waiting up to 5 ms each time it wants the GIL
+# back (after every CUDA sync or copy). With this and the cancellation interval above, 64 streams
+# decode at 7.9 ms per token through Triton, as the engine alone does (8.3); before, 31.8 ms
+# (H100, docs/benchmarks.md; the two changes were measured together).
 GIL_SWITCH_INTERVAL_S = 0.0005
 
 
