@@ -9,7 +9,8 @@ the engine alone in each precision of the repositories), then bench_triton.py on
 (real tritonserver, gRPC streaming, plus the real perf_analyzer when given). Each runs in its own
 process, so one's GPU memory is gone before the next starts. Prints one table and writes one JSON
 with machine, date, command and, per (system, precision, concurrency), ttft_p50_ms, ttft_p99_ms,
-tpot_p50_ms, output_tok_per_s, gpu_mem_gib.
+tpot_p50_ms, output_tok_per_s, gpu_mem_gib; with matplotlib, a PNG of throughput against
+concurrency beside the JSON.
 """
 
 from __future__ import annotations
@@ -29,6 +30,29 @@ def run(script: str, *args: str) -> None:
     command = [sys.executable, str(HERE / script), *args]
     print("$ " + " ".join(command), flush=True)
     subprocess.run(command, check=True)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Output tokens/s against concurrency, one line per (system, precision); needs matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        series.setdefault(f"{r['system']} {r['precision']}", []).append((r["concurrency"], r["output_tok_per_s"]))
+    for label, points in series.items():
+        points.sort()
+        plt.plot([c for c, _ in points], [t for _, t in points], marker="o", label=label)
+    plt.xscale("log", base=2)
+    plt.xlabel("concurrent streams")
+    plt.ylabel("output tokens/s")
+    plt.legend(fontsize=7)
+    plt.savefig(path, dpi=120)
+    plt.close()
 
 
 def main() -> int:
@@ -69,6 +93,7 @@ def main() -> int:
         "results": rows,
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")
+    plot(rows, args.out.with_suffix(".png"))
     print("\n| system | precision | c | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | output tok/s | GPU GiB |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
