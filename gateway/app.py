@@ -1,0 +1,220 @@
+"""The gateway's HTTP API (FastAPI): OpenAI-style chat completions forwarded to Triton over gRPC.
+
+    serve-gateway --triton localhost:8001 --keys keys.json [--tiers-from REPO] [--port 9000]
+
+Every request needs `Authorization: Bearer <key>` (gateway-keys); the key's tier sets the Triton
+priority and the `tier` request parameter, so the repository's queues and engine apply it.
+Answers stream as server-sent `chat.completion.chunk` events ending with `data: [DONE]`, or come
+whole with `usage`. A client that goes away mid-stream cancels the Triton stream (the engine frees
+its KV slot). One JSON log line per request: id, tenant, tier, status, tokens, times; never keys
+or images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from builder.client import GenerationError, GenerationTimeout, stream_generate
+from model_repository.qwen3vl_runtime.tiers import DEFAULT_TIERS, TierTable
+
+from .chat import ChatRequestError, EndpointRequest, chunk, completion, parse_chat_request, usage_chunk
+from .keys import ApiKey, KeyStore
+
+MODEL_NAME = "qwen3-vl-2b-instruct"
+log = logging.getLogger("qwen3vl.gateway")
+
+
+class TritonStream:
+    """One endpoint call, read in a thread of its own (tritonclient's streaming is blocking) and
+    handed to the event loop; cancel() makes the thread leave, which cancels the Triton stream."""
+
+    def __init__(self, triton_url: str, request: EndpointRequest, tier, timeout_s: float):
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._cancelled = threading.Event()
+        parameters = {**request.parameters, "tier": tier.name}
+        self._responses = stream_generate(
+            triton_url, request.prompt, request.images, parameters=parameters, priority=tier.priority, timeout_s=timeout_s
+        )
+        threading.Thread(target=self._read, name="triton-stream", daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for response in self._responses:
+                if self._cancelled.is_set():
+                    break  # leaving the loop closes the generator: it cancels the Triton stream
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, response)
+            self._responses.close()
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, None)
+        except Exception as exc:  # GenerationError and friends: handed to the reader
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, exc)
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> dict:
+        item = await self._queue.get()
+        if item is None:
+            raise StopAsyncIteration
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+
+def error_status(exc: Exception) -> tuple[int, str]:
+    """HTTP status and OpenAI error type of an endpoint error."""
+    message = str(exc)
+    if isinstance(exc, GenerationTimeout):
+        return 504, "timeout"
+    if "queue is full" in message:
+        return 429, "rate_limit_error"
+    if "timed out" in message or "timeout expired" in message:
+        return 503, "server_overloaded"
+    if "cannot reach" in message or "failed to connect" in message.lower() or "unavailable" in message.lower():
+        return 503, "service_unavailable"
+    return 400, "invalid_request_error"
+
+
+def create_app(triton_url: str, keys: KeyStore, tiers: TierTable = DEFAULT_TIERS, *, timeout_s: float = 300.0) -> FastAPI:
+    app = FastAPI(title="qwen3vl gateway")
+
+    def error(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status, headers=headers)
+
+    def authenticate(request: Request) -> ApiKey | None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return keys.verify(token.strip()) if scheme.lower() == "bearer" and token else None
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        import tritonclient.grpc as grpcclient
+
+        try:
+            client = grpcclient.InferenceServerClient(triton_url)
+            ok = await asyncio.to_thread(client.is_model_ready, "qwen3_vl")
+        except Exception:
+            ok = False
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        if authenticate(request) is None:
+            return error(401, "invalid or missing API key", "invalid_request_error")
+        return {"object": "list", "data": [{"id": MODEL_NAME, "object": "model", "owned_by": "qwen3vl-triton"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        key = authenticate(request)
+        if key is None:
+            return error(401, "invalid or missing API key", "invalid_request_error")
+        started = time.monotonic()
+        record = {"tenant": key.tenant, "tier": key.tier}
+        try:
+            body = await request.json()
+            chat = parse_chat_request(body, MODEL_NAME)
+            tier = tiers.get(key.tier)
+        except (ChatRequestError, ValueError) as exc:
+            _log(record, status=400, started=started)
+            return error(400, str(exc), "invalid_request_error")
+        record["request_id"] = chat.request_id
+        stream = TritonStream(triton_url, chat, tier, timeout_s)
+        if chat.stream:
+            return StreamingResponse(_sse(chat, stream, record, started, request), media_type="text/event-stream")
+        text, finish, prompt_tokens, tokens = [], "stop", 0, 0
+        try:
+            async for response in stream:
+                record.setdefault("ttft_ms", round((time.monotonic() - started) * 1e3, 1))
+                text.append(response["text"])
+                tokens += len(response["token_ids"])
+                prompt_tokens = response["prompt_tokens"] or prompt_tokens
+                finish = response["finish_reason"] or finish
+        except (GenerationError, GenerationTimeout) as exc:
+            status, kind = error_status(exc)
+            _log(record, status=status, started=started, completion_tokens=tokens)
+            return error(status, str(exc), kind, {"Retry-After": "1"} if status in (429, 503) else None)
+        _log(record, status=200, started=started, prompt_tokens=prompt_tokens, completion_tokens=tokens)
+        return completion(chat, "".join(text), finish, prompt_tokens, tokens)
+
+    return app
+
+
+async def _sse(chat: EndpointRequest, stream: TritonStream, record: dict, started: float, request: Request):
+    """Server-sent events of one streamed answer; an error after the first byte is an error event.
+
+    The client's going away is polled before each event: Starlette (1.x, ASGI 2.4) only notices it
+    when a write fails and then leaves this generator to the garbage collector, which would keep
+    the Triton stream generating for nobody until then."""
+
+    def event(payload) -> str:
+        return f"data: {json.dumps(payload) if not isinstance(payload, str) else payload}\n\n"
+
+    prompt_tokens, tokens, status = 0, 0, 200
+    try:
+        yield event(chunk(chat, {"role": "assistant", "content": ""}))
+        async for response in stream:
+            if await request.is_disconnected():
+                status = 499
+                return
+            record.setdefault("ttft_ms", round((time.monotonic() - started) * 1e3, 1))
+            tokens += len(response["token_ids"])
+            prompt_tokens = response["prompt_tokens"] or prompt_tokens
+            if response["text"]:
+                yield event(chunk(chat, {"content": response["text"]}))
+            if response["finish_reason"]:
+                yield event(chunk(chat, {}, response["finish_reason"]))
+        if chat.include_usage:
+            yield event(usage_chunk(chat, prompt_tokens, tokens))
+        yield event("[DONE]")
+    except (GenerationError, GenerationTimeout) as exc:
+        status, kind = error_status(exc)
+        yield event({"error": {"message": str(exc), "type": kind}})
+    except (asyncio.CancelledError, GeneratorExit):  # the client went away
+        status = 499
+        raise
+    finally:
+        stream.cancel()  # when it did not end by itself: stop generating for nobody
+        _log(record, status=status, started=started, prompt_tokens=prompt_tokens, completion_tokens=tokens)
+
+
+def _log(record: dict, *, status: int, started: float, **counts) -> None:
+    log.info(json.dumps({**record, "status": status, **counts, "duration_ms": round((time.monotonic() - started) * 1e3, 1)}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="serve-gateway", description=__doc__.split("\n\n")[0])
+    p.add_argument("--triton", default="localhost:8001", help="Triton's gRPC address")
+    p.add_argument("--keys", type=Path, default=Path("keys.json"), help="the key store of gateway-keys")
+    p.add_argument("--tiers-from", type=Path, help="a repository whose manifest gives the tiers (default: vip/standard/free)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9000)
+    args = p.parse_args(argv)
+    import uvicorn
+
+    tiers = DEFAULT_TIERS
+    if args.tiers_from:
+        manifest = json.loads((args.tiers_from / "manifest.json").read_text())
+        tiers = TierTable.from_json(json.dumps(manifest["options"]["tiers"]))
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    uvicorn.run(create_app(args.triton, KeyStore(args.keys), tiers), host=args.host, port=args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
