@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import sys
 import threading
 import time
@@ -29,6 +30,7 @@ from model_repository.qwen3vl_runtime.tiers import DEFAULT_TIERS, TierTable
 
 from .chat import ChatRequestError, EndpointRequest, chunk, completion, parse_chat_request, usage_chunk
 from .keys import ApiKey, KeyStore
+from .limits import InFlight, KeyLimits, Refusal
 
 MODEL_NAME = "qwen3-vl-2b-instruct"
 log = logging.getLogger("qwen3vl.gateway")
@@ -90,6 +92,8 @@ def error_status(exc: Exception) -> tuple[int, str]:
 
 def create_app(triton_url: str, keys: KeyStore, tiers: TierTable = DEFAULT_TIERS, *, timeout_s: float = 300.0) -> FastAPI:
     app = FastAPI(title="qwen3vl gateway")
+    buckets: dict[str, KeyLimits] = {}
+    in_flight = InFlight({t.name: t.max_concurrent + t.max_queue for t in tiers.tiers})
 
     def error(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
         return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status, headers=headers)
@@ -134,9 +138,22 @@ def create_app(triton_url: str, keys: KeyStore, tiers: TierTable = DEFAULT_TIERS
             _log(record, status=400, started=started)
             return error(400, str(exc), "invalid_request_error")
         record["request_id"] = chat.request_id
+        limits = buckets.setdefault(key.key_id, KeyLimits(key.requests_per_minute, key.tokens_per_minute))
+        refusal = limits.admit()
+        if refusal is None and not in_flight.enter(tier.name):
+            refusal = Refusal(f"the {tier.name} tier has {in_flight.caps[tier.name]} requests in flight", 1.0)
+        if refusal is not None:
+            _log(record, status=429, started=started)
+            retry = {"Retry-After": str(max(1, math.ceil(refusal.retry_after_s)))}
+            return error(429, f"{refusal.reason}; retry later", "rate_limit_error", retry)
+
+        def done(tokens: int) -> None:  # once per admitted request, however it ends
+            in_flight.leave(tier.name)
+            limits.generated(tokens)
+
         stream = TritonStream(triton_url, chat, tier, timeout_s)
         if chat.stream:
-            return StreamingResponse(_sse(chat, stream, record, started, request), media_type="text/event-stream")
+            return StreamingResponse(_sse(chat, stream, record, started, request, done), media_type="text/event-stream")
         text, finish, prompt_tokens, tokens = [], "stop", 0, 0
         try:
             async for response in stream:
@@ -149,13 +166,16 @@ def create_app(triton_url: str, keys: KeyStore, tiers: TierTable = DEFAULT_TIERS
             status, kind = error_status(exc)
             _log(record, status=status, started=started, completion_tokens=tokens)
             return error(status, str(exc), kind, {"Retry-After": "1"} if status in (429, 503) else None)
+        finally:
+            stream.cancel()
+            done(tokens)
         _log(record, status=200, started=started, prompt_tokens=prompt_tokens, completion_tokens=tokens)
         return completion(chat, "".join(text), finish, prompt_tokens, tokens)
 
     return app
 
 
-async def _sse(chat: EndpointRequest, stream: TritonStream, record: dict, started: float, request: Request):
+async def _sse(chat: EndpointRequest, stream: TritonStream, record: dict, started: float, request: Request, done):
     """Server-sent events of one streamed answer; an error after the first byte is an error event.
 
     The client's going away is polled before each event: Starlette (1.x, ASGI 2.4) only notices it
@@ -190,6 +210,7 @@ async def _sse(chat: EndpointRequest, stream: TritonStream, record: dict, starte
         raise
     finally:
         stream.cancel()  # when it did not end by itself: stop generating for nobody
+        done(tokens)
         _log(record, status=status, started=started, prompt_tokens=prompt_tokens, completion_tokens=tokens)
 
 

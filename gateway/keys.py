@@ -31,6 +31,8 @@ class ApiKey:
     sha256: str
     created: str
     revoked: bool = False
+    requests_per_minute: float = 600
+    tokens_per_minute: float = 200_000
 
 
 def _digest(key: str) -> str:
@@ -46,12 +48,14 @@ class KeyStore:
         if self.path.exists():
             self.keys = [ApiKey(**k) for k in json.loads(self.path.read_text())["keys"]]
 
-    def create(self, tenant: str, tier: str) -> tuple[str, ApiKey]:
+    def create(
+        self, tenant: str, tier: str, requests_per_minute: float = 600, tokens_per_minute: float = 200_000
+    ) -> tuple[str, ApiKey]:
         """A new key for `tenant` in `tier`: (the key, shown only now; its record)."""
         key_id = secrets.token_hex(4)
         key = f"qv-{key_id}-{secrets.token_urlsafe(32)}"
         created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        record = ApiKey(key_id, tenant, tier, _digest(key), created)
+        record = ApiKey(key_id, tenant, tier, _digest(key), created, False, requests_per_minute, tokens_per_minute)
         self.keys.append(record)
         self._save()
         return key, record
@@ -88,17 +92,20 @@ def main(argv: list[str] | None = None) -> int:
     create = sub.add_parser("create", help="make a key (printed once)")
     create.add_argument("--tenant", required=True)
     create.add_argument("--tier", required=True, help="a tier of the repository's table (vip, standard, free)")
+    create.add_argument("--requests-per-minute", type=float, default=600, help="request rate limit (token bucket)")
+    create.add_argument("--tokens-per-minute", type=float, default=200_000, help="generated-token rate limit")
     sub.add_parser("list", help="ids, tenants, tiers (never the keys)")
     revoke = sub.add_parser("revoke", help="stop a key from working")
     revoke.add_argument("key_id")
     args = p.parse_args(argv)
     store = KeyStore(args.file)
     if args.command == "create":
-        key, record = store.create(args.tenant, args.tier)
+        key, record = store.create(args.tenant, args.tier, args.requests_per_minute, args.tokens_per_minute)
         print(f"{key}\n(id {record.key_id}, tenant {record.tenant}, tier {record.tier}; the key is not stored: keep it now)")
     elif args.command == "list":
         for k in store.keys:
-            print(f"{k.key_id}  {k.tenant:<20} {k.tier:<10} {k.created}{'  revoked' if k.revoked else ''}")
+            limits = f"{k.requests_per_minute:g} req/min, {k.tokens_per_minute:g} tok/min"
+            print(f"{k.key_id}  {k.tenant:<20} {k.tier:<10} {limits:<32} {k.created}{'  revoked' if k.revoked else ''}")
     else:
         try:
             store.revoke(args.key_id)
