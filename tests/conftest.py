@@ -18,6 +18,16 @@ TEST_BUILD = dict(
 )
 
 
+class FakeClock:
+    """A clock tests set by hand (clock.now = 3.5): timeouts and rate limits without sleeping."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def png(width: int, height: int, seed: int = 0, fmt: str = "PNG") -> bytes:
     pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
     from PIL import Image

@@ -15,6 +15,8 @@ from model_repository.qwen3vl_runtime.engine.scheduler import UNLIMITED, QueueFu
 from model_repository.qwen3vl_runtime.engine.slots import SlotPool
 from model_repository.qwen3vl_runtime.tiers import DEFAULT_TIERS, Tier, TierTable
 
+from .conftest import FakeClock
+
 DEFAULTS = SamplingParams(max_tokens=16)
 
 
@@ -99,13 +101,6 @@ def test_scheduler_bounds_prefill_tokens_per_step():
     big.add(_seq("big"))
     assert len(big.admit()) == 1
 
-
-class FakeClock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_tiers_admit_highest_priority_first_within_caps():

@@ -16,13 +16,8 @@ from gateway.keys import KeyStore
 from gateway.limits import InFlight, KeyLimits
 from model_repository.qwen3vl_runtime.tiers import DEFAULT_TIERS, Tier, TierTable
 
+from .conftest import FakeClock
 
-class FakeClock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_request_bucket_refills_and_says_how_long_to_wait():
