@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from builder.client import GenerationError, GenerationTimeout, stream_generate
 from model_repository.qwen3vl_runtime.tiers import DEFAULT_TIERS, TierTable
 
+from .breaker import CircuitBreaker
 from .chat import ChatRequestError, EndpointRequest, chunk, completion, parse_chat_request, usage_chunk
 from .keys import ApiKey, KeyStore
 from .limits import InFlight, KeyLimits, Refusal
@@ -76,6 +77,10 @@ class TritonStream:
         return item
 
 
+# Error types that mean Triton could not be reached or did not answer: the breaker counts these.
+TRITON_FAILURES = ("timeout", "service_unavailable")
+
+
 def error_status(exc: Exception) -> tuple[int, str]:
     """HTTP status and OpenAI error type of an endpoint error."""
     message = str(exc)
@@ -90,8 +95,16 @@ def error_status(exc: Exception) -> tuple[int, str]:
     return 400, "invalid_request_error"
 
 
-def create_app(triton_url: str, keys: KeyStore, tiers: TierTable = DEFAULT_TIERS, *, timeout_s: float = 300.0) -> FastAPI:
+def create_app(
+    triton_url: str,
+    keys: KeyStore,
+    tiers: TierTable = DEFAULT_TIERS,
+    *,
+    timeout_s: float = 300.0,
+    breaker: CircuitBreaker | None = None,
+) -> FastAPI:
     app = FastAPI(title="qwen3vl gateway")
+    breaker = breaker or CircuitBreaker()
     buckets: dict[str, KeyLimits] = {}
     in_flight = InFlight({t.name: t.max_concurrent + t.max_queue for t in tiers.tiers})
 
@@ -146,15 +159,25 @@ def create_app(triton_url: str, keys: KeyStore, tiers: TierTable = DEFAULT_TIERS
             _log(record, status=429, started=started)
             retry = {"Retry-After": str(max(1, math.ceil(refusal.retry_after_s)))}
             return error(429, f"{refusal.reason}; retry later", "rate_limit_error", retry)
+        wait = breaker.allow()
+        if wait:
+            in_flight.leave(tier.name)
+            _log(record, status=503, started=started)
+            retry = {"Retry-After": str(max(1, math.ceil(wait)))}
+            return error(503, "Triton is unavailable (circuit open); retry later", "service_unavailable", retry)
 
-        def done(tokens: int) -> None:  # once per admitted request, however it ends
+        def done(tokens: int, failure: Exception | None = None) -> None:  # once per admitted request
             in_flight.leave(tier.name)
             limits.generated(tokens)
+            if failure is not None and error_status(failure)[1] in TRITON_FAILURES:
+                breaker.failure()
+            else:
+                breaker.success()  # Triton answered, even if it refused the request
 
         stream = TritonStream(triton_url, chat, tier, timeout_s)
         if chat.stream:
             return StreamingResponse(_sse(chat, stream, record, started, request, done), media_type="text/event-stream")
-        text, finish, prompt_tokens, tokens = [], "stop", 0, 0
+        text, finish, prompt_tokens, tokens, failure = [], "stop", 0, 0, None
         try:
             async for response in stream:
                 record.setdefault("ttft_ms", round((time.monotonic() - started) * 1e3, 1))
@@ -163,12 +186,13 @@ def create_app(triton_url: str, keys: KeyStore, tiers: TierTable = DEFAULT_TIERS
                 prompt_tokens = response["prompt_tokens"] or prompt_tokens
                 finish = response["finish_reason"] or finish
         except (GenerationError, GenerationTimeout) as exc:
+            failure = exc
             status, kind = error_status(exc)
             _log(record, status=status, started=started, completion_tokens=tokens)
             return error(status, str(exc), kind, {"Retry-After": "1"} if status in (429, 503) else None)
         finally:
             stream.cancel()
-            done(tokens)
+            done(tokens, failure)
         _log(record, status=200, started=started, prompt_tokens=prompt_tokens, completion_tokens=tokens)
         return completion(chat, "".join(text), finish, prompt_tokens, tokens)
 
@@ -185,7 +209,7 @@ async def _sse(chat: EndpointRequest, stream: TritonStream, record: dict, starte
     def event(payload) -> str:
         return f"data: {json.dumps(payload) if not isinstance(payload, str) else payload}\n\n"
 
-    prompt_tokens, tokens, status = 0, 0, 200
+    prompt_tokens, tokens, status, failure = 0, 0, 200, None
     try:
         yield event(chunk(chat, {"role": "assistant", "content": ""}))
         async for response in stream:
@@ -203,6 +227,7 @@ async def _sse(chat: EndpointRequest, stream: TritonStream, record: dict, starte
             yield event(usage_chunk(chat, prompt_tokens, tokens))
         yield event("[DONE]")
     except (GenerationError, GenerationTimeout) as exc:
+        failure = exc
         status, kind = error_status(exc)
         yield event({"error": {"message": str(exc), "type": kind}})
     except (asyncio.CancelledError, GeneratorExit):  # the client went away
@@ -210,7 +235,7 @@ async def _sse(chat: EndpointRequest, stream: TritonStream, record: dict, starte
         raise
     finally:
         stream.cancel()  # when it did not end by itself: stop generating for nobody
-        done(tokens)
+        done(tokens, failure)
         _log(record, status=status, started=started, prompt_tokens=prompt_tokens, completion_tokens=tokens)
 
 
