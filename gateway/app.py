@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -32,6 +33,7 @@ from .breaker import CircuitBreaker
 from .chat import ChatRequestError, EndpointRequest, chunk, completion, parse_chat_request, usage_chunk
 from .keys import ApiKey, KeyStore
 from .limits import InFlight, KeyLimits, Refusal
+from .metrics import GatewayMetrics
 
 MODEL_NAME = "qwen3-vl-2b-instruct"
 log = logging.getLogger("qwen3vl.gateway")
@@ -105,6 +107,8 @@ def create_app(
 ) -> FastAPI:
     app = FastAPI(title="qwen3vl gateway")
     breaker = breaker or CircuitBreaker()
+    metrics = GatewayMetrics()
+    finish = functools.partial(_finish, metrics)
     buckets: dict[str, KeyLimits] = {}
     in_flight = InFlight({t.name: t.max_concurrent + t.max_queue for t in tiers.tiers})
 
@@ -114,6 +118,12 @@ def create_app(
     def authenticate(request: Request) -> ApiKey | None:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         return keys.verify(token.strip()) if scheme.lower() == "bearer" and token else None
+
+    @app.get("/metrics")
+    async def prometheus():
+        from fastapi.responses import Response
+
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
 
     @app.get("/health")
     async def health():
@@ -138,31 +148,32 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        started = time.monotonic()
         key = authenticate(request)
         if key is None:
+            finish({"tenant": None, "tier": None}, status=401, started=started)
             return error(401, "invalid or missing API key", "invalid_request_error")
-        started = time.monotonic()
         record = {"tenant": key.tenant, "tier": key.tier}
         try:
             body = await request.json()
             chat = parse_chat_request(body, MODEL_NAME)
             tier = tiers.get(key.tier)
         except (ChatRequestError, ValueError) as exc:
-            _log(record, status=400, started=started)
+            finish(record, status=400, started=started)
             return error(400, str(exc), "invalid_request_error")
         record["request_id"] = chat.request_id
         limits = buckets.setdefault(key.key_id, KeyLimits(key.requests_per_minute, key.tokens_per_minute))
         refusal = limits.admit()
         if refusal is None and not in_flight.enter(tier.name):
-            refusal = Refusal(f"the {tier.name} tier has {in_flight.caps[tier.name]} requests in flight", 1.0)
+            refusal = Refusal(f"the {tier.name} tier has {in_flight.caps[tier.name]} requests in flight", 1.0, "tier_in_flight")
         if refusal is not None:
-            _log(record, status=429, started=started)
+            finish(record, status=429, started=started, limit=refusal.limit)
             retry = {"Retry-After": str(max(1, math.ceil(refusal.retry_after_s)))}
             return error(429, f"{refusal.reason}; retry later", "rate_limit_error", retry)
         wait = breaker.allow()
         if wait:
             in_flight.leave(tier.name)
-            _log(record, status=503, started=started)
+            finish(record, status=503, started=started)
             retry = {"Retry-After": str(max(1, math.ceil(wait)))}
             return error(503, "Triton is unavailable (circuit open); retry later", "service_unavailable", retry)
 
@@ -176,30 +187,30 @@ def create_app(
 
         stream = TritonStream(triton_url, chat, tier, timeout_s)
         if chat.stream:
-            return StreamingResponse(_sse(chat, stream, record, started, request, done), media_type="text/event-stream")
-        text, finish, prompt_tokens, tokens, failure = [], "stop", 0, 0, None
+            return StreamingResponse(_sse(chat, stream, record, started, request, done, finish), media_type="text/event-stream")
+        text, finish_reason, prompt_tokens, tokens, failure = [], "stop", 0, 0, None
         try:
             async for response in stream:
                 record.setdefault("ttft_ms", round((time.monotonic() - started) * 1e3, 1))
                 text.append(response["text"])
                 tokens += len(response["token_ids"])
                 prompt_tokens = response["prompt_tokens"] or prompt_tokens
-                finish = response["finish_reason"] or finish
+                finish_reason = response["finish_reason"] or finish_reason
         except (GenerationError, GenerationTimeout) as exc:
             failure = exc
             status, kind = error_status(exc)
-            _log(record, status=status, started=started, completion_tokens=tokens)
+            finish(record, status=status, started=started, completion_tokens=tokens)
             return error(status, str(exc), kind, {"Retry-After": "1"} if status in (429, 503) else None)
         finally:
             stream.cancel()
             done(tokens, failure)
-        _log(record, status=200, started=started, prompt_tokens=prompt_tokens, completion_tokens=tokens)
-        return completion(chat, "".join(text), finish, prompt_tokens, tokens)
+        finish(record, status=200, started=started, prompt_tokens=prompt_tokens, completion_tokens=tokens)
+        return completion(chat, "".join(text), finish_reason, prompt_tokens, tokens)
 
     return app
 
 
-async def _sse(chat: EndpointRequest, stream: TritonStream, record: dict, started: float, request: Request, done):
+async def _sse(chat: EndpointRequest, stream: TritonStream, record: dict, started: float, request: Request, done, finish):
     """Server-sent events of one streamed answer; an error after the first byte is an error event.
 
     The client's going away is polled before each event: Starlette (1.x, ASGI 2.4) only notices it
@@ -236,11 +247,14 @@ async def _sse(chat: EndpointRequest, stream: TritonStream, record: dict, starte
     finally:
         stream.cancel()  # when it did not end by itself: stop generating for nobody
         done(tokens, failure)
-        _log(record, status=status, started=started, prompt_tokens=prompt_tokens, completion_tokens=tokens)
+        finish(record, status=status, started=started, prompt_tokens=prompt_tokens, completion_tokens=tokens)
 
 
-def _log(record: dict, *, status: int, started: float, **counts) -> None:
-    log.info(json.dumps({**record, "status": status, **counts, "duration_ms": round((time.monotonic() - started) * 1e3, 1)}))
+def _finish(metrics: GatewayMetrics, record: dict, *, status: int, started: float, **counts) -> None:
+    """The request's one log line, and its metrics."""
+    record.update(status=status, **counts, duration_ms=round((time.monotonic() - started) * 1e3, 1))
+    log.info(json.dumps(record))
+    metrics.observe(record)
 
 
 def main(argv: list[str] | None = None) -> int:

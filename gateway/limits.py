@@ -49,6 +49,7 @@ class TokenBucket:
 class Refusal:
     reason: str
     retry_after_s: float
+    limit: str  # which limit: requests, tokens, tier_in_flight (a metrics label)
 
 
 class KeyLimits:
@@ -61,10 +62,10 @@ class KeyLimits:
     def admit(self) -> Refusal | None:
         wait_requests = self.requests.wait_s(1)
         if wait_requests > 0:
-            return Refusal("request rate limit reached", wait_requests)
+            return Refusal("request rate limit reached", wait_requests, "requests")
         wait_tokens = self.tokens.wait_s(1)
         if wait_tokens > 0:
-            return Refusal("generated-token rate limit reached", wait_tokens)
+            return Refusal("generated-token rate limit reached", wait_tokens, "tokens")
         self.requests.take(1)
         return None
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+import urllib.request
 
 import openai
 import pytest
@@ -70,7 +71,8 @@ def strict_gateway(server, tmp_path_factory):
     thread.start()
     while not running.started:
         time.sleep(0.05)
-    yield {name: openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0) for name, key in keys.items()}
+    clients = {name: openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0) for name, key in keys.items()}
+    yield clients, f"http://127.0.0.1:{port}"
     running.should_exit = True
     thread.join(timeout=10)
 
@@ -80,7 +82,8 @@ HI = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}], "max
 
 @pytest.mark.server
 def test_429_with_retry_after_when_a_bucket_is_empty(strict_gateway):
-    client = strict_gateway["two_a_minute"]
+    clients, base = strict_gateway
+    client = clients["two_a_minute"]
     client.chat.completions.create(**HI)
     client.chat.completions.create(**HI)
     with pytest.raises(openai.RateLimitError) as caught:
@@ -88,16 +91,24 @@ def test_429_with_retry_after_when_a_bucket_is_empty(strict_gateway):
     assert caught.value.status_code == 429 and "request rate limit" in str(caught.value)
     assert int(caught.value.response.headers["retry-after"]) == 30
 
-    terse = strict_gateway["few_tokens"]
+    terse = clients["few_tokens"]
     terse.chat.completions.create(**HI)  # 4 tokens of 5: still admitted once more
     terse.chat.completions.create(**HI)  # now overdrawn
     with pytest.raises(openai.RateLimitError, match="generated-token rate limit"):
         terse.chat.completions.create(**HI)
 
+    metrics = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
+    assert 'qwen3vl_gateway_rate_limited_total{limit="requests",tier="standard"} 1.0' in metrics
+    assert 'qwen3vl_gateway_rate_limited_total{limit="tokens",tier="standard"} 1.0' in metrics
+    assert 'qwen3vl_gateway_requests_total{status="200",tier="standard"} 4.0' in metrics
+    assert 'qwen3vl_gateway_generated_tokens_total{tier="standard"} 16.0' in metrics
+    assert 'qwen3vl_gateway_time_to_first_token_seconds_count{tier="standard"} 4.0' in metrics
+    assert "tenant" not in metrics and "qv-" not in metrics  # labels by tier, never by key
+
 
 @pytest.mark.server
 def test_tier_cap_holds_in_flight(strict_gateway):
-    client = strict_gateway["vip"]
+    client = strict_gateway[0]["vip"]
     first = client.chat.completions.create(**{**HI, "max_tokens": 120}, stream=True, extra_body={"ignore_eos": True})
     chunks = iter(first)
     next(chunks)  # the first request is in flight
