@@ -1,0 +1,1 @@
+"""A Gradio chat page for the gateway: image upload, multi-turn, streamed answers, task presets."""
