@@ -41,6 +41,7 @@ def stream_generate(
     priority: int = 0,
     timeout_s: float = 60.0,
     model: str = ENSEMBLE,
+    request_id: str = "",
 ) -> Iterator[dict]:
     """Yield each streamed response of `model` as {"text", "token_ids", "finish_reason", "prompt_tokens"}.
 
@@ -50,12 +51,13 @@ def stream_generate(
     (1 = highest, 0 = the model's default); HTTP's generate endpoint has no priority field, so
     over HTTP it travels as a request parameter named "priority", which the models may read but
     Triton's queues do not. timeout_s bounds the whole call. Raises GenerationError with the
-    server's message on an error response, GenerationTimeout when time runs out.
+    server's message on an error response, GenerationTimeout when time runs out. request_id
+    (gRPC): the id the server knows the request by (what a later cancel names).
     """
     wire = {k: json.dumps(v) if isinstance(v, (list, tuple, dict)) else v for k, v in (parameters or {}).items()}
     images = [bytes(i) for i in images]
     if protocol == "grpc":
-        return _grpc_stream(url, model, prompt, images, wire, priority, timeout_s)
+        return _grpc_stream(url, model, prompt, images, wire, priority, timeout_s, request_id)
     if protocol == "http":
         if priority:
             wire["priority"] = priority
@@ -80,7 +82,7 @@ def _normalize(text, token_ids, finish_reason, prompt_tokens) -> dict:
 
 
 # --- gRPC ---------------------------------------------------------------------------------------
-def _grpc_stream(url, model, prompt, images, parameters, priority, timeout_s) -> Iterator[dict]:
+def _grpc_stream(url, model, prompt, images, parameters, priority, timeout_s, request_id="") -> Iterator[dict]:
     import tritonclient.grpc as grpcclient  # noqa: PLC0415 - HTTP-only users need not load gRPC
     from tritonclient.utils import InferenceServerException  # noqa: PLC0415
 
@@ -100,7 +102,12 @@ def _grpc_stream(url, model, prompt, images, parameters, priority, timeout_s) ->
         # The empty final response marks the end; after an error response none comes (seen on 2.51).
         try:
             client.async_stream_infer(
-                model, inputs, parameters=parameters or None, priority=priority, enable_empty_final_response=True
+                model,
+                inputs,
+                request_id=request_id,
+                parameters=parameters or None,
+                priority=priority,
+                enable_empty_final_response=True,
             )
         except InferenceServerException as err:
             # A stream that failed at once (no server there) reports why through the callback;

@@ -30,6 +30,7 @@ from builder.client import GenerationError, GenerationTimeout, stream_generate
 from model_repository.qwen3vl_runtime.tiers import DEFAULT_TIERS, TierTable
 
 from .breaker import CircuitBreaker
+from .cancel import cancel_in_decoder
 from .chat import ChatRequestError, EndpointRequest, chunk, completion, parse_chat_request, usage_chunk
 from .keys import ApiKey, KeyStore
 from .limits import InFlight, KeyLimits, Refusal
@@ -47,9 +48,16 @@ class TritonStream:
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
         self._cancelled = threading.Event()
+        self._triton_url, self._request_id = triton_url, request.request_id
         parameters = {**request.parameters, "tier": tier.name}
         self._responses = stream_generate(
-            triton_url, request.prompt, request.images, parameters=parameters, priority=tier.priority, timeout_s=timeout_s
+            triton_url,
+            request.prompt,
+            request.images,
+            parameters=parameters,
+            priority=tier.priority,
+            timeout_s=timeout_s,
+            request_id=request.request_id,
         )
         threading.Thread(target=self._read, name="triton-stream", daemon=True).start()
 
@@ -59,8 +67,12 @@ class TritonStream:
                 if self._cancelled.is_set():
                     break  # leaving the loop closes the generator: it cancels the Triton stream
                 self._loop.call_soon_threadsafe(self._queue.put_nowait, response)
+            else:
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, None)
+                return
             self._responses.close()
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, None)
+            # The ensemble does not pass that cancellation on to the running decoder: name it.
+            cancel_in_decoder(self._triton_url, self._request_id)
         except Exception as exc:  # GenerationError and friends: handed to the reader
             self._loop.call_soon_threadsafe(self._queue.put_nowait, exc)
 

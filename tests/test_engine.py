@@ -342,3 +342,30 @@ def test_cancellation_is_asked_at_most_once_per_interval(engine_parts):
     engine.step()
     assert asked == [0.0, 0.05] and outputs[-1].finish_reason == FinishReason.CANCELLED
     assert engine.scheduler.slots.num_free == 1
+
+
+def test_cancel_by_request_id_ends_a_running_sequence_and_one_not_yet_seen(engine_parts):
+    """Engine.cancel names a request: running, it ends at the next step; not yet submitted (the
+    cancel overtook it), it ends when it arrives."""
+    model, tokenizer = engine_parts
+    runner = ModelRunner(model, num_slots=2, max_len=64, image_token_id=151655)
+    engine = Engine(runner, tokenizer, eos_token_ids=set(), num_slots=2, clock=FakeClock())
+    outputs = {"a": [], "b": []}
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+
+    def submit(name):
+        prompt = PromptInputs(torch.tensor([100, 200, 300]), torch.arange(3).expand(3, -1))
+        engine.submit(Sequence(name, prompt, 3, 0, params, outputs[name].append))
+
+    submit("a")
+    engine.step()
+    engine.step()
+    engine.cancel("a")
+    engine.cancel("b")
+    engine.step()
+    assert outputs["a"][-1].finish_reason == FinishReason.CANCELLED and len(outputs["a"]) == 3
+    submit("b")
+    engine.step()
+    assert [o.finish_reason for o in outputs["b"]] == [FinishReason.CANCELLED]
+    assert engine.scheduler.slots.num_free == 2
+    assert engine.metrics.snapshot()["default"].cancelled == 2

@@ -15,6 +15,7 @@ COUNTERS = {  # TierCounters field -> (metric name, help)
     "requests": ("requests_total", "requests accepted into a tier's queue"),
     "rejected": ("rejected_total", "requests refused at once (queue full, over the tier's limits)"),
     "timed_out": ("timed_out_total", "requests that waited past their tier's queue timeout"),
+    "cancelled": ("cancelled_total", "requests ended early because their client left"),
     "tokens": ("generated_tokens_total", "output tokens generated"),
     "ttft_seconds_sum": ("time_to_first_token_seconds_sum", "sum of times to first token (engine)"),
     "ttft_count": ("time_to_first_token_seconds_count", "requests that got a first token"),

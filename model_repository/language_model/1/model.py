@@ -35,6 +35,9 @@ CANCEL_CHECK_INTERVAL_S = 0.05
 # decode at 7.9 ms per token through Triton, as the engine alone does (8.3); before, 31.8 ms
 # (H100, docs/benchmarks.md; the two changes were measured together).
 GIL_SWITCH_INTERVAL_S = 0.0005
+# A request to this model with this parameter cancels the running request of that id (Triton 2.51
+# does not pass a client's cancellation into a running ensemble step; the gateway sends this).
+CANCEL_PARAMETER = "cancel_request_id"
 
 
 class TritonPythonModel:
@@ -78,6 +81,11 @@ class TritonPythonModel:
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
+            cancel = request_parameters(request).get(CANCEL_PARAMETER)
+            if cancel:  # a request that only names another one to cancel (its inputs are ignored)
+                self.engine.cancel(str(cancel))
+                sender.send(flags=FINAL)
+                continue
             try:
                 self.engine.submit(self._sequence(request, sender))
             except (ValueError, RuntimeError) as exc:

@@ -49,6 +49,9 @@ class Engine:
         self.metrics = EngineMetrics(tiers)
         self.log = log
         self._inbox: list[Sequence] = []
+        # Request ids cancelled by name (Engine.cancel), kept until their request shows up or a
+        # minute passes: a cancel can overtake its request, still in the steps before the decoder.
+        self._cancelled_ids: dict[str, float] = {}
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="decoder-engine", daemon=True)
@@ -88,6 +91,15 @@ class Engine:
             self.metrics.add(seq.tier.name, "rejected")
             raise
         self.metrics.add(seq.tier.name, "requests")
+
+    def cancel(self, request_id: str) -> None:
+        """Cancel a request by id, from any thread; it ends at the next step with CANCELLED.
+
+        Under Triton's ensemble a client's own cancellation never reaches the running decoder
+        (docs/triton_findings.md), so the gateway names the request it abandoned instead."""
+        with self._wake:
+            self._cancelled_ids[request_id] = self.clock()
+            self._wake.notify()
 
     def stop(self) -> None:
         """Stop the loop and end every sequence still queued or running with an error."""
@@ -139,13 +151,25 @@ class Engine:
         may call it directly on an engine that was not started."""
         with self._wake:
             inbox, self._inbox = self._inbox, []
+            named = dict(self._cancelled_ids)
         for seq in inbox:
             self._start_sequence(seq)
-        if self.clock() - self._last_cancel_check >= self.cancel_check_interval_s:
+        asked = self.clock() - self._last_cancel_check >= self.cancel_check_interval_s
+        if asked:
             self._last_cancel_check = self.clock()
+        if asked or named:
             for seq in self._all_waiting() + list(self.scheduler.running):
-                if seq.is_cancelled():
+                if seq.request_id in named or (asked and seq.is_cancelled()):
+                    self.metrics.add(seq.tier.name, "cancelled")
                     self._finish(seq, StepOutput("", (), FinishReason.CANCELLED))
+                    named.pop(seq.request_id, None)
+                    with self._wake:
+                        self._cancelled_ids.pop(seq.request_id, None)
+        if named:
+            with self._wake:  # never seen within a minute: forget
+                for request_id, at in named.items():
+                    if self.clock() - at > 60:
+                        self._cancelled_ids.pop(request_id, None)
         for seq in self.scheduler.expired():
             self.metrics.add(seq.tier.name, "timed_out")
             waited = self.clock() - seq.enqueued_at

@@ -13,6 +13,7 @@ class TierCounters:
     requests: int = 0  # accepted into the queue
     rejected: int = 0  # refused at once (queue full, bad request)
     timed_out: int = 0  # waited past the tier's queue timeout
+    cancelled: int = 0  # ended early: the client left
     tokens: int = 0  # generated
     ttft_seconds_sum: float = 0.0
     ttft_count: int = 0
