@@ -24,6 +24,7 @@ from .conftest import png
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 GREEDY = {"temperature": 0, "max_tokens": 8}
+PUBLISH_S = 0.6  # the engine publishes its Prometheus metrics every 0.5 s
 
 
 @pytest.fixture(scope="module")
@@ -161,14 +162,26 @@ def test_client_disconnect_frees_the_engines_kv_slot(gateway, server):
         text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
         return sum(float(v) for v in re.findall(rf"^qwen3vl_{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.MULTILINE))
 
-    before = engine_metric("cancelled_total")
-    tokens_before = engine_metric("generated_tokens_total")
+    def idle() -> bool:
+        return engine_metric("kv_slots_used") == 0 and engine_metric("running_requests") == 0
+
+    def wait_for(condition, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def settled() -> bool:  # two publishes apart, the same count: nothing still landing
+        first = engine_metric("cancelled_total")
+        time.sleep(PUBLISH_S)
+        return engine_metric("cancelled_total") == first
+
+    wait_for(idle, 30)  # an earlier test's abandoned stream ends first
+    wait_for(settled, 10)
+    before, tokens_before = engine_metric("cancelled_total"), engine_metric("generated_tokens_total")
     _abandon_a_long_stream(gateway)
-    deadline = time.monotonic() + 5  # the engine publishes its metrics twice a second
-    while engine_metric("cancelled_total") < before + 1 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert engine_metric("cancelled_total") >= before + 1  # (an earlier test's abandoned stream may land too)
-    assert engine_metric("kv_slots_used") == 0 and engine_metric("running_requests") == 0
+    wait_for(lambda: engine_metric("cancelled_total") > before, 5)
+    time.sleep(PUBLISH_S)  # the gauges of a publish after the cancellation
+    assert engine_metric("cancelled_total") == before + 1 and idle()
     assert engine_metric("generated_tokens_total") - tokens_before < 600
 
 
