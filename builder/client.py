@@ -31,6 +31,22 @@ class GenerationTimeout(GenerationError, TimeoutError):
     """No complete answer within the call's timeout."""
 
 
+def refusal_kind(error: GenerationError) -> str | None:
+    """Why the server did not serve a request, from its message: "queue_full" (a tier's queue, the
+    engine's or Triton's "Exceeds maximum queue size"), "queue_timeout" (waited past the tier's
+    timeout: the engine's "timed out", Triton's "Request timeout expired"), "unreachable", or None
+    (the request itself was wrong)."""
+    message = str(error)
+    if "queue is full" in message or "Exceeds" in message:
+        return "queue_full"
+    if "timed out" in message or "timeout expired" in message:
+        return "queue_timeout"
+    lowered = message.lower()
+    if "cannot reach" in lowered or "failed to connect" in lowered or "unavailable" in lowered:
+        return "unreachable"
+    return None
+
+
 def stream_generate(
     url: str,
     prompt: str,

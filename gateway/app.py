@@ -26,7 +26,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from builder.client import GenerationError, GenerationTimeout, stream_generate
+from builder.client import GenerationError, GenerationTimeout, refusal_kind, stream_generate
 from model_repository.qwen3vl_runtime.tiers import DEFAULT_TIERS, TierTable
 
 from .breaker import CircuitBreaker
@@ -97,14 +97,14 @@ TRITON_FAILURES = ("timeout", "service_unavailable")
 
 def error_status(exc: Exception) -> tuple[int, str]:
     """HTTP status and OpenAI error type of an endpoint error."""
-    message = str(exc)
     if isinstance(exc, GenerationTimeout):
         return 504, "timeout"
-    if "queue is full" in message:
+    kind = refusal_kind(exc)
+    if kind == "queue_full":
         return 429, "rate_limit_error"
-    if "timed out" in message or "timeout expired" in message:
+    if kind == "queue_timeout":
         return 503, "server_overloaded"
-    if "cannot reach" in message or "failed to connect" in message.lower() or "unavailable" in message.lower():
+    if kind == "unreachable":
         return 503, "service_unavailable"
     return 400, "invalid_request_error"
 

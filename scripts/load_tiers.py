@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from builder.client import GenerationError, stream_generate  # noqa: E402
+from builder.client import GenerationError, refusal_kind, stream_generate  # noqa: E402
 from model_repository.qwen3vl_runtime.tiers import DEFAULT_TIERS, TierTable  # noqa: E402
 
 PROMPT = "Describe this picture in one short paragraph."
@@ -58,12 +58,7 @@ def one_request(url: str, tier, image: bytes, max_tokens: int, timeout_s: float)
             tokens += len(response["token_ids"])
     except GenerationError as exc:
         message = str(exc)
-        outcome = "error"
-        # The engine's queue timeout says "timed out"; Triton's queue policy "Request timeout expired".
-        if "timed out" in message or "timeout expired" in message:
-            outcome = "timed_out"
-        elif "queue is full" in message or "Exceeds" in message:
-            outcome = "rejected"
+        outcome = {"queue_timeout": "timed_out", "queue_full": "rejected"}.get(refusal_kind(exc), "error")
         return {"tier": tier.name, "outcome": outcome, "message": message[:200]}
     return {
         "tier": tier.name,

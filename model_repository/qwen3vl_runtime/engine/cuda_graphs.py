@@ -9,10 +9,37 @@ from __future__ import annotations
 
 import torch
 
-from ..fused_forward import fused_decode
+from collections.abc import Callable
+
+from ..fused_forward import fused_decode, static_prefill
 from ..text_model import TextModel
 
 BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128)
+
+
+@torch.inference_mode()
+def capture_buckets(buckets, run: Callable[[int], torch.Tensor], prepare: Callable[[int], None] = lambda b: None):
+    """One CUDA graph per bucket of ``run(bucket)`` -> (graphs, their output tensors), by bucket.
+
+    Largest first, so the smaller graphs reuse its memory pool; two eager runs before each capture
+    do the kernels' autotuning and lazy initialisation. ``prepare(bucket)`` sets the static inputs
+    the capture reads."""
+    graphs, outputs, pool = {}, {}, None
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for b in sorted(buckets, reverse=True):
+            prepare(b)
+            for _ in range(2):
+                run(b)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                outputs[b] = run(b)
+            pool = graph.pool()
+            graphs[b] = graph
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    return graphs, outputs
 
 
 class GraphedDecodeStep:
@@ -26,29 +53,10 @@ class GraphedDecodeStep:
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.slots = torch.full((max_batch,), scratch_slot, dtype=torch.long, device=device)
         self.lengths = torch.zeros(max_batch, dtype=torch.long, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
-        self._capture()
+        self.graphs, self.logits = capture_buckets(self.buckets, self._step)
 
     def _step(self, b: int) -> torch.Tensor:
         return fused_decode(self.model, self.input_ids[:b], self.positions[:b], self.kv, self.slots[:b], self.lengths[:b])
-
-    @torch.inference_mode()
-    def _capture(self) -> None:
-        pool = None
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for b in reversed(self.buckets):  # largest first: the others reuse its memory pool
-                for _ in range(2):  # warm up: kernel autotuning and lazy initialisation
-                    self._step(b)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    self.logits[b] = self._step(b)
-                pool = graph.pool()
-                self.graphs[b] = graph
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
 
     def __call__(self, input_ids, positions, slots, lengths) -> torch.Tensor:
         """Same contract as ``TextModel.decode`` for n <= max_batch rows (host or device tensors)."""
@@ -89,38 +97,18 @@ class GraphedPrefill:
         self.visual_rows = torch.zeros(max_image_rows, dtype=torch.long, device=device)
         self.deepstack = torch.zeros(3, max_image_rows, hidden, device=device, dtype=self.embeds.dtype)
         self.last_rows = torch.zeros(max_prompts, dtype=torch.long, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
-        self._capture()
+        # _reset: in-range indices for each bucket while it is captured.
+        self.graphs, self.logits = capture_buckets(self.TOKEN_BUCKETS, self._run, prepare=self._reset)
 
     def fits(self, tokens: int, prompts: int, image_rows: int) -> bool:
         return tokens <= self.TOKEN_BUCKETS[-1] and prompts <= self.max_prompts and image_rows <= len(self.visual_rows)
 
     def _run(self, b: int) -> torch.Tensor:
-        from ..fused_forward import static_prefill
-
         n = b + 1  # the bucket's rows plus its dump row
         return static_prefill(
             self.model, self.kv, self.embeds[:n], self.positions[:, :n], self.token_slots[:n],
             self.cache_positions[:n], self.visual_rows, self.deepstack, self.last_rows,
         )  # fmt: skip
-
-    @torch.inference_mode()
-    def _capture(self) -> None:
-        pool, stream = None, torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for b in reversed(self.TOKEN_BUCKETS):
-                self._reset(b)  # in-range indices for this bucket while it is captured
-                for _ in range(2):
-                    self._run(b)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    self.logits[b] = self._run(b)
-                pool = graph.pool()
-                self.graphs[b] = graph
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
 
     def _reset(self, b: int) -> None:
         """Point every row of bucket b, and every image row, at the dump row and scratch slot."""
@@ -136,7 +124,6 @@ class GraphedPrefill:
         tokens = embeds.shape[0]
         b = next(size for size in self.TOKEN_BUCKETS if size >= tokens)
         self._reset(b)
-        device = embeds.device
         self.embeds[:tokens].copy_(embeds)
         self.positions[:, :tokens].copy_(positions)
         self.token_slots[:tokens].copy_(torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths)))
@@ -146,6 +133,6 @@ class GraphedPrefill:
             self.visual_rows[: len(rows)].copy_(rows)
             self.deepstack[:, : len(rows)].copy_(deepstack)
         ends = torch.tensor(lengths).cumsum(0) - 1
-        self.last_rows[: len(lengths)].copy_(ends.to(device))
+        self.last_rows[: len(lengths)].copy_(ends.to(embeds.device))
         self.graphs[b].replay()
         return self.logits[b][: len(lengths)]

@@ -22,8 +22,9 @@ class Engine:
     """tiers: who is admitted first and the per-tier caps and timeouts (default: none).
     clock: seconds, monotonic; tests pass a fake one to make queue timeouts deterministic.
     cancel_check_interval_s: how often every sequence's ``is_cancelled`` is asked (0: each step).
-    Under Triton each ask is an IPC round trip to the server (56 us measured on the CPU machine),
-    so asking 64 streams every step would cost the decode loop milliseconds per token."""
+    Under Triton each ask is an IPC round trip to the server (56-84 us on the CPU machine:
+    scripts/probe_response_path.py), so asking 64 streams every step would cost the decode loop
+    milliseconds per token."""
 
     def __init__(
         self,
