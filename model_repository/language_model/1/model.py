@@ -81,18 +81,19 @@ class TritonPythonModel:
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
-            cancel = request_parameters(request).get(CANCEL_PARAMETER)
+            parameters = request_parameters(request)
+            cancel = parameters.get(CANCEL_PARAMETER)
             if cancel:  # a request that only names another one to cancel (its inputs are ignored)
                 self.engine.cancel(str(cancel))
                 sender.send(flags=FINAL)
                 continue
             try:
-                self.engine.submit(self._sequence(request, sender))
+                self.engine.submit(self._sequence(request, parameters, sender))
             except (ValueError, RuntimeError) as exc:
                 sender.send(error_response(str(exc)), flags=FINAL)
         return None
 
-    def _sequence(self, request, sender) -> Sequence:
+    def _sequence(self, request, parameters: dict, sender) -> Sequence:
         ids = input_array(request, "input_ids", np.int64, ndim=1)
         positions = input_array(request, "position_ids", np.int64, ndim=2)
         if positions.shape != (3, len(ids)):
@@ -102,7 +103,6 @@ class TritonPythonModel:
         prompt = PromptInputs(
             torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(image_embeds), torch.from_numpy(deepstack)
         )
-        parameters = request_parameters(request)
         params = SamplingParams.from_parameters(parameters, self.defaults)
         prompt_tokens = np.array([len(ids)], dtype=np.int32)
 
