@@ -98,12 +98,19 @@ def vision_config(options: BuildOptions, text_hidden: int) -> mc.ModelConfig:
     return config
 
 
+def _language_model_inputs(options: BuildOptions) -> tuple:
+    """The decoder takes the vision model's outputs, or the images' patches when it runs the
+    vision tower itself."""
+    vision = specs.VISION_INPUTS if options.vision_backend == "decoder" else specs.VISION_OUTPUTS
+    return specs.PROMPT_INPUTS + vision
+
+
 def language_model_config(options: BuildOptions, text_hidden: int) -> mc.ModelConfig:
     return mc.ModelConfig(
         name=specs.LANGUAGE_MODEL,
         backend="python",
         max_batch_size=0,
-        input=_tensors(mc.ModelInput, specs.LANGUAGE_MODEL_INPUTS, text_hidden),
+        input=_tensors(mc.ModelInput, _language_model_inputs(options), text_hidden),
         output=_tensors(mc.ModelOutput, specs.LANGUAGE_MODEL_OUTPUTS, text_hidden),
         # One engine per GPU batches every request itself (one copy of the weights).
         instance_group=_instances(options, 1, on_gpu=True),
@@ -121,8 +128,9 @@ def language_model_config(options: BuildOptions, text_hidden: int) -> mc.ModelCo
     )
 
 
-def ensemble_config() -> mc.ModelConfig:
-    """The single endpoint: preprocess -> vision_encoder -> language_model (streaming)."""
+def ensemble_config(options: BuildOptions) -> mc.ModelConfig:
+    """The single endpoint: preprocess -> vision_encoder -> language_model (streaming), or
+    preprocess -> language_model when the decoder runs the vision tower."""
 
     def step(model: str, inputs, outputs) -> mc.ModelEnsembling.Step:
         return mc.ModelEnsembling.Step(
@@ -141,8 +149,8 @@ def ensemble_config() -> mc.ModelConfig:
         ensemble_scheduling=mc.ModelEnsembling(
             step=[
                 step(specs.PREPROCESS, specs.PREPROCESS_INPUTS, specs.PREPROCESS_OUTPUTS),
-                step(specs.VISION, specs.VISION_INPUTS, specs.VISION_OUTPUTS),
-                step(specs.LANGUAGE_MODEL, specs.LANGUAGE_MODEL_INPUTS, specs.LANGUAGE_MODEL_OUTPUTS),
+                *([] if options.vision_backend == "decoder" else [step(specs.VISION, specs.VISION_INPUTS, specs.VISION_OUTPUTS)]),
+                step(specs.LANGUAGE_MODEL, _language_model_inputs(options), specs.LANGUAGE_MODEL_OUTPUTS),
             ]
         ),
     )

@@ -10,7 +10,7 @@ from model_repository.qwen3vl_runtime.tiers import DEFAULT_TIERS, TierTable
 
 QUANT_MODES = ("none", "int8", "fp8")
 DTYPES = ("bfloat16", "float16", "float32")
-VISION_BACKENDS = ("onnxruntime", "python")
+VISION_BACKENDS = ("onnxruntime", "python", "decoder")
 VISION_WEIGHTS = ("auto", "float", "int8")
 DEVICES = ("cuda", "cpu")
 
@@ -31,11 +31,15 @@ class BuildOptions:
     gpus: tuple[int, ...] = field(default=(0,), metadata={"help": "GPU ids (comma separated) for --device cuda"})
     vision_backend: str = field(
         default="onnxruntime",
-        metadata={"help": "onnxruntime: Triton's ORT backend (NVIDIA's container); python: ORT in a Python model"},
+        metadata={
+            "help": "onnxruntime: Triton's ORT backend (NVIDIA's container); python: ORT in a Python model; "
+            "decoder: the decoder's process runs the tower (PyTorch), batching images across requests, "
+            "one CUDA context fewer"
+        },
     )
     vision_weights: str = field(
         default="auto",
-        metadata={"help": "vision ONNX weights: float, or int8 (dequantized in the graph); auto = int8 with --quant"},
+        metadata={"help": "vision weights: float, or int8 (ONNX: dequantized in the graph; decoder: int8 kernels); auto = int8 with --quant"},
     )
     max_context: int = field(default=4096, metadata={"help": "tokens per sequence, prompt + answer"})
     kv_cache_slots: int = field(

@@ -5,7 +5,8 @@ can be mounted into NVIDIA's tritonserver container with only pip packages added
 
   qwen3_vl/          ensemble: the one endpoint
   preprocess/1/      model.py, qwen3vl_runtime/, processor/ (tokenizer, chat template, image processor)
-  vision_encoder/1/  model.onnx (+ model.py and qwen3vl_runtime/ with --vision-backend python)
+  vision_encoder/1/  model.onnx (+ model.py and qwen3vl_runtime/ with --vision-backend python);
+                     none with --vision-backend decoder, where the decoder runs the tower itself
   language_model/1/  model.py, qwen3vl_runtime/, decoder/ (weights, config, tokenizer)
   manifest.json      source, versions, options, file sizes, parity and accuracy figures
   requirements.txt   what the Python models import
@@ -76,8 +77,7 @@ def _build(options: BuildOptions, out: Path, progress: Progress) -> dict:
 
     from .decoder_export import write_decoder
     from .quantize import accuracy_token_sequences
-    from .vision_export import check_vision_parity, export_vision_onnx
-    from .vision_quantize import quantize_vision_weights
+    from .vision_export import check_vision_parity
 
     with progress.step(f"Opening checkpoint {options.model}"):
         checkpoint = resolve_checkpoint(options.model)
@@ -88,23 +88,14 @@ def _build(options: BuildOptions, out: Path, progress: Progress) -> dict:
         hf = Qwen3VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
         progress.say(f"{sum(p.numel() for p in hf.parameters()):,} parameters from {checkpoint}")
 
-    vision_dir = out / specs.VISION / "1"
-    with progress.step("Exporting the vision tower to ONNX"):
-        onnx_path = vision_dir / "model.onnx"
-        if options.vision_int8:
-            exported = export_vision_onnx(hf.model.visual, out / "_export" / "model.onnx", progress=progress.say)
-            counts = quantize_vision_weights(exported, onnx_path)
-            shutil.rmtree(exported.parent)
-            progress.say(
-                f"int8 weights for {counts['quantized_matrices']} matrices: {counts['float_bytes'] / 1e6:.0f} MB -> {counts['int8_bytes'] / 1e6:.0f} MB"
-            )
-        else:
-            export_vision_onnx(hf.model.visual, onnx_path, progress=progress.say)
-    with progress.step("Checking ONNX Runtime against PyTorch on random images"):
+    decoder_dir = out / specs.LANGUAGE_MODEL / "1" / "decoder"
+    with progress.step(f"Writing the vision tower for {_VISION_PLACES[options.vision_backend]}"):
+        encode = _write_vision(options, checkpoint, hf.model.visual, out, decoder_dir, progress)
+    with progress.step("Checking the served vision encoder against PyTorch on random images"):
         image_processor = AutoImageProcessor.from_pretrained(checkpoint, backend="pil")
         vision_parity = check_vision_parity(
             hf.model.visual,
-            onnx_path,
+            encode,
             image_processor,
             rtol=VISION_INT8_RTOL if options.vision_int8 else 1e-3,
             progress=progress.say,
@@ -117,7 +108,6 @@ def _build(options: BuildOptions, out: Path, progress: Progress) -> dict:
             reference = [hf(input_ids=torch.tensor([ids])).logits[0] for ids in sequences]
         del hf  # the largest object of the build; the decoder steps need the room
 
-    decoder_dir = out / specs.LANGUAGE_MODEL / "1" / "decoder"
     with progress.step(f"Writing decoder weights (quant={options.quant}, dtype={options.dtype})"):
         write_decoder(checkpoint, decoder_dir, quantization=options.quant, dtype=options.dtype)
         _copy_present(checkpoint, decoder_dir, DECODER_EXTRA_FILES)
@@ -144,6 +134,42 @@ def _build(options: BuildOptions, out: Path, progress: Progress) -> dict:
     manifest["total_bytes"] = sum(manifest["files"].values())
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+_VISION_PLACES = {
+    "onnxruntime": "ONNX Runtime (ONNX export)",
+    "python": "ONNX Runtime in a Python model (ONNX export)",
+    "decoder": "the decoder's process (PyTorch weights)",
+}
+
+
+def _write_vision(options: BuildOptions, checkpoint: Path, visual, out: Path, decoder_dir: Path, progress: Progress):
+    """Write the vision tower where ``--vision-backend`` serves it; returns that encoder, loaded
+    back from what was written, for the parity check."""
+    from .vision_export import export_vision_onnx, in_process_encoder, onnx_encoder
+
+    if options.vision_backend == "decoder":
+        from model_repository.qwen3vl_runtime.decoder_weights import load_vision_tower
+
+        from .decoder_export import write_vision
+
+        # Int8 weights take the decoder's int8 kernels (fp8 builds too: the tower is compute-bound).
+        write_vision(checkpoint, decoder_dir, quantization="int8" if options.vision_int8 else "none", dtype=options.dtype)
+        # Checked in float32: the figure is the weights' error, not the CPU's bf16 rounding.
+        return in_process_encoder(load_vision_tower(decoder_dir, "cpu", torch.float32))
+    onnx_path = out / specs.VISION / "1" / "model.onnx"
+    if options.vision_int8:
+        from .vision_quantize import quantize_vision_weights
+
+        exported = export_vision_onnx(visual, out / "_export" / "model.onnx", progress=progress.say)
+        counts = quantize_vision_weights(exported, onnx_path)
+        shutil.rmtree(exported.parent)
+        progress.say(
+            f"int8 weights for {counts['quantized_matrices']} matrices: {counts['float_bytes'] / 1e6:.0f} MB -> {counts['int8_bytes'] / 1e6:.0f} MB"
+        )
+    else:
+        export_vision_onnx(visual, onnx_path, progress=progress.say)
+    return onnx_encoder(onnx_path)
 
 
 def _check_output(out: Path, force: bool) -> None:
@@ -193,14 +219,16 @@ def _write_models(out: Path, options: BuildOptions, checkpoint: Path, text_hidde
 
 
 def write_configs(out: Path, options: BuildOptions, text_hidden: int) -> None:
-    """The four config.pbtxt files. Each is replaced, not overwritten in place: in a repository
+    """The config.pbtxt files. Each is replaced, not overwritten in place: in a repository
     copied with hard links (configure-repo --output) the source keeps its own configs."""
-    for config in (
-        configs.ensemble_config(),
+    models = [
+        configs.ensemble_config(options),
         configs.preprocess_config(options),
-        configs.vision_config(options, text_hidden),
         configs.language_model_config(options, text_hidden),
-    ):
+    ]
+    if options.vision_backend != "decoder":
+        models.append(configs.vision_config(options, text_hidden))
+    for config in models:
         replace_file(out / config.name / "config.pbtxt", configs.to_pbtxt(config))
 
 

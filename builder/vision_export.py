@@ -1,4 +1,5 @@
-"""Export the Qwen3-VL vision tower to ONNX and check it against the original PyTorch module.
+"""Export the Qwen3-VL vision tower to ONNX, and check a served encoder (the ONNX graph, or the
+tower as the decoder runs it) against the original PyTorch module.
 
 The exported graph takes the host-side position inputs of ``qwen3vl_runtime.vision_inputs`` and
 keeps only static control flow: the patch embedding is a MatMul, and the per-image attention
@@ -17,10 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
 
 from model_repository.qwen3vl_runtime.specs import VISION_INPUTS, VISION_OUTPUTS
 from model_repository.qwen3vl_runtime.vision_inputs import PIXEL_VALUES, vision_position_inputs
+from model_repository.qwen3vl_runtime.vision_tower import encode_images
 
 INPUT_NAMES = [spec.name for spec in VISION_INPUTS]
 OUTPUT_NAMES = [spec.name for spec in VISION_OUTPUTS]
@@ -46,51 +47,37 @@ class VisionParityError(ValueError):
 
 
 class VisionEncoderForExport(nn.Module):
-    """The HF ``Qwen3VLVisionModel`` forward on host-side position inputs, traceable to ONNX.
-
-    Uses the wrapped module's weights; only the patch embedding and the attention are written
-    out here (block, MLP, rotary, mergers are the HF submodules).
-    """
+    """The HF ``Qwen3VLVisionModel`` forward on host-side position inputs, traceable to ONNX:
+    ``encode_images`` (shared with the decoder's in-process tower) under a block-diagonal mask."""
 
     def __init__(self, visual: nn.Module):
         super().__init__()
         self.visual = visual
 
     def forward(self, pixel_values, pos_interp_indices, pos_interp_weights, rotary_pos_ids, cu_seqlens):
-        visual = self.visual
-        proj = visual.patch_embed.proj
-        # Conv3d with kernel == stride over one patch is a Linear on the flattened patch.
-        x = F.linear(pixel_values, proj.weight.flatten(1), proj.bias)  # x: [N, D]
-        pos = (visual.pos_embed(pos_interp_indices) * pos_interp_weights[:, :, None]).sum(1)  # [N, D]
-        x = x + pos
-        cos, sin = visual.rotary_pos_emb(x, rotary_pos_ids)  # [N, head_dim] each
-        mask = _block_diagonal_mask(cu_seqlens, x)  # [N, N] bool
-        deepstack = []
-        for layer, block in enumerate(visual.blocks):
-            x = x + _masked_attention(block.attn, block.norm1(x), mask, cos, sin)
-            x = x + block.mlp(block.norm2(x))
-            if layer in visual.deepstack_visual_indexes:
-                merger = visual.deepstack_merger_list[visual.deepstack_visual_indexes.index(layer)]
-                deepstack.append(merger(x))  # [N / 4, out_hidden]
-        return visual.merger(x), torch.stack(deepstack)  # [N / 4, out], [3, N / 4, out]
+        attend = _BlockDiagonalAttention(cu_seqlens)
+        return encode_images(self.visual, pixel_values, pos_interp_indices, pos_interp_weights, rotary_pos_ids, attend)
 
 
-def _block_diagonal_mask(cu_seqlens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """True where two patches belong to the same image (same attention segment)."""
-    # arange over x's first dimension keeps the patch count symbolic in the traced graph.
-    patch = torch.arange(x.shape[0], device=x.device)  # [N]
-    segment = (patch[:, None] >= cu_seqlens[None, 1:].long()).sum(-1)  # [N] image index
-    return segment[:, None] == segment[None, :]  # [N, N]
+class _BlockDiagonalAttention:
+    """One SDPA over all patches, masked to pairs in the same image (same attention segment).
 
+    The mask is built on the first call and reused by every layer (one subgraph in the export).
+    """
 
-def _masked_attention(attn: nn.Module, x: torch.Tensor, mask, cos, sin) -> torch.Tensor:
-    """``Qwen3VLVisionAttention.forward`` with the per-image split replaced by one masked SDPA."""
-    qkv = attn.qkv(x).reshape(x.shape[0], 3, attn.num_heads, -1)  # [N, 3, H, hd]
-    q, k, v = qkv.permute(1, 0, 2, 3).unbind(0)  # [N, H, hd] each
-    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
-    q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, N, hd]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)  # [1, H, N, hd]
-    return attn.proj(out[0].transpose(0, 1).reshape(x.shape[0], -1))  # [N, D]
+    def __init__(self, cu_seqlens: torch.Tensor):
+        self.cu_seqlens = cu_seqlens
+        self.mask = None
+
+    def __call__(self, q, k, v, scale: float) -> torch.Tensor:  # [N, H, hd] each
+        if self.mask is None:
+            # arange over q's first dimension keeps the patch count symbolic in the traced graph.
+            patch = torch.arange(q.shape[0], device=q.device)  # [N]
+            segment = (patch[:, None] >= self.cu_seqlens[None, 1:].long()).sum(-1)  # [N] image index
+            self.mask = segment[:, None] == segment[None, :]  # [N, N]
+        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, N, hd]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=scale)  # [1, H, N, hd]
+        return out[0].transpose(0, 1)
 
 
 def sample_inputs(visual: nn.Module, grid_thw, *, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -158,9 +145,33 @@ def _save(traced: Path, out_path: Path, *, external: bool) -> None:
     onnx.checker.check_model(str(out_path))
 
 
+Encode = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+def onnx_encoder(onnx_path: Path) -> Encode:
+    """The exported encoder on ONNX Runtime's CPU provider: feeds -> outputs by name."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    return lambda feeds: dict(zip(OUTPUT_NAMES, session.run(OUTPUT_NAMES, feeds)))
+
+
+def in_process_encoder(visual: nn.Module) -> Encode:
+    """The tower as the decoder runs it (``--vision-backend decoder``): feeds -> outputs by name."""
+    from model_repository.qwen3vl_runtime.engine.vision import ImageEncoder, ImageInputs
+
+    encoder = ImageEncoder(visual)
+
+    def encode(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = encoder([ImageInputs.from_arrays(feeds)])
+        return {name: out.float().cpu().numpy() for name, out in zip(OUTPUT_NAMES, outputs)}
+
+    return encode
+
+
 def check_vision_parity(
     visual: nn.Module,
-    onnx_path: Path,
+    encode: Encode,
     image_processor,
     *,
     sizes=((448, 448), (224, 320), (640, 256)),
@@ -169,18 +180,16 @@ def check_vision_parity(
     rtol: float = 1e-3,
     progress: Callable[[str], None] = print,
 ) -> dict:
-    """Compare the ONNX encoder (ONNX Runtime, CPU) with the unpatched ``visual`` on random images.
+    """Compare a served encoder (``onnx_encoder``, ``in_process_encoder``) with the unpatched
+    ``visual`` on random images.
 
     One call per (width, height) in ``sizes``, plus one call with the first two images together.
     Images go through the real ``image_processor`` and ``vision_position_inputs``, as they will when
     served. Returns ``{case: {output: {"max_abs": .., "max_rel": ..}}}`` where ``max_rel`` is
-    ``max|onnx - torch| / max|torch|``. Raises VisionParityError if any output of any case has
+    ``max|served - torch| / max|torch|``. Raises VisionParityError if any output of any case has
     ``max_abs > atol + rtol * max|torch|``: random weights make the tower badly conditioned, so
     the bound scales with the output's magnitude.
     """
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(seed)
     images = {size: _random_image(rng, size) for size in sizes}
     cases = [[size] for size in sizes] + ([list(sizes[:2])] if len(sizes) > 1 else [])
@@ -188,12 +197,12 @@ def check_vision_parity(
     for case in cases:
         name = "+".join(f"{w}x{h}" for w, h in case)
         start = time.perf_counter()
-        got, want = _run_both(visual, session, image_processor, [images[size] for size in case])
+        got, want = _run_both(visual, encode, image_processor, [images[size] for size in case])
         report[name] = {}
         for output in OUTPUT_NAMES:
             a, b = got[output], want[output]
             if a.shape != b.shape:
-                raise VisionParityError(f"{name} {output}: ONNX shape {a.shape}, PyTorch shape {b.shape}")
+                raise VisionParityError(f"{name} {output}: served shape {a.shape}, PyTorch shape {b.shape}")
             err, scale = float(np.abs(a - b).max()), float(np.abs(b).max())
             report[name][output] = {"max_abs": err, "max_rel": err / max(scale, 1e-30)}
             if err > atol + rtol * scale:
@@ -202,7 +211,7 @@ def check_vision_parity(
         progress(f"vision parity {name}: {errors} [{time.perf_counter() - start:.1f}s]")
     if failures:
         raise VisionParityError(
-            f"ONNX vision encoder differs from PyTorch (atol={atol}, rtol={rtol}): " + "; ".join(failures)
+            f"served vision encoder differs from PyTorch (atol={atol}, rtol={rtol}): " + "; ".join(failures)
         )
     return report
 
@@ -214,12 +223,12 @@ def _random_image(rng: np.random.Generator, size: tuple[int, int]):
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-def _run_both(visual, session, image_processor, images) -> tuple[dict, dict]:
-    """Outputs of the ONNX session and of the original ``visual`` for one processor batch."""
+def _run_both(visual, encode: Encode, image_processor, images) -> tuple[dict, dict]:
+    """Outputs of the served encoder and of the original ``visual`` for one processor batch."""
     batch = image_processor(images=images, return_tensors="pt")
     pixel_values, grid_thw = batch["pixel_values"], batch["image_grid_thw"]  # [N, 1536], [images, 3]
     feeds = {PIXEL_VALUES: pixel_values.numpy(), **_position_inputs(visual, grid_thw.numpy())}
-    got = dict(zip(OUTPUT_NAMES, session.run(OUTPUT_NAMES, feeds)))
+    got = encode(feeds)
     with torch.no_grad():
         reference = visual(pixel_values, grid_thw=grid_thw)
     deepstack = torch.stack(list(reference.deepstack_features))  # [3, N / 4, out_hidden]

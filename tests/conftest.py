@@ -44,18 +44,20 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def build(tiny_checkpoint, tmp_path_factory):
-    """build(quant) -> (repository path, manifest); each quantization is built once per session."""
+    """build(quant, vision_backend) -> (repository path, manifest); each built once per session."""
     from builder.options import BuildOptions
     from builder.repository import build_repository
 
     built = {}
 
-    def _build(quant: str = "none"):
-        if quant not in built:
-            out = tmp_path_factory.mktemp(f"repo-{quant}")
-            manifest = build_repository(BuildOptions(model=str(tiny_checkpoint), output=out, quant=quant, **TEST_BUILD))
-            built[quant] = (out, manifest)
-        return built[quant]
+    def _build(quant: str = "none", vision_backend: str = TEST_BUILD["vision_backend"]):
+        key = (quant, vision_backend)
+        if key not in built:
+            out = tmp_path_factory.mktemp(f"repo-{quant}-{vision_backend}")
+            options = {**TEST_BUILD, "vision_backend": vision_backend}
+            manifest = build_repository(BuildOptions(model=str(tiny_checkpoint), output=out, quant=quant, **options))
+            built[key] = (out, manifest)
+        return built[key]
 
     return _build
 

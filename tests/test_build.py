@@ -93,6 +93,22 @@ def test_quantized_repository_is_accurate_and_serves(build, quant):
     assert sum(len(r["token_ids"]) for r in responses) == 6
 
 
+def test_vision_in_decoder_layout(build):
+    """--vision-backend decoder: no vision model; the decoder takes the patches and holds the
+    tower's weights; the served tower was checked against transformers at build time."""
+    repository, manifest = build("none", "decoder")
+    parsed = {p.parent.name: text_format.Parse(p.read_text(), mc.ModelConfig()) for p in repository.glob("*/config.pbtxt")}
+    assert set(parsed) == {"qwen3_vl", "preprocess", "language_model"}
+    assert not (repository / "vision_encoder").exists()
+    assert [s.model_name for s in parsed["qwen3_vl"].ensemble_scheduling.step] == ["preprocess", "language_model"]
+    inputs = [i.name for i in parsed["language_model"].input]
+    assert inputs == ["input_ids", "position_ids", "rope_delta", "pixel_values", "pos_interp_indices", "pos_interp_weights", "rotary_pos_ids", "cu_seqlens"]  # fmt: skip
+    assert manifest["files"]["language_model/1/decoder/vision.safetensors"] > 0
+    assert len(manifest["vision_parity"]) == 4
+    assert all(out["max_rel"] < 1e-3 for case in manifest["vision_parity"].values() for out in case.values())
+    assert "onnxruntime" not in (repository / "requirements.txt").read_text()
+
+
 @pytest.mark.parametrize("gpus", [(0,), (0, 1), (0, 1, 2, 3)])
 def test_instance_groups_put_one_engine_and_one_vision_instance_on_each_gpu(gpus):
     """No build needed: the configs alone, as build-repo writes them for --gpus."""

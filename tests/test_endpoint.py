@@ -79,6 +79,28 @@ def test_concurrent_requests_get_their_own_answers(server, tiny_checkpoint):
         assert answers[case] == greedy_tokens(tiny_checkpoint, user_turn(prompt, len(images)), images, MAX_NEW), case
 
 
+@pytest.fixture(scope="module")
+def vision_in_decoder_server(build):
+    """The float32 repository built with --vision-backend decoder (the tower in the decoder)."""
+    from builder.serve import TritonServer
+
+    repository, _ = build("none", "decoder")
+    with TritonServer(repository) as running:
+        yield running
+
+
+def test_vision_in_decoder_answers_as_transformers(vision_in_decoder_server, tiny_checkpoint):
+    """Sent together, the requests' images (three sizes, one request with two) are encoded in
+    shared engine steps; each answer still equals transformers' for that request alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(CASES)) as pool:
+        futures = {case: pool.submit(generate, vision_in_decoder_server, *CASES[case]) for case in CASES}
+        answers = {case: tokens(f.result()) for case, f in futures.items()}
+    for case, (prompt, images) in CASES.items():
+        assert answers[case] == greedy_tokens(tiny_checkpoint, user_turn(prompt, len(images)), images, MAX_NEW), case
+
+
 def test_max_tokens_and_stop_string(server):
     responses = generate(server, "Count.", max_tokens=5)
     assert len(tokens(responses)) == 5 and responses[-1]["finish_reason"] == "length"

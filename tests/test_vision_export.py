@@ -103,10 +103,10 @@ def test_onnx_signature_is_the_spec_table(exported):
 
 @pytest.mark.slow
 def test_export_parity_single_and_multi_image(tiny_vision, exported):
-    from builder.vision_export import check_vision_parity
+    from builder.vision_export import check_vision_parity, onnx_encoder
 
     visual, image_processor = tiny_vision
-    report = check_vision_parity(visual, exported, image_processor, progress=lambda _: None)
+    report = check_vision_parity(visual, onnx_encoder(exported), image_processor, progress=lambda _: None)
     assert list(report) == ["448x448", "224x320", "640x256", "448x448+224x320"]
     assert all(set(errors) == {"image_embeds", "deepstack_embeds"} for errors in report.values())
 
@@ -135,12 +135,12 @@ def test_parity_catches_attention_across_images(tiny_vision, tmp_path, monkeypat
     """An export whose attention crosses image boundaries passes alone, fails on two images."""
     from builder import vision_export
 
-    one_block = vision_export._block_diagonal_mask
-    monkeypatch.setattr(vision_export, "_block_diagonal_mask", lambda cu, x: one_block(cu[[0, -1]], x))
+    whole = vision_export._BlockDiagonalAttention.__init__
+    monkeypatch.setattr(vision_export._BlockDiagonalAttention, "__init__", lambda self, cu: whole(self, cu[[0, -1]]))
     visual, image_processor = tiny_vision
     broken = vision_export.export_vision_onnx(visual, tmp_path / "model.onnx", progress=lambda _: None)
     with pytest.raises(vision_export.VisionParityError, match=r"448x448\+224x320 image_embeds"):
-        vision_export.check_vision_parity(visual, broken, image_processor, progress=lambda _: None)
+        vision_export.check_vision_parity(visual, vision_export.onnx_encoder(broken), image_processor, progress=lambda _: None)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from builder.checkpoint import demo_config
-from builder.vision_export import VisionParityError, check_vision_parity, export_vision_onnx
+from builder.vision_export import VisionParityError, check_vision_parity, export_vision_onnx, onnx_encoder
 from builder.vision_quantize import quantize_vision_weights
 
 pytestmark = pytest.mark.slow
@@ -35,10 +35,11 @@ def test_int8_weights_shrink_the_file_and_stay_within_tolerance(well_conditioned
     # The tiny tower's float position table (a Gather, kept float) is a large share of its file.
     assert (tmp_path / "int8" / "model.onnx").stat().st_size < 0.6 * exported.stat().st_size
     processor = AutoImageProcessor.from_pretrained(tiny_checkpoint, backend="pil")
+    int8 = onnx_encoder(tmp_path / "int8" / "model.onnx")
     report = check_vision_parity(
-        well_conditioned_tower, tmp_path / "int8" / "model.onnx", processor, rtol=VISION_INT8_RTOL, progress=lambda m: None
+        well_conditioned_tower, int8, processor, rtol=VISION_INT8_RTOL, progress=lambda m: None
     )
     worst = max(out["max_rel"] for case in report.values() for out in case.values())
     assert 1e-4 < worst < VISION_INT8_RTOL  # really quantized, and close
     with pytest.raises(VisionParityError):  # the float tolerance would reject it
-        check_vision_parity(well_conditioned_tower, tmp_path / "int8" / "model.onnx", processor, progress=lambda m: None)
+        check_vision_parity(well_conditioned_tower, int8, processor, progress=lambda m: None)

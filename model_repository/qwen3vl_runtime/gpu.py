@@ -1,18 +1,20 @@
-"""Switch a loaded decoder to its GPU kernels: decode attention over the slot cache, fused
-8-bit matmuls. The model's CPU code paths stay the reference they are compared against."""
+"""Switch a loaded decoder (or vision tower) to its GPU kernels: decode attention over the slot
+cache, fused 8-bit matmuls. The CPU code paths stay the reference they are compared against."""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .quant import QuantEmbedding, QuantLinear
 from .text_model import TextModel
 
 
-def use_gpu_kernels(model: TextModel) -> TextModel:
-    from .kernels.decode_attention import decode_attention
+def use_gpu_kernels(model: nn.Module) -> nn.Module:
+    if isinstance(model, TextModel):
+        from .kernels.decode_attention import decode_attention
 
-    model.decode_attention = decode_attention
+        model.decode_attention = decode_attention
     for module in model.modules():
         if isinstance(module, (QuantLinear, QuantEmbedding)):
             module.matmul = _fast_matmul(module.weight.dtype)

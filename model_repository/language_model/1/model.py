@@ -16,9 +16,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from qwen3vl_runtime.decoder_weights import load_text_model  # noqa: E402
+from qwen3vl_runtime.decoder_weights import load_text_model, load_vision_tower  # noqa: E402
 from qwen3vl_runtime.engine import Engine, SamplingParams, Sequence, StepOutput  # noqa: E402
 from qwen3vl_runtime.engine.runner import ModelRunner, PromptInputs  # noqa: E402
+from qwen3vl_runtime.engine.vision import ImageEncoder, ImageInputs  # noqa: E402
+from qwen3vl_runtime.specs import NUMPY_DTYPES, VISION_INPUTS  # noqa: E402
 from qwen3vl_runtime.streaming import ResponseStreamer  # noqa: E402
 from qwen3vl_runtime.tiers import TierTable  # noqa: E402
 from qwen3vl_runtime.triton_metrics import EngineMetricsPublisher  # noqa: E402
@@ -58,11 +60,15 @@ class TritonPythonModel:
             top_k=int(generation.get("top_k", 0)),
         )
         num_slots = int(settings["kv_cache_slots"])
+        # With --vision-backend decoder the tower runs here and requests carry image patches.
+        visual = load_vision_tower(DECODER_DIR, device)
+        self.vision_in_process = visual is not None
         runner = ModelRunner(
             load_text_model(DECODER_DIR, device),
             num_slots=num_slots,
             max_len=int(settings["max_context"]),
             image_token_id=config["image_token_id"],
+            vision=ImageEncoder(visual) if visual is not None else None,
         )
         self.logger = pb_utils.Logger
         # Sends leave the decode loop's thread; outputs that pile up behind a send are merged.
@@ -98,11 +104,15 @@ class TritonPythonModel:
         positions = input_array(request, "position_ids", np.int64, ndim=2)
         if positions.shape != (3, len(ids)):
             raise ValueError(f"position_ids must be [3, {len(ids)}], got {list(positions.shape)}")
-        image_embeds = input_array(request, "image_embeds", np.float32, ndim=2)
-        deepstack = input_array(request, "deepstack_embeds", np.float32, ndim=3)
-        prompt = PromptInputs(
-            torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(image_embeds), torch.from_numpy(deepstack)
-        )
+        if self.vision_in_process:
+            arrays = {s.name: input_array(request, s.name, NUMPY_DTYPES[s.dtype], ndim=len(s.dims)) for s in VISION_INPUTS}
+            prompt = PromptInputs(torch.from_numpy(ids), torch.from_numpy(positions), images=ImageInputs.from_arrays(arrays))
+        else:
+            image_embeds = input_array(request, "image_embeds", np.float32, ndim=2)
+            deepstack = input_array(request, "deepstack_embeds", np.float32, ndim=3)
+            prompt = PromptInputs(
+                torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(image_embeds), torch.from_numpy(deepstack)
+            )
         params = SamplingParams.from_parameters(parameters, self.defaults)
         prompt_tokens = np.array([len(ids)], dtype=np.int32)
 

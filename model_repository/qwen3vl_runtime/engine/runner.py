@@ -9,16 +9,20 @@ import torch
 
 from ..text_model import TextModel
 from .request import Sequence
+from .vision import ImageEncoder, ImageInputs
 
 
 @dataclass(frozen=True)
 class PromptInputs:
-    """What a prefill needs (host tensors as the preprocess and vision models send them)."""
+    """What a prefill needs (host tensors as the preprocess and vision models send them): the
+    vision model's outputs, or with the tower in this process (``ModelRunner(vision=...)``) the
+    images' patches."""
 
     input_ids: torch.Tensor  # [L] int64
     positions: torch.Tensor  # [3, L] int64, M-RoPE (t, h, w)
     image_embeds: torch.Tensor | None = None  # [image rows, hidden]
     deepstack: torch.Tensor | None = None  # [3, image rows, hidden]
+    images: ImageInputs | None = None
 
 
 class ModelRunner:
@@ -26,6 +30,7 @@ class ModelRunner:
 
     graphed_prefill: short prompts' prefill replayed from CUDA graphs too. Off by default: on the
     H100 a second runner created in the same process failed its capture (cause not found yet).
+    vision: the vision tower, when this process runs it (prompts then carry their images' patches).
     """
 
     def __init__(
@@ -37,8 +42,10 @@ class ModelRunner:
         image_token_id: int,
         cuda_graphs: bool = True,
         graphed_prefill: bool = False,
+        vision: ImageEncoder | None = None,
     ):
         self.model = model
+        self.vision = vision
         self.max_len = max_len
         self.image_token_id = image_token_id
         self.device, self.dtype = model.norm.weight.device, model.norm.weight.dtype
@@ -54,6 +61,9 @@ class ModelRunner:
             from .cuda_graphs import GraphedDecodeStep, GraphedPrefill
 
             use_gpu_kernels(model)
+            if vision is not None:
+                use_gpu_kernels(vision.visual)
+                vision.warm_up()
             self._prefill = partial(fused_prefill, model, self.kv)
             if cuda_graphs:
                 self.graphed_decode = GraphedDecodeStep(model, self.kv, max_batch=num_slots, scratch_slot=num_slots)
@@ -64,6 +74,14 @@ class ModelRunner:
     def check(self, prompt: PromptInputs) -> None:
         """Raise ValueError unless the image rows match the prompt's image tokens (host data)."""
         n_image = int((prompt.input_ids == self.image_token_id).sum())
+        if self.vision is not None:
+            patches = 0 if prompt.images is None else prompt.images.patches
+            if n_image and patches != n_image * self.vision.merge_unit:
+                raise ValueError(
+                    f"the prompt has {n_image} image tokens but its images have {patches} patches "
+                    f"({self.vision.merge_unit} per token)"
+                )
+            return
         rows = 0 if prompt.image_embeds is None or n_image == 0 else prompt.image_embeds.shape[0]
         if n_image and rows != n_image:
             raise ValueError(f"the prompt has {n_image} image tokens but the vision model gave {rows} rows")
@@ -83,10 +101,15 @@ class ModelRunner:
         visual = ids == self.image_token_id
         deepstack = None
         if bool(visual.any()):
-            with_images = [p for p in prompts if p.image_embeds is not None and bool((p.input_ids == self.image_token_id).any())]
+            with_images = [p for p in prompts if bool((p.input_ids == self.image_token_id).any())]
+            if self.vision is not None:  # every prompt's images in one call
+                image_embeds, deepstack = self.vision([p.images for p in with_images])
+            else:
+                image_embeds = torch.cat([p.image_embeds for p in with_images])
+                deepstack = torch.cat([p.deepstack for p in with_images], dim=1)
             embeds = embeds.clone()
-            embeds[visual] = torch.cat([p.image_embeds for p in with_images]).to(self.device, self.dtype)
-            deepstack = torch.cat([p.deepstack for p in with_images], dim=1).to(self.device, self.dtype)
+            embeds[visual] = image_embeds.to(self.device, self.dtype)
+            deepstack = deepstack.to(self.device, self.dtype)
         positions = torch.cat([p.positions for p in prompts], dim=1).to(self.device)
         lengths = [len(p.input_ids) for p in prompts]
         return self._prefill(embeds, positions, [s.slot for s in seqs], lengths, visual, deepstack)

@@ -1,0 +1,80 @@
+"""The vision tower inside the decoder's process (``--vision-backend decoder``).
+
+The images of every prompt prefilled in one engine step are encoded in one call: their patches
+laid end to end, images of one size attended as one batch. No second CUDA context, no copy of
+the embeddings between processes, and images batch across requests, which Triton's ensemble
+cannot do for a separate vision model (docs/triton_findings.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..vision_inputs import (
+    CU_SEQLENS,
+    PIXEL_VALUES,
+    POS_INTERP_INDICES,
+    POS_INTERP_WEIGHTS,
+    ROTARY_POS_IDS,
+    check_vision_inputs,
+    vision_position_inputs,
+)
+from ..vision_tower import SegmentAttention, encode_images
+
+
+@dataclass(frozen=True)
+class ImageInputs:
+    """One request's images as the preprocess model sends them (host tensors)."""
+
+    pixel_values: torch.Tensor  # [N, patch width] float32
+    pos_interp_indices: torch.Tensor  # [N, 4] int64
+    pos_interp_weights: torch.Tensor  # [N, 4] float32
+    rotary_pos_ids: torch.Tensor  # [N, 2] int64
+    lengths: tuple[int, ...]  # patches per attention segment (image frame), from cu_seqlens
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "ImageInputs":
+        """From the five vision tensors by name; ValueError if they disagree."""
+        check_vision_inputs(arrays)
+        tensors = [torch.from_numpy(np.ascontiguousarray(arrays[name])) for name in (PIXEL_VALUES, POS_INTERP_INDICES, POS_INTERP_WEIGHTS, ROTARY_POS_IDS)]  # fmt: skip
+        return cls(*tensors, lengths=tuple(np.diff(arrays[CU_SEQLENS]).tolist()))
+
+    @property
+    def patches(self) -> int:
+        return self.pixel_values.shape[0]
+
+
+class ImageEncoder:
+    """Runs ``visual`` (transformers' ``Qwen3VLVisionModel``, loaded by ``load_vision_tower``)."""
+
+    def __init__(self, visual: nn.Module):
+        self.visual = visual
+        self.device = visual.patch_embed.proj.weight.device
+        self.merge_unit = visual.spatial_merge_size**2  # patches per image token
+
+    @torch.inference_mode()
+    def __call__(self, images: list[ImageInputs]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image_embeds [tokens, hidden], deepstack [layers, tokens, hidden]) of all ``images``,
+        in order, on the tower's device."""
+        to = lambda parts: torch.cat(parts).to(self.device, non_blocking=True)  # noqa: E731
+        pixels = to([i.pixel_values for i in images])
+        indices = to([i.pos_interp_indices for i in images])
+        weights = to([i.pos_interp_weights for i in images])
+        rotary = to([i.rotary_pos_ids for i in images])
+        attend = SegmentAttention([n for i in images for n in i.lengths], self.device)
+        return encode_images(self.visual, pixels, indices, weights, rotary, attend)
+
+    def warm_up(self, grids=((1, 16, 16), (1, 4, 8), (1, 2, 2))) -> None:
+        """Encode blank images of a few sizes: the GPU kernels pick their tile sizes (Triton
+        autotuning) here rather than in the first requests' time to first token."""
+        visual = self.visual
+        width = visual.patch_embed.proj.weight[0].numel()
+        side = visual.num_grid_per_side
+        for grid in grids:
+            arrays = vision_position_inputs(np.array([grid]), num_grid_per_side=side, spatial_merge_size=visual.spatial_merge_size)
+            arrays[PIXEL_VALUES] = np.zeros((int(np.prod(grid)), width), np.float32)
+            self([ImageInputs.from_arrays(arrays)])
