@@ -122,6 +122,7 @@ def language_model_config(options: BuildOptions, text_hidden: int) -> mc.ModelCo
                 "kv_cache_slots": options.kv_cache_slots,
                 "default_max_tokens": options.default_max_tokens,
                 "dtype": options.dtype,
+                "graphed_prefill": options.graphed_prefill,
                 "tiers": options.tier_table.to_json(),
             }
         ),

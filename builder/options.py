@@ -56,6 +56,10 @@ class BuildOptions:
     )
     preprocess_instances: int = field(default=2, metadata={"help": "CPU instances of the preprocess model"})
     vision_instances: int = field(default=1, metadata={"help": "vision encoder instances per GPU"})
+    graphed_prefill: bool = field(
+        default=False,
+        metadata={"help": "replay short prompts' prefill from CUDA graphs: a faster first token, more GPU memory"},
+    )
     tiers: Path | None = field(
         default=None,
         metadata={"help": "JSON file of service tiers (priority, concurrency, queue timeout, ...); default: vip/standard/free"},

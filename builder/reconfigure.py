@@ -37,6 +37,7 @@ SERVING_OPTIONS = (
     "preprocess_instances",
     "vision_instances",
     "gpus",
+    "graphed_prefill",
 )
 
 

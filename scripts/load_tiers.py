@@ -155,21 +155,37 @@ def report(summary: dict, path: Path, results: list[dict]) -> None:
     lines = ["| tier | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     lines += [f"| {tier} | " + " | ".join(str(row[c]) for c in columns) + " |" for tier, row in summary.items()]
     path.write_text("\n".join(lines) + "\n")
+    plt = pyplot()
+    if plt is not None:
+        figure, axis = plt.subplots()
+        ttft_cdf(axis, results)
+        figure.savefig(path.with_suffix(".png"), dpi=120)
+
+
+def pyplot():
+    """matplotlib's pyplot drawing to files, or None when matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
-    for tier in summary:
+        return None
+    return plt
+
+
+def ttft_cdf(axis, results: list[dict], title: str = "", tiers: list[str] | None = None) -> None:
+    """One line per tier on ``axis``: the fraction of its served requests by time to first token.
+    ``tiers`` fixes each tier's colour across several plots (default: the tiers present, sorted)."""
+    tiers = tiers or sorted({r["tier"] for r in results})
+    for colour, tier in enumerate(tiers):
         ttft = np.sort([r["ttft_s"] * 1e3 for r in results if r["tier"] == tier and r["outcome"] == "ok"])
         if len(ttft):
-            plt.plot(ttft, np.arange(1, len(ttft) + 1) / len(ttft), label=tier)
-    plt.xlabel("time to first token (ms)")
-    plt.ylabel("fraction of requests")
-    plt.legend()
-    plt.savefig(path.with_suffix(".png"), dpi=120)
+            axis.plot(ttft, np.arange(1, len(ttft) + 1) / len(ttft), label=tier, color=f"C{colour}")
+    axis.set_xlabel("time to first token (ms)")
+    axis.set_ylabel("fraction of served requests")
+    axis.set_title(title, fontsize=9)
+    axis.legend()
 
 
 def main() -> int:

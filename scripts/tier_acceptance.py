@@ -15,7 +15,8 @@ Phases, --duration seconds of load each, 448 px image + short prompt, --max-toke
   4. seed: the three servers at once, each tier at its cap on its own copy.
 GPU memory (nvidia-smi, the whole GPU) is sampled every 0.5 s during each phase. Prints a table
 and writes JSON (per tier: requests, ok, rejected, timed_out, ttft_p50_ms, ttft_p99_ms,
-tpot_p50_ms, e2e_p99_ms; per phase gpu_mem_gib and its min).
+tpot_p50_ms, e2e_p99_ms; per phase gpu_mem_gib and its min) and, with matplotlib, a PNG beside
+it: the time-to-first-token CDF of each tier, one panel per phase.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_triton import gpu_memory_gib, gpu_processes  # noqa: E402
-from load_tiers import run, summarize  # noqa: E402
+from load_tiers import pyplot, run, summarize, ttft_cdf  # noqa: E402
 
 from builder.reconfigure import reconfigure_repository  # noqa: E402
 from builder.serve import TritonServer  # noqa: E402
@@ -97,8 +98,9 @@ def layouts(repository: Path, workdir: Path) -> dict[str, Path]:
     return out
 
 
-def phase(name: str, targets: list[tuple[str, dict, dict]], args) -> dict:
-    """Run loads at once: (grpc url, rates, streams) per target; merged per-tier summary + memory."""
+def phase(name: str, targets: list[tuple[str, dict, dict]], args, samples: dict) -> dict:
+    """Run loads at once: (grpc url, rates, streams) per target; merged per-tier summary + memory.
+    Each request's result is kept in ``samples[name]`` for the CDF plot."""
     results, threads = [], []
     with MemorySampler() as memory:
         for url, rates, streams in targets:
@@ -111,6 +113,7 @@ def phase(name: str, targets: list[tuple[str, dict, dict]], args) -> dict:
             t.start()
         for t in threads:
             t.join()
+    samples[name] = results
     summary = {"tiers": summarize(results, args.duration), **memory.summary(), "gpu_processes": gpu_processes()}
     summary["error_messages"] = sorted({r["message"] for r in results if r["outcome"] == "error"})[:5]
     summary["output_tok_per_s"] = round(sum(t["output_tok_per_s"] for t in summary["tiers"].values()), 1)
@@ -148,13 +151,14 @@ def main() -> int:
         "duration_s": args.duration,
         "phases": {},
     }
+    samples = {}  # phase title -> its requests' results
     with tempfile.TemporaryDirectory(dir=args.repository.parent) as tmp:
         repos = layouts(args.repository, Path(tmp))
         with TritonServer(repos["shared"], ready_timeout_s=600) as server:
             url = server.grpc_url
             run(url, DEFAULT_TIERS, {}, 3.0, args.max_tokens, args.drain, args.seed, {"vip": 2})  # warm-up
             alone = report["phases"]["vip_alone"] = phase(
-                "1. shared: VIP alone at its cap", [(url, {}, {"vip": caps["vip"]})], args
+                "1. shared: VIP alone at its cap", [(url, {}, {"vip": caps["vip"]})], args, samples
             )
             free_rate = 2 * caps["free"] / (alone["tiers"]["vip"]["e2e_p50_ms"] / 1e3)
             report["free_rate_per_s"] = round(free_rate, 2)
@@ -162,14 +166,15 @@ def main() -> int:
                 f"2. shared: VIP at its cap + Free at {free_rate:.1f} req/s (twice its capacity)",
                 [(url, {"free": free_rate}, {"vip": caps["vip"]})],
                 args,
+                samples,
             )
-            report["phases"]["shared_all_caps"] = phase("3. shared: every tier at its cap", [(url, {}, caps)], args)
+            report["phases"]["shared_all_caps"] = phase("3. shared: every tier at its cap", [(url, {}, caps)], args, samples)
         with ExitStack() as stack:
             servers = {t: stack.enter_context(TritonServer(repos[t], ready_timeout_s=600)) for t in caps}
             for t, s in servers.items():
                 run(s.grpc_url, DEFAULT_TIERS, {}, 3.0, args.max_tokens, args.drain, args.seed, {t: 1})  # warm-up
             report["phases"]["seed_all_caps"] = phase(
-                "4. seed: three copies, every tier at its cap", [(s.grpc_url, {}, {t: caps[t]}) for t, s in servers.items()], args
+                "4. seed: three copies, every tier at its cap", [(s.grpc_url, {}, {t: caps[t]}) for t, s in servers.items()], args, samples
             )
     overload = report["phases"]["free_overload"]
     ratio = overload["tiers"]["vip"]["ttft_p99_ms"] / alone["tiers"]["vip"]["ttft_p99_ms"]
@@ -185,7 +190,20 @@ def main() -> int:
     report["acceptance"]["shared_within_6_gb"] = report["acceptance"]["shared_gpu_mem_gib"] * 2**30 <= SHARED_GPU_GIB * 1e9
     print("\n" + json.dumps(report["acceptance"], indent=2))
     args.out.write_text(json.dumps(report, indent=2) + "\n")
+    plot_phases(samples, args.out.with_suffix(".png"))
     return 0
+
+
+def plot_phases(samples: dict[str, list[dict]], path: Path) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    figure, axes = plt.subplots(1, len(samples), figsize=(4.5 * len(samples), 4), sharey=True)
+    tiers = [t.name for t in DEFAULT_TIERS.tiers]
+    for axis, (title, results) in zip(axes, samples.items()):
+        ttft_cdf(axis, results, title, tiers)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ class TritonPythonModel:
             num_slots=num_slots,
             max_len=int(settings["max_context"]),
             image_token_id=config["image_token_id"],
+            graphed_prefill=settings.get("graphed_prefill") == "True",
             vision=ImageEncoder(visual) if visual is not None else None,
         )
         self.logger = pb_utils.Logger

@@ -28,8 +28,9 @@ class PromptInputs:
 class ModelRunner:
     """On CUDA: GPU kernels, and the decode step replayed from CUDA graphs (``cuda_graphs``).
 
-    graphed_prefill: short prompts' prefill replayed from CUDA graphs too. Off by default: on the
-    H100 a second runner created in the same process failed its capture (cause not found yet).
+    graphed_prefill: short prompts' prefill replayed from CUDA graphs too (build-repo
+    --graphed-prefill). Off by default: on the H100 a second runner created in the same process
+    failed its capture (cause not found yet); a Triton model has one runner per process.
     vision: the vision tower, when this process runs it (prompts then carry their images' patches).
     """
 
