@@ -59,6 +59,15 @@ def test_linked_copy_gets_new_tiers_and_kv_pool_and_serves(build, tmp_path):
     assert sum(len(r["token_ids"]) for r in answer) == 3
 
 
+def test_graphed_prefill_reaches_the_decoder_config(build, tmp_path):
+    """Off by default; configure-repo turns it on without a rebuild (the engine reads it on CUDA)."""
+    source, _ = build("none", "decoder")
+    assert _parameters(source)["graphed_prefill"] == "False"
+    assert configure_repo([str(source), "--output", str(tmp_path / "graphed"), "--graphed-prefill"]) == 0
+    assert _parameters(tmp_path / "graphed")["graphed_prefill"] == "True"
+    assert not (tmp_path / "graphed" / "vision_encoder").exists()  # the layout is kept
+
+
 def test_refuses_what_needs_a_rebuild_and_bad_values(build, tmp_path, capsys):
     source, _ = build("none")
     with pytest.raises(SystemExit):  # not a configure-repo option at all
