@@ -1,0 +1,95 @@
+"""CPU cost of the preprocess model's work per request, and of the image processor it replaces.
+
+    python scripts/bench_preprocess.py [--checkpoint DIR] [--repeat 50] [--out bench_preprocess.json]
+
+Times, on this machine's CPU: the whole ``Preprocessor`` call (decode, patches, chat template,
+tokenizer, M-RoPE, vision position inputs) for a 448 px PNG, the same as JPEG, a 1920x1080 JPEG and
+a text-only prompt; and for the 448 px image the Hugging Face image processor (PIL backend)
+against ``PatchMaker``, which returns the same array. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from builder.checkpoint import make_demo_checkpoint  # noqa: E402
+from model_repository.qwen3vl_runtime.patches import PatchMaker  # noqa: E402
+from model_repository.qwen3vl_runtime.preprocessing import PreprocessLimits, Preprocessor  # noqa: E402
+
+LIMITS = PreprocessLimits(max_context=4096, max_pixels=1024 * 1024, min_pixels=64 * 1024, max_images=4, max_source_pixels=64_000_000)
+PROMPT = "Describe this image in detail."
+
+
+def encoded(width: int, height: int, fmt: str) -> bytes:
+    pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def median_ms(call, repeat: int) -> float:
+    call()  # warm-up
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=Path, help="checkpoint folder (tokenizer, processor); default: the demo's files")
+    p.add_argument("--repeat", type=int, default=50)
+    p.add_argument("--out", type=Path, default=Path("bench_preprocess.json"))
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        return run(args.checkpoint or make_demo_checkpoint(Path(tmp)), args)
+
+
+def run(checkpoint: Path, args) -> int:
+    from transformers import AutoImageProcessor
+
+    preprocess = Preprocessor(checkpoint, LIMITS)
+    size = {"longest_edge": LIMITS.max_pixels, "shortest_edge": LIMITS.min_pixels}
+    processor = AutoImageProcessor.from_pretrained(checkpoint, backend="pil", size=size)
+    patches = PatchMaker(processor, min_pixels=LIMITS.min_pixels, max_pixels=LIMITS.max_pixels)
+    image = Image.open(io.BytesIO(encoded(448, 448, "PNG"))).convert("RGB")
+    cases = {
+        "preprocess, 448 px PNG": lambda data=encoded(448, 448, "PNG"): preprocess(PROMPT, [data]),
+        "preprocess, 448 px JPEG": lambda data=encoded(448, 448, "JPEG"): preprocess(PROMPT, [data]),
+        "preprocess, 1920x1080 JPEG": lambda data=encoded(1920, 1080, "JPEG"): preprocess(PROMPT, [data]),
+        "preprocess, text only": lambda: preprocess(PROMPT, []),
+        "image processor (transformers, PIL), 448 px": lambda: processor(images=[image], return_tensors="np"),
+        "PatchMaker, 448 px": lambda: patches.make([image]),
+    }
+    rows = {name: round(median_ms(call, args.repeat), 2) for name, call in cases.items()}
+    print("| step | median ms |\n|---|---|")
+    for name, ms in rows.items():
+        print(f"| {name} | {ms} |")
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "machine": platform.node(),
+        "processor": platform.processor() or platform.machine(),
+        "command": " ".join(sys.argv),
+        "median_ms": rows,
+    }
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
