@@ -119,6 +119,37 @@ def test_tiers_admit_highest_priority_first_within_caps():
     assert [s.request_id for s in scheduler.admit()] == ["vip4"]
 
 
+def test_caps_hold_across_the_engines_of_one_server(tmp_path):
+    """Two engines (as with --gpus 0,1) share the tier caps through one counts file; an engine
+    whose process is gone holds nothing."""
+    import subprocess
+    import sys
+
+    from model_repository.qwen3vl_runtime.engine.server_caps import ServerTierCounts
+
+    names = [t.name for t in DEFAULT_TIERS.tiers]
+    path = tmp_path / "counts"
+    first = Scheduler(SlotPool(8), DEFAULT_TIERS, server=ServerTierCounts(path, names))
+    second = Scheduler(SlotPool(8), DEFAULT_TIERS, server=ServerTierCounts(path, names))
+    vip = DEFAULT_TIERS.get("vip")
+    for i in range(3):
+        first.add(_seq(f"a{i}", tier=vip))
+        second.add(_seq(f"b{i}", tier=vip))
+    assert [s.request_id for s in first.admit()] == ["a0", "a1", "a2"]
+    assert [s.request_id for s in second.admit()] == ["b0"]  # VIP's cap of 4 is the server's
+    first.retire(first.running[0])
+    assert [s.request_id for s in second.admit()] == ["b1"]
+    assert first.admit() == []
+
+    # A third engine that ran two VIP requests and died: its row no longer counts.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    third = ServerTierCounts(path, names)
+    third.publish({"vip": 2, "standard": 0, "free": 0})
+    third._rows[third.row, 0] = int(dead.stdout)
+    second.retire(second.running[0])
+    assert [s.request_id for s in second.admit()] == ["b2"]
+
+
 def test_slots_short_go_to_the_highest_tier():
     scheduler = Scheduler(SlotPool(2), DEFAULT_TIERS)
     scheduler.add(_seq("free0", tier=DEFAULT_TIERS.get("free")))

@@ -17,9 +17,10 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 
 def metric(server, name: str, tier: str) -> float:
+    """The tier's value summed over the server's engines (one series per engine)."""
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    found = re.search(rf'^qwen3vl_{name}{{tier="{tier}"}} ([0-9.e+-]+)$', text, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
+    found = re.findall(rf'^qwen3vl_{name}{{[^}}]*tier="{tier}"[^}}]*}} ([0-9.e+-]+)$', text, re.MULTILINE)
+    return sum(float(value) for value in found)
 
 
 def test_tier_parameter_reaches_the_engine_and_its_metrics(server):
@@ -66,3 +67,55 @@ def test_tier_load_generator_runs_bounded_and_reports_each_tier(server):
         assert row["requests"] == row["ok"] + row["rejected"] + row["timed_out"] + row["errors"]
         assert row["errors"] == 0
     assert summary["vip"]["ok"] == summary["vip"]["requests"] > 0
+
+
+def test_tier_cap_holds_across_two_engines(build, tmp_path):
+    """Two decoder engines in one server (what --gpus 0,1 gives; here two CPU instances of the
+    decoder): a tier capped at 1 decodes one request at a time, whichever engine Triton picks."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from builder.reconfigure import reconfigure_repository
+    from builder.serve import TritonServer
+
+    source, _ = build("none")
+    solo = {"name": "solo", "priority": 1, "max_concurrent": 1, "queue_timeout_s": 60, "max_queue": 16, "max_tokens": 64}
+    tiers = tmp_path / "tiers.json"
+    tiers.write_text(json.dumps({"default": "solo", "tiers": [solo]}))
+    repository = tmp_path / "two-engines"
+    reconfigure_repository(source, {"tiers": tiers}, repository)
+    config_path = repository / "language_model" / "config.pbtxt"
+    config = text_format.Parse(config_path.read_text(), mc.ModelConfig())
+    config.instance_group[0].count = 2
+    config_path.unlink()  # a hard-linked copy: replace the file, keep the source's
+    config_path.write_text(text_format.MessageToString(config))
+
+    def timed(i: int) -> tuple[float, float]:
+        times = []
+        parameters = {"max_tokens": 40, "ignore_eos": True, "temperature": 0}
+        for _ in stream_generate(server.grpc_url, f"Request {i}.", parameters=parameters):
+            times.append(time.monotonic())
+        return times[0], times[-1]
+
+    with TritonServer(repository) as server:
+        with ThreadPoolExecutor(6) as pool:
+            spans = sorted(pool.map(timed, range(6)))
+        deadline = time.monotonic() + 10  # the engines publish their counters twice a second
+        while sum(metric_series(server, "generated_tokens_total", "solo").values()) < 6 * 40 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        engines = metric_series(server, "generated_tokens_total", "solo")
+    assert len(engines) == 2 and all(tokens > 0 for tokens in engines.values()), engines  # both engines served
+    for (start, end), (next_start, next_end) in zip(spans, spans[1:]):
+        overlap = max(0.0, min(end, next_end) - next_start)
+        # Admission waits for the previous request's retirement; only the last response's trip
+        # to the client may still overlap the next request's first token.
+        assert overlap < 0.1 * (end - start), (spans, overlap)
+
+
+def metric_series(server, name: str, tier: str) -> dict[str, float]:
+    """{engine label: value} of one tier's series."""
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    found = re.findall(rf'^qwen3vl_{name}{{([^}}]*tier="{tier}"[^}}]*)}} ([0-9.e+-]+)$', text, re.MULTILINE)
+    return {re.search(r'engine="([^"]*)"', labels).group(1): float(value) for labels, value in found}

@@ -23,7 +23,10 @@ COUNTERS = {  # TierCounters field -> (metric name, help)
 
 
 class EngineMetricsPublisher:
-    def __init__(self, engine, interval_s: float = 0.5):
+    """engine_name: the ``engine`` label of every metric (the model instance): with one engine per
+    GPU each publishes its own series, which dashboards sum by tier."""
+
+    def __init__(self, engine, engine_name: str, interval_s: float = 0.5):
         self.engine = engine
         self.interval_s = interval_s
         tiers = [t.name for t in engine.tiers.tiers]
@@ -36,15 +39,16 @@ class EngineMetricsPublisher:
 
         counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
         self.counters = {
-            field: {tier: fam.Metric(labels={"tier": tier}) for tier in tiers}
+            field: {tier: fam.Metric(labels={"tier": tier, "engine": engine_name}) for tier in tiers}
             for field, fam in ((f, family(n, h, counter)) for f, (n, h) in COUNTERS.items())
         }
         queue, running = family("queue_length", "requests waiting, per tier", gauge), family("running_requests", "requests decoding, per tier", gauge)
-        self.queue = {tier: queue.Metric(labels={"tier": tier}) for tier in tiers}
-        self.running = {tier: running.Metric(labels={"tier": tier}) for tier in tiers}
-        self.kv_used = family("kv_slots_used", "KV-cache slots held by running requests", gauge).Metric(labels={})
-        self.kv_total = family("kv_slots_total", "KV-cache slots in the pool", gauge).Metric(labels={})
-        self.batch = family("decode_batch_size", "sequences in the last decode step", gauge).Metric(labels={})
+        self.queue = {tier: queue.Metric(labels={"tier": tier, "engine": engine_name}) for tier in tiers}
+        self.running = {tier: running.Metric(labels={"tier": tier, "engine": engine_name}) for tier in tiers}
+        engine_only = {"engine": engine_name}
+        self.kv_used = family("kv_slots_used", "KV-cache slots held by running requests", gauge).Metric(labels=engine_only)
+        self.kv_total = family("kv_slots_total", "KV-cache slots in the pool", gauge).Metric(labels=engine_only)
+        self.batch = family("decode_batch_size", "sequences in the last decode step", gauge).Metric(labels=engine_only)
         self._published = {}  # (field, tier) -> value already added to the Prometheus counter
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-metrics", daemon=True)

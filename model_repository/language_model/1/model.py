@@ -19,6 +19,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 from qwen3vl_runtime.decoder_weights import load_text_model, load_vision_tower  # noqa: E402
 from qwen3vl_runtime.engine import Engine, SamplingParams, Sequence, StepOutput  # noqa: E402
 from qwen3vl_runtime.engine.runner import ModelRunner, PromptInputs  # noqa: E402
+from qwen3vl_runtime.engine.server_caps import ServerTierCounts, default_path  # noqa: E402
 from qwen3vl_runtime.engine.vision import ImageEncoder, ImageInputs  # noqa: E402
 from qwen3vl_runtime.specs import NUMPY_DTYPES, VISION_INPUTS  # noqa: E402
 from qwen3vl_runtime.streaming import ResponseStreamer  # noqa: E402
@@ -74,16 +75,20 @@ class TritonPythonModel:
         self.logger = pb_utils.Logger
         # Sends leave the decode loop's thread; outputs that pile up behind a send are merged.
         self.streamer = ResponseStreamer(log=self.logger.log_error).start()
+        tiers = TierTable.from_json(settings["tiers"])
+        # One engine per GPU (instance): the tier caps are the server's, counted across them.
+        self.server_counts = ServerTierCounts(default_path(args["model_name"]), [t.name for t in tiers.tiers])
         self.engine = Engine(
             runner,
             AutoTokenizer.from_pretrained(DECODER_DIR),
             eos_token_ids=set(eos if isinstance(eos, list) else [eos]),
             num_slots=num_slots,
-            tiers=TierTable.from_json(settings["tiers"]),
+            tiers=tiers,
             cancel_check_interval_s=CANCEL_CHECK_INTERVAL_S,
+            server_counts=self.server_counts,
             log=self.logger.log_error,
         ).start()
-        self.metrics = EngineMetricsPublisher(self.engine).start()
+        self.metrics = EngineMetricsPublisher(self.engine, args["model_instance_name"]).start()
 
     def execute(self, requests):
         for request in requests:
@@ -146,3 +151,4 @@ class TritonPythonModel:
         self.metrics.stop()
         self.engine.stop()  # fails what is still queued or running: those errors go out next
         self.streamer.stop()
+        self.server_counts.close()

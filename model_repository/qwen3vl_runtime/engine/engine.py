@@ -15,6 +15,7 @@ from .request import FinishReason, Sequence, StepOutput
 from .runner import ModelRunner
 from .sampler import sample
 from .scheduler import UNLIMITED, QueueFull, Scheduler
+from .server_caps import ServerTierCounts
 from .slots import SlotPool
 
 
@@ -24,7 +25,9 @@ class Engine:
     cancel_check_interval_s: how often every sequence's ``is_cancelled`` is asked (0: each step).
     Under Triton each ask is an IPC round trip to the server (56-84 us on the CPU machine:
     scripts/probe_response_path.py), so asking 64 streams every step would cost the decode loop
-    milliseconds per token."""
+    milliseconds per token.
+    server_counts: the server's other engines' running requests, so that tier caps hold for the
+    whole server (several GPUs); None: this engine is the server's only one."""
 
     def __init__(
         self,
@@ -36,6 +39,7 @@ class Engine:
         tiers: TierTable = UNLIMITED,
         clock=time.monotonic,
         cancel_check_interval_s: float = 0.0,
+        server_counts: ServerTierCounts | None = None,
         log=print,
     ):
         self.runner = runner
@@ -46,7 +50,7 @@ class Engine:
         self.clock = clock
         self.cancel_check_interval_s = cancel_check_interval_s
         self._last_cancel_check = float("-inf")
-        self.scheduler = Scheduler(SlotPool(num_slots), tiers, clock=clock)
+        self.scheduler = Scheduler(SlotPool(num_slots), tiers, clock=clock, server=server_counts)
         self.metrics = EngineMetrics(tiers)
         self.log = log
         self._inbox: list[Sequence] = []

@@ -1,15 +1,18 @@
 """Which sequences run this step, by tier: admit waiting ones in priority order while KV slots are
 free and each tier stays under its concurrency cap; reject those that waited past their tier's
 timeout; retire finished ones. Running sequences are never preempted: when slots are short, lower
-tiers wait (and time out) instead. Plain Python, no torch."""
+tiers wait (and time out) instead. With several engines in one server (one per GPU) the caps are
+the server's: ``server_caps`` counts what the other engines run. Plain Python, no torch."""
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from contextlib import nullcontext
 
 from ..tiers import Tier, TierTable
 from .request import Sequence
+from .server_caps import ServerTierCounts
 from .slots import SlotPool
 
 # Without a tier table: one tier, no caps, no timeouts (benchmarks, tests of the engine alone).
@@ -21,8 +24,18 @@ class QueueFull(ValueError):
 
 
 class Scheduler:
-    def __init__(self, slots: SlotPool, tiers: TierTable = UNLIMITED, prefill_token_budget: int = 4096, clock=time.monotonic):
+    """server: the running requests of the server's other engines (None: this engine is alone)."""
+
+    def __init__(
+        self,
+        slots: SlotPool,
+        tiers: TierTable = UNLIMITED,
+        prefill_token_budget: int = 4096,
+        clock=time.monotonic,
+        server: ServerTierCounts | None = None,
+    ):
         self.slots = slots
+        self.server = server
         self.tiers = tiers
         self.prefill_token_budget = prefill_token_budget
         self.clock = clock
@@ -56,10 +69,20 @@ class Scheduler:
         Prompts are prefilled together up to a token budget per step (at least one prompt), so a
         burst of newcomers is batched without stalling the running streams for long.
         """
+        if not any(self.waiting.values()) or not self.slots.can_allocate():
+            return []
+        with self.server.admitting() if self.server else nullcontext({}) as elsewhere:
+            admitted = self._admit(elsewhere)
+            if admitted and self.server:
+                self.server.publish(self.running_by_tier)
+        return admitted
+
+    def _admit(self, elsewhere: dict[str, int]) -> list[Sequence]:
         admitted, tokens = [], 0
         for tier in self.tiers.by_priority():
             queue = self.waiting[tier.name]
-            while queue and self.slots.can_allocate() and self.running_by_tier[tier.name] < tier.max_concurrent:
+            cap = tier.max_concurrent - elsewhere.get(tier.name, 0)
+            while queue and self.slots.can_allocate() and self.running_by_tier[tier.name] < cap:
                 if admitted and tokens + queue[0].prompt_len > self.prefill_token_budget:
                     return admitted
                 seq = queue.popleft()
@@ -76,6 +99,8 @@ class Scheduler:
         if seq.slot is not None:
             self.running.remove(seq)
             self.running_by_tier[seq.tier.name] -= 1
+            if self.server:
+                self.server.publish(self.running_by_tier)
             self.slots.free(seq.slot)
             seq.slot = None
         elif seq.tier is not None and seq in self.waiting[seq.tier.name]:
