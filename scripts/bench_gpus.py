@@ -23,7 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_triton import closed_loop, image_png  # noqa: E402
+from bench_triton import closed_loop  # noqa: E402
+from workload import encoded_image  # noqa: E402
 
 from builder.reconfigure import reconfigure_repository  # noqa: E402
 from builder.serve import TritonServer  # noqa: E402
@@ -49,7 +50,7 @@ def main() -> int:
     p.add_argument("--requests", type=int, help="requests per set (default: 3 x concurrency)")
     p.add_argument("--out", type=Path, default=Path("bench_gpus.json"))
     args = p.parse_args()
-    image, rows = image_png(), []
+    image, rows = encoded_image(), []
     print("| GPUs | output tok/s | scaling | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | GiB per GPU |")
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(dir=args.repository.parent) as tmp:

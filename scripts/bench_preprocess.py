@@ -25,19 +25,14 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from workload import encoded_image  # noqa: E402
+
 from builder.checkpoint import make_demo_checkpoint  # noqa: E402
 from model_repository.qwen3vl_runtime.patches import PatchMaker  # noqa: E402
 from model_repository.qwen3vl_runtime.preprocessing import PreprocessLimits, Preprocessor  # noqa: E402
 
 LIMITS = PreprocessLimits(max_context=4096, max_pixels=1024 * 1024, min_pixels=64 * 1024, max_images=4, max_source_pixels=64_000_000)
 PROMPT = "Describe this image in detail."
-
-
-def encoded(width: int, height: int, fmt: str) -> bytes:
-    pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format=fmt)
-    return buffer.getvalue()
 
 
 def median_ms(call, repeat: int) -> float:
@@ -67,11 +62,11 @@ def run(checkpoint: Path, args) -> int:
     size = {"longest_edge": LIMITS.max_pixels, "shortest_edge": LIMITS.min_pixels}
     processor = AutoImageProcessor.from_pretrained(checkpoint, backend="pil", size=size)
     patches = PatchMaker(processor, min_pixels=LIMITS.min_pixels, max_pixels=LIMITS.max_pixels)
-    image = Image.open(io.BytesIO(encoded(448, 448, "PNG"))).convert("RGB")
+    image = Image.open(io.BytesIO(encoded_image(448, 448, "PNG"))).convert("RGB")
     cases = {
-        "preprocess, 448 px PNG": lambda data=encoded(448, 448, "PNG"): preprocess(PROMPT, [data]),
-        "preprocess, 448 px JPEG": lambda data=encoded(448, 448, "JPEG"): preprocess(PROMPT, [data]),
-        "preprocess, 1920x1080 JPEG": lambda data=encoded(1920, 1080, "JPEG"): preprocess(PROMPT, [data]),
+        "preprocess, 448 px PNG": lambda data=encoded_image(448, 448, "PNG"): preprocess(PROMPT, [data]),
+        "preprocess, 448 px JPEG": lambda data=encoded_image(448, 448, "JPEG"): preprocess(PROMPT, [data]),
+        "preprocess, 1920x1080 JPEG": lambda data=encoded_image(1920, 1080, "JPEG"): preprocess(PROMPT, [data]),
         "preprocess, text only": lambda: preprocess(PROMPT, []),
         "image processor (transformers, PIL), 448 px": lambda: processor(images=[image], return_tensors="np"),
         "PatchMaker, 448 px": lambda: patches.make([image]),

@@ -16,9 +16,7 @@ at 4 + 2 + 1 requests decoding at once.
 from __future__ import annotations
 
 import argparse
-import base64
 import datetime
-import io
 import json
 import subprocess
 import sys
@@ -31,23 +29,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from perf_analyzer_load import run_perf_analyzer  # noqa: E402
+from workload import PROMPT, encoded_image  # noqa: E402
+
 from builder.client import stream_generate  # noqa: E402
 from builder.serve import TritonServer  # noqa: E402
 
-PROMPT = (
-    "Look at this picture carefully and describe every object you can see, their colours, positions "
-    "and what they might be used for, in plain words, as a short list of numbered points."
-)
 NEW_TOKENS = 128
 PARAMETERS = {"max_tokens": NEW_TOKENS, "ignore_eos": True, "temperature": 0}
-
-
-def image_png() -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (448, 448, 3), dtype=np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def gpu_memory_gib() -> float:
@@ -156,35 +145,6 @@ def closed_loop(url: str, image: bytes | None, concurrency: int, requests: int) 
     }
 
 
-def perf_analyzer(binary: str, url: str, image: bytes, concurrency: int, workdir: Path) -> dict:
-    data = workdir / "input.json"
-    # BYTES elements are JSON strings for perf_analyzer: the image goes as base64 text, which the
-    # preprocess model accepts as well as raw bytes.
-    image_text = base64.b64encode(image).decode()
-    data.write_text(
-        json.dumps(
-            {
-                "data": [
-                    {
-                        "prompt": {"content": [PROMPT], "shape": [1]},
-                        "images": {"content": [image_text], "shape": [1]},
-                    }
-                ]
-            }
-        )
-    )
-    csv = workdir / f"pa_{concurrency}.csv"
-    command = [
-        binary, "-m", "qwen3_vl", "-u", url, "-i", "grpc", "--streaming", "--input-data", str(data),
-        "--concurrency-range", str(concurrency), "--measurement-interval", "8000", "--stability-percentage", "50",
-        "--request-parameter", f"max_tokens:{NEW_TOKENS}:int", "--request-parameter", "ignore_eos:true:bool",
-        "--request-parameter", "temperature:0:int", "-f", str(csv),
-    ]  # fmt: skip
-    out = subprocess.run(command, capture_output=True, text=True, timeout=240)
-    summary = [line.strip() for line in out.stdout.splitlines() if "Concurrency:" in line or "throughput" in line.lower()]
-    return {"returncode": out.returncode, "summary": summary[-4:], "csv": csv.read_text() if csv.exists() else out.stderr[-2000:]}
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repository", type=Path, required=True)
@@ -196,7 +156,7 @@ def main() -> int:
     p.add_argument("--server-arg", action="append", default=[], help="extra tritonserver argument (repeatable)")
     p.add_argument("--server-log", type=Path, help="keep tritonserver's log here")
     args = p.parse_args()
-    image = None if args.text_only else image_png()
+    image = None if args.text_only else encoded_image()
     rows = []
     server = TritonServer(args.repository, ready_timeout_s=600, extra_args=tuple(args.server_arg), log_path=args.server_log)
     with server, tempfile.TemporaryDirectory() as workdir:
@@ -210,7 +170,8 @@ def main() -> int:
             row.update(system="triton-grpc", precision=args.precision, concurrency=c, gpu_mem_gib=gpu_memory_gib())
             row["gpu_processes"] = gpu_processes()
             if args.perf_analyzer and image is not None:
-                row["perf_analyzer"] = perf_analyzer(args.perf_analyzer, server.grpc_url, image, c, Path(workdir))
+                entries = [(PROMPT, [image])]
+                row["perf_analyzer"] = run_perf_analyzer(args.perf_analyzer, server.grpc_url, entries, c, Path(workdir))
             rows.append(row)
             print(
                 f"| triton-grpc   | {args.precision:<5} | {c:>3} | {row['ttft_p50_ms']:8.1f} | {row['ttft_p99_ms']:8.1f} | "

@@ -15,7 +15,6 @@ PNG when matplotlib is installed).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import random
 import sys
@@ -28,18 +27,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from workload import encoded_image  # noqa: E402
+
 from builder.client import GenerationError, refusal_kind, stream_generate  # noqa: E402
 from model_repository.qwen3vl_runtime.tiers import DEFAULT_TIERS, TierTable  # noqa: E402
 
 PROMPT = "Describe this picture in one short paragraph."
-
-
-def image_png(size: int = 448) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def one_request(url: str, tier, image: bytes, max_tokens: int, timeout_s: float) -> dict:
@@ -82,7 +75,7 @@ def run(
 ) -> list[dict]:
     """Open-loop arrivals at `rates` (requests/s per tier) and closed-loop `streams` (that many
     requests in flight per tier, each sending its next when one ends) for `duration_s`."""
-    image = image_png()
+    image = encoded_image()
     results, lock = [], threading.Lock()
     pool = ThreadPoolExecutor(max_workers=256)
     end = time.perf_counter() + duration_s

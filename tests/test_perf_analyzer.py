@@ -1,0 +1,45 @@
+"""The real perf_analyzer against the real server: gRPC streaming, prompts and images of several
+sizes (and two-image and text-only requests), two concurrencies, its CSV.
+
+perf_analyzer comes from ``scripts/get_perf_analyzer.sh`` (.ci/run fetches it into
+.perf_analyzer/); set PERF_ANALYZER to use another one. Without it the test skips.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from perf_analyzer_load import mixed_entries, run_perf_analyzer  # noqa: E402
+
+PERF_ANALYZER = os.environ.get("PERF_ANALYZER") or shutil.which("perf_analyzer") or str(ROOT / ".perf_analyzer" / "perf_analyzer")
+
+pytestmark = [
+    pytest.mark.server,
+    pytest.mark.slow,
+    pytest.mark.skipif(not os.access(PERF_ANALYZER, os.X_OK), reason="no perf_analyzer (scripts/get_perf_analyzer.sh)"),
+]
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_perf_analyzer_streams_a_mix_of_requests(server, tmp_path, concurrency):
+    entries = mixed_entries()
+    assert {len(images) for _, images in entries} == {0, 1, 2}
+    result = run_perf_analyzer(
+        PERF_ANALYZER, server.grpc_url, entries, concurrency, tmp_path, max_tokens=8, measurement_ms=3000, timeout_s=300
+    )
+    assert result["returncode"] == 0, result["csv"]
+    rows = list(csv.DictReader(io.StringIO(result["csv"])))
+    assert len(rows) == 1 and int(rows[0]["Concurrency"]) == concurrency
+    assert float(rows[0]["Inferences/Second"]) > 0
+    # Streaming: each request's 8 tokens arrive in several responses.
+    assert float(rows[0]["Response Throughput"]) > float(rows[0]["Inferences/Second"])
