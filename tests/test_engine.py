@@ -148,6 +148,9 @@ def test_caps_hold_across_the_engines_of_one_server(tmp_path):
     third._rows[third.row, 0] = int(dead.stdout)
     second.retire(second.running[0])
     assert [s.request_id for s in second.admit()] == ["b2"]
+    for counts in (third, first.server, second.server):
+        counts.close()
+    assert not path.exists()  # the last engine to leave removes the file
 
 
 def test_slots_short_go_to_the_highest_tier():

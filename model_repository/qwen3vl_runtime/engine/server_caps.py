@@ -29,16 +29,32 @@ def default_path(model_name: str) -> Path:
 
 class ServerTierCounts:
     def __init__(self, path: Path, tier_names: list[str]):
+        self.path = Path(path)
         self.tiers = list(tier_names)
         size = MAX_ENGINES * (1 + len(self.tiers)) * 8
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        with self._locked():
+        self._fd = self._open_locked()
+        try:
             if os.fstat(self._fd).st_size < size:
                 os.ftruncate(self._fd, size)
             self._map = mmap.mmap(self._fd, size)
             # Row: [pid, running requests of each tier].
             self._rows = np.ndarray((MAX_ENGINES, 1 + len(self.tiers)), dtype=np.int64, buffer=self._map)
             self.row = self._claim_row()
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _open_locked(self) -> int:
+        """Open and lock the file; retry if the last engine of a stopping server removed it before
+        the lock was ours (this engine would count alone in an orphan file)."""
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # closing drops the lock
 
     def _claim_row(self) -> int:
         for row, pid in enumerate(self._rows[:, 0]):
@@ -69,9 +85,13 @@ class ServerTierCounts:
         self._rows[self.row, 1:] = [running_by_tier[name] for name in self.tiers]
 
     def close(self) -> None:
-        self._rows[self.row] = 0
-        self._rows = None
-        self._map.close()
+        """Give up this engine's row; the last engine of the server removes the file."""
+        with self._locked():
+            self._rows[self.row] = 0
+            if not any(pid and _alive(pid) for pid in self._rows[:, 0].tolist()):
+                self.path.unlink(missing_ok=True)
+            self._rows = None
+            self._map.close()
         os.close(self._fd)
 
 
