@@ -123,5 +123,9 @@ def test_instance_groups_put_one_engine_and_one_vision_instance_on_each_gpu(gpus
         assert groups == [(mc.ModelInstanceGroup.KIND_GPU, 1, [g]) for g in gpus]
     preprocess = configs.preprocess_config(options).instance_group
     assert [(g.kind, g.count) for g in preprocess] == [(mc.ModelInstanceGroup.KIND_CPU, 2)]
+    in_decoder = BuildOptions(model="unused", output=Path("unused"), gpus=gpus, vision_backend="decoder")
+    groups = configs.language_model_config(in_decoder, 2048).instance_group
+    assert [(g.kind, list(g.gpus)) for g in groups] == [(mc.ModelInstanceGroup.KIND_GPU, [g]) for g in gpus]
+    assert [s.model_name for s in configs.ensemble_config(in_decoder).ensemble_scheduling.step] == ["preprocess", "language_model"]
     cpu = BuildOptions(model="unused", output=Path("unused"), device="cpu")
     assert [g.kind for g in configs.language_model_config(cpu, 2048).instance_group] == [mc.ModelInstanceGroup.KIND_CPU]
