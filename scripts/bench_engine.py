@@ -5,7 +5,9 @@
 Workload (the project's targets): one 448x448 image + ~40 text tokens through the checkpoint's
 own chat template (246 prompt tokens), 128 new tokens (EOS ignored), concurrency 1, 4, 8, 64.
 The engine runs closed-loop: each stream submits its next request when one finishes. Image
-embeddings come from transformers' vision tower on the GPU (its time is reported apart).
+embeddings come from transformers' vision tower on the GPU (its time is reported apart); with
+--vision-in-engine the engine encodes each request's image itself, as with build-repo
+--vision-backend decoder (rows "engine+vision": the Triton path minus preprocessing and transport).
 Prints a table and writes JSON: per (system, precision, concurrency) ttft_p50_ms, ttft_p99_ms,
 tpot_p50_ms, output_tok_per_s, gpu_mem_gib.
 """
@@ -30,10 +32,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from builder.decoder_export import write_decoder  # noqa: E402
-from model_repository.qwen3vl_runtime.decoder_weights import load_text_model  # noqa: E402
+from builder.decoder_export import write_decoder, write_vision  # noqa: E402
+from model_repository.qwen3vl_runtime.decoder_weights import load_text_model, load_vision_tower  # noqa: E402
 from model_repository.qwen3vl_runtime.engine import Engine, SamplingParams, Sequence  # noqa: E402
 from model_repository.qwen3vl_runtime.engine.runner import ModelRunner, PromptInputs  # noqa: E402
+from model_repository.qwen3vl_runtime.engine.vision import ImageEncoder, ImageInputs  # noqa: E402
 from model_repository.qwen3vl_runtime.preprocessing import PreprocessLimits, Preprocessor  # noqa: E402
 
 PROMPT = (
@@ -56,7 +59,7 @@ def workload(checkpoint: Path):
     Image.fromarray(pixels).save(buffer, format="PNG")
     pre = Preprocessor(checkpoint, PreprocessLimits(4096, 1024 * 1024, 65536, 4, 64_000_000))
     inputs = pre(PROMPT, [buffer.getvalue()])
-    inputs["image_grid_thw"] = pre.image_processor(images=[Image.fromarray(pixels)], return_tensors="np")["image_grid_thw"]
+    inputs["image_grid_thw"] = pre.patches.make([Image.fromarray(pixels)])[1]
     return inputs
 
 
@@ -175,14 +178,19 @@ def bench_engine(checkpoint: Path, precision: str, prompt: PromptInputs, inputs:
     slots = args.slots
     with tempfile.TemporaryDirectory() as folder:
         write_decoder(checkpoint, Path(folder), quantization=PRECISIONS[precision], dtype="bfloat16")
+        if args.vision_in_engine:  # the tower's weights as build-repo writes them for this precision
+            vision_mode = "none" if PRECISIONS[precision] == "none" else "int8"
+            write_vision(checkpoint, Path(folder), quantization=vision_mode, dtype="bfloat16")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         model = load_text_model(Path(folder), args.device)
+        visual = load_vision_tower(Path(folder), args.device) if args.vision_in_engine else None
     start = time.perf_counter()
     runner = ModelRunner(
-        model, num_slots=slots, max_len=args.max_len, image_token_id=151655, graphed_prefill=args.graphed_prefill
-    )
+        model, num_slots=slots, max_len=args.max_len, image_token_id=151655, graphed_prefill=args.graphed_prefill,
+        vision=ImageEncoder(visual) if visual is not None else None,
+    )  # fmt: skip
     startup = time.perf_counter() - start
     engine = Engine(runner, AutoTokenizer.from_pretrained(checkpoint), eos_token_ids={151645}, num_slots=slots).start()
     loop = ClosedLoop(engine, prompt, len(inputs["input_ids"]), int(inputs["rope_delta"][0]))
@@ -191,7 +199,8 @@ def bench_engine(checkpoint: Path, precision: str, prompt: PromptInputs, inputs:
     try:
         for c in args.concurrency:
             result = loop.run(c, max(3 * c, 8))
-            result.update(system="engine", precision=precision, concurrency=c, startup_s=startup)
+            system = "engine+vision" if args.vision_in_engine else "engine"
+            result.update(system=system, precision=precision, concurrency=c, startup_s=startup)
             result["gpu_mem_gib"] = peak_gib()
             rows.append(result)
             print(_row(result), flush=True)
@@ -222,13 +231,16 @@ def main() -> int:
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--device", default="cuda", help="cpu runs the same code slowly (a smoke test)")
     p.add_argument("--graphed-prefill", action="store_true", help="replay short prompts' prefill from CUDA graphs")
+    p.add_argument("--vision-in-engine", action="store_true", help="the engine encodes the image (--vision-backend decoder)")
     args = p.parse_args()
 
     inputs = workload(args.checkpoint)
     hf, embeds, deepstack, vision_ms = vision_embeddings(args.checkpoint, inputs, args.device)
-    prompt = PromptInputs(
-        torch.from_numpy(inputs["input_ids"]), torch.from_numpy(inputs["position_ids"]), embeds, deepstack
-    )
+    ids, positions = torch.from_numpy(inputs["input_ids"]), torch.from_numpy(inputs["position_ids"])
+    if args.vision_in_engine:
+        prompt = PromptInputs(ids, positions, images=ImageInputs.from_arrays(inputs))
+    else:
+        prompt = PromptInputs(ids, positions, embeds, deepstack)
     print(f"prompt {len(inputs['input_ids'])} tokens; vision tower (transformers bf16 eager): {vision_ms:.1f} ms")
     print("| system                 | prec  |   c | TTFT p50 | TTFT p99 | TPOT ms |    tok/s | GiB    |")
     print("|---|---|---|---|---|---|---|---|")

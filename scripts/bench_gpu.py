@@ -62,6 +62,7 @@ def main() -> int:
     p.add_argument("--perf-analyzer", help="path of the perf_analyzer binary")
     p.add_argument("--concurrency", nargs="+", default=["1", "4", "8", "64"])
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--vision-in-engine", action="store_true", help="engine rows encode the image too (--vision-backend decoder)")
     p.add_argument("--device", default="cuda", help="cpu: a slow smoke test of the whole run")
     p.add_argument("--out", type=Path, default=Path("bench_gpu.json"))
     args = p.parse_args()
@@ -70,7 +71,8 @@ def main() -> int:
         engine_json = Path(tmp) / "engine.json"
         engine_args = ["--checkpoint", str(args.checkpoint), "--out", str(engine_json), "--precisions", *repositories]
         run("bench_engine.py", *engine_args, "--concurrency", *args.concurrency,
-            "--device", args.device, *(["--skip-transformers"] if args.skip_transformers else []))  # fmt: skip
+            "--device", args.device, *(["--skip-transformers"] if args.skip_transformers else []),
+            *(["--vision-in-engine"] if args.vision_in_engine else []))  # fmt: skip
         engine = json.loads(engine_json.read_text())
         rows, manifests = list(engine["results"]), {}
         for precision, repository in repositories.items():
