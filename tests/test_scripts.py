@@ -1,0 +1,36 @@
+"""The benchmark scripts still run (on the CPU, tiny model, smallest settings): they are not in
+any other test, and a refactor once broke one silently."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+pytestmark = pytest.mark.slow
+
+
+def run(script: str, *args: str) -> None:
+    out = subprocess.run([sys.executable, str(SCRIPTS / script), *args], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+
+
+def test_bench_engine_with_the_vision_tower_in_the_engine(tiny_checkpoint, tmp_path):
+    out = tmp_path / "engine.json"
+    run("bench_engine.py", "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--precisions", "int8",
+        "--concurrency", "1", "--skip-transformers", "--slots", "2", "--max-len", "512", "--vision-in-engine",
+        "--out", str(out))  # fmt: skip
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["system"] == "engine+vision" and row["output_tok_per_s"] > 0 and row["ttft_p50_ms"] > 0
+
+
+def test_bench_preprocess(tmp_path):
+    out = tmp_path / "preprocess.json"
+    run("bench_preprocess.py", "--repeat", "2", "--out", str(out))
+    rows = json.loads(out.read_text())["median_ms"]
+    assert set(rows) >= {"preprocess, 448 px PNG", "PatchMaker, 448 px"} and all(ms > 0 for ms in rows.values())
