@@ -75,15 +75,16 @@ class SegmentAttention:
         for n in lengths:
             starts[n].append(offset)
             offset += n
-        self.total = offset
-        # Per distinct length: the patch indices of its images, [images, length].
-        self.groups = [
-            (torch.tensor(first)[:, None] + torch.arange(n)).to(device, non_blocking=True) for n, first in starts.items()
-        ]
+        if len(starts) == 1:  # the common case (one size): a view of q, k, v, no gather or scatter
+            (n, first), = starts.items()
+            self.shape, self.groups = (len(first), n), []
+        else:  # per distinct length: the patch indices of its images, [images, length]
+            self.shape = None
+            self.groups = [(torch.tensor(first)[:, None] + torch.arange(n)).to(device) for n, first in starts.items()]
 
     def __call__(self, q, k, v, scale: float) -> torch.Tensor:
-        if len(self.groups) == 1:  # the common case (one size): a view, no gather or scatter
-            return self._attend(q, k, v, scale, self.groups[0].shape).reshape(q.shape)
+        if self.shape is not None:
+            return self._attend(q, k, v, scale, self.shape).reshape(q.shape)
         out = torch.empty_like(q)
         for index in self.groups:
             out[index] = self._attend(q[index], k[index], v[index], scale, index.shape)
