@@ -77,7 +77,8 @@ class TritonPythonModel:
         self.streamer = ResponseStreamer(log=self.logger.log_error).start()
         tiers = TierTable.from_json(settings["tiers"])
         # One engine per GPU (instance): the tier caps are the server's, counted across them.
-        self.server_counts = ServerTierCounts(default_path(args["model_name"]), [t.name for t in tiers.tiers])
+        names = [t.name for t in tiers.tiers]
+        self.server_counts = ServerTierCounts(default_path(args["model_name"], names), names)
         self.engine = Engine(
             runner,
             AutoTokenizer.from_pretrained(DECODER_DIR),

@@ -10,6 +10,7 @@ reads it just before sees one request too many, which only delays an admission b
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import mmap
 import os
 import tempfile
@@ -21,10 +22,12 @@ import numpy as np
 MAX_ENGINES = 64
 
 
-def default_path(model_name: str) -> Path:
-    """One file per server and model: the Python-backend stubs of one tritonserver share its pid
-    as their parent's."""
-    return Path(tempfile.gettempdir()) / f"qwen3vl-tier-counts-{os.getppid()}-{model_name}"
+def default_path(model_name: str, tier_names: list[str]) -> Path:
+    """One file per server, model and tier table: the Python-backend stubs of one tritonserver
+    share its pid as their parent's; a model reloaded with other tiers gets a file of its own
+    (rows are as wide as the tier list)."""
+    tiers = hashlib.sha256(",".join(tier_names).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"qwen3vl-tier-counts-{os.getppid()}-{model_name}-{tiers}"
 
 
 class ServerTierCounts:
