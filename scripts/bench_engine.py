@@ -32,6 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from workload import PROMPT, encoded_image  # noqa: E402
+
 from builder.decoder_export import write_decoder, write_vision  # noqa: E402
 from model_repository.qwen3vl_runtime.decoder_weights import load_text_model, load_vision_tower  # noqa: E402
 from model_repository.qwen3vl_runtime.engine import Engine, SamplingParams, Sequence  # noqa: E402
@@ -39,10 +41,6 @@ from model_repository.qwen3vl_runtime.engine.runner import ModelRunner, PromptIn
 from model_repository.qwen3vl_runtime.engine.vision import ImageEncoder, ImageInputs  # noqa: E402
 from model_repository.qwen3vl_runtime.preprocessing import PreprocessLimits, Preprocessor  # noqa: E402
 
-PROMPT = (
-    "Look at this picture carefully and describe every object you can see, their colours, positions "
-    "and what they might be used for, in plain words, as a short list of numbered points."
-)
 NEW_TOKENS = 128
 PRECISIONS = {"bf16": "none", "int8": "int8", "fp8": "fp8"}
 
@@ -54,12 +52,10 @@ def percentile(values: list[float], q: float) -> float:
 def workload(checkpoint: Path):
     from PIL import Image
 
-    pixels = np.random.default_rng(0).integers(0, 256, (448, 448, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
+    image = encoded_image()
     pre = Preprocessor(checkpoint, PreprocessLimits(4096, 1024 * 1024, 65536, 4, 64_000_000))
-    inputs = pre(PROMPT, [buffer.getvalue()])
-    inputs["image_grid_thw"] = pre.patches.make([Image.fromarray(pixels)])[1]
+    inputs = pre(PROMPT, [image])
+    inputs["image_grid_thw"] = pre.patches.make([Image.open(io.BytesIO(image)).convert("RGB")])[1]
     return inputs
 
 

@@ -24,6 +24,9 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from workload import pyplot  # noqa: E402
 
 
 def run(script: str, *args: str) -> None:
@@ -34,12 +37,8 @@ def run(script: str, *args: str) -> None:
 
 def plot(rows: list[dict], path: Path) -> None:
     """Output tokens/s against concurrency, one line per (system, precision); needs matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     series: dict[str, list[tuple[int, float]]] = {}
     for r in rows:

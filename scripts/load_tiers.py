@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workload import encoded_image  # noqa: E402
+from workload import encoded_image, pyplot  # noqa: E402
 
 from builder.client import GenerationError, refusal_kind, stream_generate  # noqa: E402
 from model_repository.qwen3vl_runtime.tiers import DEFAULT_TIERS, TierTable  # noqa: E402
@@ -153,18 +153,6 @@ def report(summary: dict, path: Path, results: list[dict]) -> None:
         figure, axis = plt.subplots()
         ttft_cdf(axis, results)
         figure.savefig(path.with_suffix(".png"), dpi=120)
-
-
-def pyplot():
-    """matplotlib's pyplot drawing to files, or None when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
 
 
 def ttft_cdf(axis, results: list[dict], title: str = "", tiers: list[str] | None = None) -> None:

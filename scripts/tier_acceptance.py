@@ -35,7 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_triton import gpu_memory_gib, gpu_processes  # noqa: E402
-from load_tiers import pyplot, run, summarize, ttft_cdf  # noqa: E402
+from load_tiers import run, summarize, ttft_cdf  # noqa: E402
+from workload import pyplot  # noqa: E402
 
 from builder.reconfigure import reconfigure_repository  # noqa: E402
 from builder.serve import TritonServer  # noqa: E402

@@ -1,4 +1,5 @@
-"""The benchmarks' shared inputs: the long image prompt and random-pixel images, encoded."""
+"""What the benchmark scripts share: the long image prompt, random-pixel images (encoded), and
+matplotlib when it is there."""
 
 from __future__ import annotations
 
@@ -10,6 +11,18 @@ PROMPT = (
     "Look at this picture carefully and describe every object you can see, their colours, positions "
     "and what they might be used for, in plain words, as a short list of numbered points."
 )
+
+
+def pyplot():
+    """matplotlib's pyplot drawing to files, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
 
 
 def encoded_image(width: int = 448, height: int = 448, fmt: str = "PNG", seed: int = 0) -> bytes:

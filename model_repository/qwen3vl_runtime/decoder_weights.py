@@ -83,15 +83,20 @@ def load_text_model(folder: Path, device: str | torch.device = "cpu", dtype: tor
         state.pop("lm_head.weight", None)
     with torch.device("meta"):
         model = TextModel(config)
-    mode = settings["quantization"]
-    if mode != "none":
-        from .quant import swap_in_quantized
-
-        swap_in_quantized(model, state, mode)
-    model.load_state_dict(state, strict=True, assign=True)
+    _fill(model, state, settings["quantization"])
     # Float tensors take the serving dtype; the quantized modules keep their 8-bit weights.
     model.to(device=device, dtype=dtype)
     return model.eval()
+
+
+def _fill(module: torch.nn.Module, state: dict[str, torch.Tensor], mode: str) -> None:
+    """Give a module built on the meta device the loaded tensors, swapping in the 8-bit layers
+    for which ``state`` has quantized weights."""
+    if mode != "none":
+        from .quant import swap_in_quantized
+
+        swap_in_quantized(module, state, mode)
+    module.load_state_dict(state, strict=True, assign=True)
 
 
 def load_vision_tower(folder: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
@@ -109,12 +114,7 @@ def load_vision_tower(folder: Path, device: str | torch.device = "cpu", dtype: t
     state = load_file(folder / VISION_WEIGHTS_FILE, device=str(device))
     with torch.device("meta"):
         visual = Qwen3VLVisionModel._from_config(config)
-    mode = settings.get("vision_quantization", "none")
-    if mode != "none":
-        from .quant import swap_in_quantized
-
-        swap_in_quantized(visual, state, mode)
-    visual.load_state_dict(state, strict=True, assign=True)
+    _fill(visual, state, settings.get("vision_quantization", "none"))
     # The rotary table is computed, not stored (on the meta device it holds no data): rebuilt
     # after the cast, in float32 as transformers keeps it.
     del visual.rotary_pos_emb

@@ -38,14 +38,11 @@ class EngineMetricsPublisher:
             return self._families[-1]
 
         counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
-        self.counters = {
-            field: {tier: fam.Metric(labels={"tier": tier, "engine": engine_name}) for tier in tiers}
-            for field, fam in ((f, family(n, h, counter)) for f, (n, h) in COUNTERS.items())
-        }
-        queue, running = family("queue_length", "requests waiting, per tier", gauge), family("running_requests", "requests decoding, per tier", gauge)
-        self.queue = {tier: queue.Metric(labels={"tier": tier, "engine": engine_name}) for tier in tiers}
-        self.running = {tier: running.Metric(labels={"tier": tier, "engine": engine_name}) for tier in tiers}
         engine_only = {"engine": engine_name}
+        per_tier = lambda fam: {tier: fam.Metric(labels={"tier": tier, **engine_only}) for tier in tiers}  # noqa: E731
+        self.counters = {field: per_tier(family(name, help_text, counter)) for field, (name, help_text) in COUNTERS.items()}
+        queue, running = family("queue_length", "requests waiting, per tier", gauge), family("running_requests", "requests decoding, per tier", gauge)
+        self.queue, self.running = per_tier(queue), per_tier(running)
         self.kv_used = family("kv_slots_used", "KV-cache slots held by running requests", gauge).Metric(labels=engine_only)
         self.kv_total = family("kv_slots_total", "KV-cache slots in the pool", gauge).Metric(labels=engine_only)
         self.batch = family("decode_batch_size", "sequences in the last decode step", gauge).Metric(labels=engine_only)

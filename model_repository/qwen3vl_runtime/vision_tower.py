@@ -12,7 +12,7 @@ so the weights load by the checkpoint's own names.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

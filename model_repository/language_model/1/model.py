@@ -43,6 +43,11 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 CANCEL_PARAMETER = "cancel_request_id"
 
 
+def engines(model_config: dict) -> int:
+    """The decoder instances of this server: one per listed GPU times each group's count."""
+    return sum(int(g.get("count", 1)) * max(len(g.get("gpus", [])), 1) for g in model_config.get("instance_group", []))
+
+
 class TritonPythonModel:
     def initialize(self, args):
         from transformers import AutoTokenizer
@@ -76,9 +81,11 @@ class TritonPythonModel:
         # Sends leave the decode loop's thread; outputs that pile up behind a send are merged.
         self.streamer = ResponseStreamer(log=self.logger.log_error).start()
         tiers = TierTable.from_json(settings["tiers"])
-        # One engine per GPU (instance): the tier caps are the server's, counted across them.
+        # One engine per GPU (instance): with several, the tier caps are the server's, counted
+        # across them; a lone engine counts its own and needs no shared file.
         names = [t.name for t in tiers.tiers]
-        self.server_counts = ServerTierCounts(default_path(args["model_name"], names), names)
+        shared = engines(json.loads(args["model_config"])) > 1
+        self.server_counts = ServerTierCounts(default_path(args["model_name"], names), names) if shared else None
         self.engine = Engine(
             runner,
             AutoTokenizer.from_pretrained(DECODER_DIR),
@@ -152,4 +159,5 @@ class TritonPythonModel:
         self.metrics.stop()
         self.engine.stop()  # fails what is still queued or running: those errors go out next
         self.streamer.stop()
-        self.server_counts.close()
+        if self.server_counts is not None:
+            self.server_counts.close()

@@ -7,9 +7,9 @@ n sequences replays the smallest bucket >= n, the padding rows pointed at a scra
 
 from __future__ import annotations
 
-import torch
-
 from collections.abc import Callable
+
+import torch
 
 from ..fused_forward import fused_decode, static_prefill
 from ..text_model import TextModel

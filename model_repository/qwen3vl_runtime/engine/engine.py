@@ -156,7 +156,7 @@ class Engine:
         may call it directly on an engine that was not started."""
         with self._wake:
             inbox, self._inbox = self._inbox, []
-            named = dict(self._cancelled_ids)
+            named = dict(self._cancelled_ids) if self._cancelled_ids else {}
         for seq in inbox:
             self._start_sequence(seq)
         asked = self.clock() - self._last_cancel_check >= self.cancel_check_interval_s
