@@ -194,12 +194,15 @@ def bench_engine(checkpoint: Path, precision: str, prompt: PromptInputs, inputs:
     rows = []
     try:
         for c in args.concurrency:
+            steps_before, phases_before = engine.metrics.phases_snapshot()
             result = loop.run(c, max(3 * c, 8))
+            result.update(engine_phases(engine, steps_before, phases_before))
             system = "engine+vision" if args.vision_in_engine else "engine"
             result.update(system=system, precision=precision, concurrency=c, startup_s=startup)
             result["gpu_mem_gib"] = peak_gib()
             rows.append(result)
             print(_row(result), flush=True)
+            print(f"|   steps {result['steps']}, ms per step: {result['phase_ms_per_step']}", flush=True)
     finally:
         engine.stop()
         del engine, runner, model, loop
@@ -207,6 +210,14 @@ def bench_engine(checkpoint: Path, precision: str, prompt: PromptInputs, inputs:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return rows
+
+
+def engine_phases(engine: Engine, steps_before: int, phases_before: dict[str, float]) -> dict:
+    """The engine thread's wall time per step phase over one run (Engine.step says what each is)."""
+    steps, phases = engine.metrics.phases_snapshot()
+    steps -= steps_before
+    per_step = {name: round((seconds - phases_before.get(name, 0.0)) / max(steps, 1) * 1e3, 3) for name, seconds in phases.items()}
+    return {"steps": steps, "phase_ms_per_step": per_step}
 
 
 def _row(r: dict) -> str:

@@ -153,7 +153,12 @@ class Engine:
     def step(self) -> None:
         """One engine step: take in submitted sequences, drop cancelled and timed-out ones, prefill
         newcomers (highest tier first), decode the rest together. The loop thread calls it; tests
-        may call it directly on an engine that was not started."""
+        may call it directly on an engine that was not started.
+
+        Its wall time goes to metrics.phase_seconds: "schedule" (admission, cancels, timeouts),
+        "prefill" and "decode" (launch, GPU time and the host sync of sampling), "output"
+        (detokenizing and handing responses over)."""
+        started = time.perf_counter()
         with self._wake:
             inbox, self._inbox = self._inbox, []
             named = dict(self._cancelled_ids) if self._cancelled_ids else {}
@@ -182,16 +187,18 @@ class Engine:
         decoding = list(self.scheduler.running)
         self.metrics.batch_size = len(decoding)
         admitted = self.scheduler.admit()
-        if admitted:
-            logits = self.runner.prefill(admitted)
-            tokens = sample(logits, [s.params for s in admitted], [self._generators[s] for s in admitted])
-            for seq, token in zip(admitted, tokens):
-                self._append(seq, token)
-        if decoding:
-            logits = self.runner.decode(decoding)
-            tokens = sample(logits, [s.params for s in decoding], [self._generators[s] for s in decoding])
-            for seq, token in zip(decoding, tokens):
-                self._append(seq, token)
+        phases, mark = {}, time.perf_counter()
+        phases["schedule"] = mark - started
+        outputs = []
+        for phase, seqs, run in (("prefill", admitted, self.runner.prefill), ("decode", decoding, self.runner.decode)):
+            if seqs:
+                tokens = sample(run(seqs), [s.params for s in seqs], [self._generators[s] for s in seqs])
+                outputs += zip(seqs, tokens)
+                phases[phase], mark = time.perf_counter() - mark, time.perf_counter()
+        for seq, token in outputs:
+            self._append(seq, token)
+        phases["output"] = time.perf_counter() - mark
+        self.metrics.step_phases(phases)
 
     def _append(self, seq: Sequence, token: int) -> None:
         seq.output_ids.append(token)

@@ -26,6 +26,9 @@ class EngineMetrics:
     tiers: TierTable
     counters: dict[str, TierCounters] = field(init=False)
     batch_size: int = 0  # sequences in the last decode step
+    # Wall seconds of the engine thread per step phase (see Engine.step), to say where time goes.
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self):
@@ -40,6 +43,18 @@ class EngineMetrics:
         with self._lock:
             self.counters[tier].ttft_seconds_sum += seconds
             self.counters[tier].ttft_count += 1
+
+    def step_phases(self, phases: dict[str, float]) -> None:
+        """Add one step's seconds per phase."""
+        with self._lock:
+            self.steps += 1
+            for name, seconds in phases.items():
+                self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + seconds
+
+    def phases_snapshot(self) -> tuple[int, dict[str, float]]:
+        """(steps so far, seconds per phase so far)."""
+        with self._lock:
+            return self.steps, dict(self.phase_seconds)
 
     def snapshot(self) -> dict[str, TierCounters]:
         with self._lock:
