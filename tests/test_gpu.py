@@ -31,7 +31,7 @@ def test_decode_attention_kernel_matches_sdpa(dtype, bound):
 
 
 @pytest.mark.parametrize("mode, bound", [("int8", 1e-2), ("fp8", 6e-2)])
-@pytest.mark.parametrize("m", [1, 7, 33, 64])
+@pytest.mark.parametrize("m", [1, 7, 33, 64, 200, 2000])  # decode tiles up to 64 rows, prefill tiles above
 def test_8bit_matmul_kernels_match_the_reference(mode, bound, m):
     from model_repository.qwen3vl_runtime.gpu import _fast_matmul
     from model_repository.qwen3vl_runtime.quant import dequantize_weight, quantize_weight

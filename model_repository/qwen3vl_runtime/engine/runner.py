@@ -66,11 +66,23 @@ class ModelRunner:
                 use_gpu_kernels(vision.visual)
                 vision.warm_up()
             self._prefill = partial(fused_prefill, model, self.kv)
+            self._warm_up_prefill(scratch_slot=num_slots)
             if cuda_graphs:
                 self.graphed_decode = GraphedDecodeStep(model, self.kv, max_batch=num_slots, scratch_slot=num_slots)
                 if graphed_prefill:
                     prefill_graphs = GraphedPrefill(model, self.kv, scratch_slot=num_slots)
                     self._prefill = partial(self._graphed_or_eager_prefill, prefill_graphs)
+
+    @torch.inference_mode()
+    def _warm_up_prefill(self, scratch_slot: int) -> None:
+        """Eager prefills of two lengths into the scratch slot: the 8-bit kernels tune their tiles
+        for each class of row counts here (int8_matmul), not in the first requests' first token."""
+        from ..fused_forward import fused_prefill
+
+        for n in (min(256, self.max_len), min(1024, self.max_len)):
+            embeds = torch.zeros(n, self.model.config.hidden_size, device=self.device, dtype=self.dtype)
+            positions = torch.arange(n, device=self.device).expand(3, n)
+            fused_prefill(self.model, self.kv, embeds, positions, [scratch_slot], [n])
 
     def check(self, prompt: PromptInputs) -> None:
         """Raise ValueError unless the image rows match the prompt's image tokens (host data)."""

@@ -13,6 +13,7 @@ import triton.language as tl
 
 
 def _configs():
+    """Few rows (a decode step): thin tiles over many weight rows, long K steps; bound by reading W."""
     return [
         triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
         for n, k, w, s in (
@@ -26,6 +27,16 @@ def _configs():
             (128, 64, 4, 4),
         )
     ]
+
+
+# Above this many rows (a prefill, an image's patches) the product is bound by the tensor cores,
+# not by reading W: on the H100, cuBLAS on a weight dequantized for the call beat this kernel
+# about 2x at 784-4,096 rows (scripts/bench_matmul.py, docs/benchmarks.md). Decode batches are
+# at most this size and keep the fused kernel.
+DECODE_MAX_ROWS = 64
+# ... except for weights too large to copy per call (the tied lm_head: 622 MB in bf16), which
+# only ever see a few rows (each prompt's last).
+DEQUANTIZE_MAX_ELEMENTS = 64 << 20
 
 
 @triton.jit
@@ -57,20 +68,19 @@ def _int8_matmul_kernel(
 _tuned_kernel = triton.autotune(configs=_configs(), key=["BLOCK_M", "N", "K"])(_int8_matmul_kernel)
 
 
-def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
-    """x: [..., K] (bf16/fp16) @ 8-bit weight [N, K]^T, times scale [N] -> [..., N] in x's dtype.
-
-    config: fixed {"BLOCK_N", "BLOCK_K"} instead of autotuning (tests under TRITON_INTERPRET).
-    """
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x: [..., K] (bf16/fp16) @ 8-bit weight [N, K]^T, times scale [N] -> [..., N] in x's dtype."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
     m, k = x2.shape
     n = weight.shape[0]
+    if m > DECODE_MAX_ROWS and weight.numel() <= DEQUANTIZE_MAX_ELEMENTS:
+        dense = weight * scale.to(x.dtype)[:, None]  # one kernel: int8 * bf16 promotes to bf16
+        return (x2 @ dense.T).reshape(*shape[:-1], n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, block_m))  # noqa: E731
-    kernel, meta = (_tuned_kernel, {}) if config is None else (_int8_matmul_kernel, config)
-    kernel[grid](x2, weight, scale, out, m, n, k, x2.stride(0), weight.stride(0), out.stride(0), BLOCK_M=block_m, **meta)
+    _tuned_kernel[grid](x2, weight, scale, out, m, n, k, x2.stride(0), weight.stride(0), out.stride(0), BLOCK_M=block_m)
     return out.reshape(*shape[:-1], n)
