@@ -75,8 +75,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _warm_up_prefill(self, scratch_slot: int) -> None:
-        """Eager prefills of two lengths into the scratch slot: the 8-bit kernels tune their tiles
-        for each class of row counts here (int8_matmul), not in the first requests' first token."""
+        """Eager prefills of two lengths into the scratch slot, so that compiling the fused kernels
+        for prefill shapes and cuBLAS's first calls land here, not in a request's first token."""
         from ..fused_forward import fused_prefill
 
         for n in (min(256, self.max_len), min(1024, self.max_len)):
