@@ -29,9 +29,7 @@ PRECISIONS = {"bf16": "none", "int8": "int8", "fp8": "fp8"}
 
 
 def replay_ms(graphed, batch: int, context: int, repeats: int = 50) -> float:
-    ids = torch.randint(100, 5000, (batch,))
-    lengths = torch.full((batch,), context)
-    slots = torch.arange(batch)
+    ids, lengths, slots = decode_inputs(batch, context)
     times = []
     for _ in range(repeats):
         torch.cuda.synchronize()
@@ -42,22 +40,26 @@ def replay_ms(graphed, batch: int, context: int, repeats: int = 50) -> float:
     return statistics.median(times)
 
 
-def kernel_profile(graphed, batch: int, context: int) -> dict:
+def kernel_profile(run, repeats: int = 5) -> dict:
+    """GPU time of the kernels one ``run()`` launches (torch.profiler, mean of ``repeats``)."""
     from torch.profiler import ProfilerActivity, profile
 
-    ids, lengths, slots = torch.randint(100, 5000, (batch,)), torch.full((batch,), context), torch.arange(batch)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            graphed(ids, lengths, slots, lengths)
+        for _ in range(repeats):
+            run()
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0) > 0]
     kernels = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)
-    total_us = sum(e.self_device_time_total for e in kernels) / 5
+    total_us = sum(e.self_device_time_total for e in kernels) / repeats
     return {
         "kernel_ms_per_step": total_us / 1e3,
-        "kernels_per_step": sum(e.count for e in kernels) / 5,
-        "top": [(e.key[:80], round(e.self_device_time_total / 5 / 1e3, 4), e.count // 5) for e in kernels[:10]],
+        "kernels_per_step": sum(e.count for e in kernels) / repeats,
+        "top": [(e.key[:80], round(e.self_device_time_total / repeats / 1e3, 4), e.count // repeats) for e in kernels[:10]],
     }
+
+
+def decode_inputs(batch: int, context: int):
+    return torch.randint(100, 5000, (batch,)), torch.full((batch,), context), torch.arange(batch)
 
 
 def prefill_ms(runner, count: int, tokens: int = 243, repeats: int = 10) -> float:
@@ -102,7 +104,8 @@ def main() -> int:
         for batch in args.batches:
             row = {"precision": precision, "batch": batch, "weights_gb": weight_bytes / 1e9}
             row["replay_ms"] = replay_ms(runner.graphed_decode, batch, args.context)
-            row.update(kernel_profile(runner.graphed_decode, batch, args.context))
+            ids, lengths, slots = decode_inputs(batch, args.context)
+            row.update(kernel_profile(lambda: runner.graphed_decode(ids, lengths, slots, lengths)))
             report["results"].append(row)
             print(
                 f"{precision:5} b={batch:3}: replay {row['replay_ms']:.3f} ms, kernels {row['kernel_ms_per_step']:.3f} ms "

@@ -1,0 +1,92 @@
+"""Where a prefill's time goes on the GPU: the vision tower, the text prefill, kernels vs the rest.
+
+    python scripts/profile_prefill.py --checkpoint DIR [--precisions bf16 int8 fp8] [--prompts 1 16]
+
+The engine's runner with the vision tower in its process (build-repo --vision-backend decoder),
+prefilling N copies of the benchmark request (one 448 px image + ~40 text tokens) in one call, as
+the engine does when N requests arrive together. For each precision and N: the median wall time of
+the whole prefill, of the vision tower alone and of copying the pixels to the GPU, then the GPU
+time of the prefill's kernels (torch.profiler), their count and the most costly ones. Wall time
+far above kernel time means the step waits on the host (launches, Python), not on the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_engine import PRECISIONS, workload  # noqa: E402
+from profile_decode import kernel_profile  # noqa: E402
+
+from builder.decoder_export import write_decoder, write_vision  # noqa: E402
+from model_repository.qwen3vl_runtime.decoder_weights import load_text_model, load_vision_tower  # noqa: E402
+from model_repository.qwen3vl_runtime.engine import SamplingParams, Sequence  # noqa: E402
+from model_repository.qwen3vl_runtime.engine.runner import ModelRunner, PromptInputs  # noqa: E402
+from model_repository.qwen3vl_runtime.engine.vision import ImageEncoder, ImageInputs  # noqa: E402
+
+
+def wall_ms(run, repeats: int = 10) -> float:
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
+    p.add_argument("--prompts", nargs="+", type=int, default=[1, 16])
+    p.add_argument("--out", type=Path, default=Path("profile_prefill.json"))
+    args = p.parse_args()
+    inputs = workload(args.checkpoint)
+    ids, positions = torch.from_numpy(inputs["input_ids"]), torch.from_numpy(inputs["position_ids"])
+    image = ImageInputs.from_arrays(inputs)
+    prompt = PromptInputs(ids, positions, images=image)
+    report = {"machine": torch.cuda.get_device_name(), "command": " ".join(sys.argv), "prompt_tokens": len(ids), "results": []}
+    for precision in args.precisions:
+        with tempfile.TemporaryDirectory() as folder:
+            write_decoder(args.checkpoint, Path(folder), quantization=PRECISIONS[precision], dtype="bfloat16")
+            write_vision(args.checkpoint, Path(folder), quantization="none" if precision == "bf16" else "int8", dtype="bfloat16")
+            model, visual = load_text_model(Path(folder), "cuda"), load_vision_tower(Path(folder), "cuda")
+        runner = ModelRunner(model, num_slots=max(args.prompts), max_len=2048, image_token_id=151655, vision=ImageEncoder(visual))
+        for n in args.prompts:
+            seqs = [Sequence(str(i), prompt, len(ids), 0, SamplingParams(), lambda out: None, slot=i) for i in range(n)]
+            row = {
+                "precision": precision,
+                "prompts": n,
+                "prefill_ms": wall_ms(lambda: runner.prefill(seqs)),
+                "vision_ms": wall_ms(lambda: runner.vision([image] * n)),
+                "pixels_to_gpu_ms": wall_ms(lambda: torch.cat([image.pixel_values] * n).to("cuda", non_blocking=True)),
+            }
+            row.update(kernel_profile(lambda: runner.prefill(seqs)))
+            report["results"].append(row)
+            print(
+                f"{precision:5} {n:3} prompts: prefill {row['prefill_ms']:.2f} ms (vision {row['vision_ms']:.2f}, "
+                f"pixels to GPU {row['pixels_to_gpu_ms']:.2f}); kernels {row['kernel_ms_per_step']:.2f} ms in "
+                f"{row['kernels_per_step']:.0f} launches",
+                flush=True,
+            )
+            for name, ms, count in row["top"]:
+                print(f"    {ms:8.4f} ms  x{count:<5} {name}")
+        del runner, model, visual
+        torch.cuda.empty_cache()
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
