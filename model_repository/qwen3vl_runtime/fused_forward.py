@@ -8,9 +8,9 @@ fused into the next RMSNorm.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .kernels.fused import add_rmsnorm, qk_norm_rope_cache, silu_mul
+from .segment_attention import SegmentAttention
 from .text_model import TextModel
 
 
@@ -58,25 +58,23 @@ def fused_prefill(model: TextModel, kv, embeds, positions, slots: list[int], len
     """
     device = embeds.device
     cos, sin = model.rope(positions, embeds.dtype)
-    token_slots = torch.repeat_interleave(torch.tensor(slots, device=device), torch.tensor(lengths, device=device))
-    cache_positions = torch.cat([torch.arange(n, device=device) for n in lengths])
+    # Built on the host, one copy each: a launch per prompt adds up in a prefill of many prompts.
+    token_slots = torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths)).to(device)
+    cache_positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
     bounds = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    visual_rows = None if deepstack is None else visual_mask.nonzero().flatten()
+    segments = SegmentAttention(lengths, device, causal=True)
 
-    def attend(i, q):  # q: [T, H, D]; each prompt causal over its own slot's keys (flash kernels)
+    def attend(i, q):  # q: [T, H, D]; each prompt causal over its own keys, prompts of one length batched
         k_cache, v_cache = kv[i]
-        out = [
-            F.scaled_dot_product_attention(
-                q[a:b].transpose(0, 1), k_cache[slot, :, : b - a], v_cache[slot, :, : b - a], is_causal=True, enable_gqa=True
-            ).transpose(0, 1)
-            for slot, a, b in zip(slots, bounds[:-1], bounds[1:])
-        ]
-        return out[0] if len(out) == 1 else torch.cat(out)
+        # This layer's keys and values of every prompt, just written to the cache: [T, kv heads, D].
+        return segments(q, k_cache[token_slots, :, cache_positions], v_cache[token_slots, :, cache_positions])
 
     def add_deepstack(i, x, delta):
         if deepstack is None or i >= deepstack.shape[0]:
             return x, delta
         x = x + delta  # materialise the residual stream, then add the image features
-        x[visual_mask] += deepstack[i].to(x.dtype)
+        x.index_add_(0, visual_rows, deepstack[i].to(x.dtype))
         return x, None
 
     hidden = _layers(model, embeds, cos, sin, kv, token_slots, cache_positions, attend, add_deepstack)

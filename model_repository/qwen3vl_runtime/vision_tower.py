@@ -2,7 +2,7 @@
 
 One forward, two ways to attend within each image: the ONNX export traces it with one SDPA under
 a block-diagonal mask (static control flow, any number of images), and the decoder runs it in
-PyTorch with ``SegmentAttention``, where images of the same patch count attend as one batch (no
+PyTorch with ``segment_attention.SegmentAttention``, where images of the same patch count attend as one batch (no
 [patches, patches] mask, which 16 images of 784 patches would make a 150M-entry tensor).
 
 The submodules (norms, MLP, rotary table, mergers) are transformers' ``Qwen3VLVisionModel``'s,
@@ -11,7 +11,6 @@ so the weights load by the checkpoint's own names.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable
 
 import torch
@@ -60,38 +59,3 @@ def _attention(attn: nn.Module, x: torch.Tensor, cos, sin, attend: Attend) -> to
     q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
     out = attend(q, k, v, attn.scaling)  # [N, H, hd]
     return attn.proj(out.reshape(x.shape[0], -1))
-
-
-class SegmentAttention:
-    """Attention within each image for images of ``lengths`` patches, laid end to end.
-
-    Images of equal length are gathered into one [images, heads, length, head_dim] batch: one
-    SDPA call per distinct size (flash attention on the GPU), whatever the number of images.
-    """
-
-    def __init__(self, lengths: list[int], device: torch.device):
-        starts = defaultdict(list)
-        offset = 0
-        for n in lengths:
-            starts[n].append(offset)
-            offset += n
-        if len(starts) == 1:  # the common case (one size): a view of q, k, v, no gather or scatter
-            (n, first), = starts.items()
-            self.shape, self.groups = (len(first), n), []
-        else:  # per distinct length: the patch indices of its images, [images, length]
-            self.shape = None
-            self.groups = [(torch.tensor(first)[:, None] + torch.arange(n)).to(device) for n, first in starts.items()]
-
-    def __call__(self, q, k, v, scale: float) -> torch.Tensor:
-        if self.shape is not None:
-            return self._attend(q, k, v, scale, self.shape).reshape(q.shape)
-        out = torch.empty_like(q)
-        for index in self.groups:
-            out[index] = self._attend(q[index], k[index], v[index], scale, index.shape)
-        return out
-
-    @staticmethod
-    def _attend(q, k, v, scale, shape) -> torch.Tensor:
-        images, n = shape
-        q, k, v = (t.reshape(images, n, *t.shape[-2:]).transpose(1, 2) for t in (q, k, v))  # [I, H, n, hd]
-        return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2)  # [I, n, H, hd]

@@ -1,0 +1,75 @@
+"""The GPU prefill (fused Triton kernels, prompts batched) on the CPU, through Triton's interpreter.
+
+CI has no GPU, so without this the batched prefill (prompts of one length attended as one batch,
+ragged ones grouped by length, grouped-query heads, deepstack rows) would only be tested on the
+GPU machine. TRITON_INTERPRET must be set before Triton compiles anything: the comparison runs in
+a child process (this file run as a script), and the test reads its verdict.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_fused_prefill_matches_the_reference_model(tiny_checkpoint):
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, __file__, str(tiny_checkpoint)], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    errors = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(errors) == 1 + 5 + 3
+    assert max(errors.values()) < 1e-5, errors
+
+
+def _compare(checkpoint: Path) -> dict[str, float]:
+    """Relative error of the fused prefill's logits (and first layer's keys) against the model's own
+    one-prompt prefill: one prompt with image rows, five ragged prompts, three of one length."""
+    import tempfile
+
+    import torch
+
+    from builder.decoder_export import write_decoder
+    from model_repository.qwen3vl_runtime.decoder_weights import load_text_model
+    from model_repository.qwen3vl_runtime.fused_forward import fused_prefill
+
+    def rel(a, b):
+        return float((a.double() - b.double()).norm() / b.double().norm())
+
+    with tempfile.TemporaryDirectory() as folder:
+        write_decoder(checkpoint, Path(folder), quantization="none", dtype="float32")
+        model = load_text_model(Path(folder), "cpu")
+    assert model.config.num_kv_heads < model.config.num_heads  # grouped-query attention is covered
+    errors = {}
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        n = 40
+        ids = torch.randint(100, 5000, (n,))
+        positions = torch.arange(n).expand(3, -1).clone()
+        positions[1:, 10:14] += 1
+        visual = torch.zeros(n, dtype=torch.bool)
+        visual[10:14] = True
+        deepstack = torch.randn(3, 4, model.config.hidden_size)
+        kv_ref, kv_fused = model.new_cache(3, 128), model.new_cache(3, 128)
+        ref = model.prefill(model.embed(ids), positions, kv_ref, 1, visual_mask=visual, deepstack=deepstack)
+        fused = fused_prefill(model, kv_fused, model.embed(ids), positions, [1], [n], visual, deepstack)[0]
+        errors["image prompt"] = rel(fused, ref)
+        for name, lengths in (("ragged", [7, 30, 12, 7, 30]), ("equal", [9, 9, 9])):
+            slots = list(range(len(lengths)))[::-1]
+            prompts = [torch.randint(100, 5000, (length,)) for length in lengths]
+            positions = [torch.arange(length).expand(3, -1) for length in lengths]
+            kv_batch, kv_single = model.new_cache(len(lengths), 64), model.new_cache(len(lengths), 64)
+            batched = fused_prefill(model, kv_batch, model.embed(torch.cat(prompts)), torch.cat(positions, 1), slots, lengths)
+            for row, (slot, prompt, position) in enumerate(zip(slots, prompts, positions)):
+                single = model.prefill(model.embed(prompt), position, kv_single, slot)
+                keys = rel(kv_batch[0][0][slot, :, : len(prompt)], kv_single[0][0][slot, :, : len(prompt)])
+                errors[f"{name} {row}"] = max(rel(batched[row], single), keys)
+    return errors
+
+
+if __name__ == "__main__":
+    print(json.dumps(_compare(Path(sys.argv[1]))))
