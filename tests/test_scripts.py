@@ -28,7 +28,7 @@ def test_bench_engine_with_the_vision_tower_in_the_engine(tiny_checkpoint, tmp_p
     (row,) = json.loads(out.read_text())["results"]
     assert row["system"] == "engine+vision" and row["output_tok_per_s"] > 0 and row["ttft_p50_ms"] > 0
     # 8 requests x 128 tokens, one at a time: a step per token, and every phase timed
-    assert row["steps"] >= 8 * 128 and set(row["phase_ms_per_step"]) == {"schedule", "prefill", "decode", "output"}
+    assert row["steps"] >= 8 * 128 and set(row["phase_ms_per_step"]) == {"schedule", "prefill", "decode", "wait", "output"}
 
 
 def test_bench_preprocess(tmp_path):

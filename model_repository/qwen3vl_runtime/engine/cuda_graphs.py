@@ -43,26 +43,29 @@ def capture_buckets(buckets, run: Callable[[int], torch.Tensor], prepare: Callab
 
 
 class GraphedDecodeStep:
-    def __init__(self, model: TextModel, kv, *, max_batch: int, scratch_slot: int):
-        self.model, self.kv = model, kv
+    """tokens_by_slot: [slots] each slot's newest token, on the device; the step's input ids are
+    gathered from it inside the graph, so sampled tokens never go through the host on their way in."""
+
+    def __init__(self, model: TextModel, kv, tokens_by_slot: torch.Tensor, *, max_batch: int, scratch_slot: int):
+        self.model, self.kv, self.tokens_by_slot = model, kv, tokens_by_slot
         self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
         device = model.norm.weight.device
         self.scratch_slot = scratch_slot
         # Static inputs: the graphs read these addresses; each step copies its batch into them.
-        self.input_ids = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.slots = torch.full((max_batch,), scratch_slot, dtype=torch.long, device=device)
         self.lengths = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.graphs, self.logits = capture_buckets(self.buckets, self._step)
 
     def _step(self, b: int) -> torch.Tensor:
-        return fused_decode(self.model, self.input_ids[:b], self.positions[:b], self.kv, self.slots[:b], self.lengths[:b])
+        slots = self.slots[:b]
+        return fused_decode(self.model, self.tokens_by_slot[slots], self.positions[:b], self.kv, slots, self.lengths[:b])
 
-    def __call__(self, input_ids, positions, slots, lengths) -> torch.Tensor:
-        """Same contract as ``TextModel.decode`` for n <= max_batch rows (host or device tensors)."""
-        n = len(input_ids)
+    def __call__(self, positions, slots, lengths) -> torch.Tensor:
+        """``TextModel.decode`` of each slot's newest token, for n <= max_batch rows (host tensors
+        in pinned memory, or device tensors) -> logits [n, vocab]."""
+        n = len(slots)
         b = next(size for size in self.buckets if size >= n)
-        self.input_ids[:n].copy_(input_ids, non_blocking=True)
         self.positions[:n].copy_(positions, non_blocking=True)
         self.slots[:n].copy_(slots, non_blocking=True)
         self.lengths[:n].copy_(lengths, non_blocking=True)

@@ -12,7 +12,7 @@ from ..tiers import TierTable
 from .detokenizer import IncrementalDetokenizer
 from .metrics import EngineMetrics
 from .request import FinishReason, Sequence, StepOutput
-from .runner import ModelRunner
+from .runner import ModelRunner, TokensToHost
 from .sampler import sample
 from .scheduler import UNLIMITED, QueueFull, Scheduler
 from .server_caps import ServerTierCounts
@@ -63,6 +63,8 @@ class Engine:
         # Per-sequence helpers, kept here so Sequence stays free of torch and tokenizers.
         self._detok: dict[Sequence, IncrementalDetokenizer] = {}
         self._generators: dict[Sequence, torch.Generator | None] = {}
+        # The last step's launches whose tokens the host has not read yet: (sequences, tokens).
+        self._in_flight: list[tuple[list[Sequence], TokensToHost]] = []
 
     def start(self) -> "Engine":
         self._thread.start()
@@ -122,7 +124,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._stopping and not self._inbox and not self.scheduler.has_work():
+                while not self._stopping and not self._inbox and not self.scheduler.has_work() and not self._in_flight:
                     self._wake.wait()
                 if self._stopping:
                     return
@@ -131,6 +133,7 @@ class Engine:
             except Exception:  # a bug must not kill the loop: fail what was running, keep serving
                 message = traceback.format_exc()
                 self.log(f"decoder step failed:\n{message}")
+                self._in_flight = []
                 for seq in list(self.scheduler.running):
                     self._fail(seq, f"decoder error: {message.splitlines()[-1]}")
 
@@ -151,13 +154,18 @@ class Engine:
             self._fail(seq, str(exc))
 
     def step(self) -> None:
-        """One engine step: take in submitted sequences, drop cancelled and timed-out ones, prefill
-        newcomers (highest tier first), decode the rest together. The loop thread calls it; tests
-        may call it directly on an engine that was not started.
+        """One engine step: take in submitted sequences, drop cancelled and timed-out ones, launch
+        the prefill of newcomers (highest tier first) and one decode step of the rest, then read
+        and stream the tokens of the step before, while the GPU computes this one. The loop
+        thread calls it; tests may call it directly on an engine that was not started.
+
+        Launching before reading hides the host's work (detokenizing, sending) behind the GPU's.
+        The price: a sequence that stops on an end token or a stop string is decoded one step
+        more, and that token is dropped (max_tokens and the context limit are known in advance).
 
         Its wall time goes to metrics.phase_seconds: "schedule" (admission, cancels, timeouts),
-        "prefill" and "decode" (launch, GPU time and the host sync of sampling), "output"
-        (detokenizing and handing responses over)."""
+        "prefill" and "decode" (launching them), "wait" (for the GPU to finish the previous
+        step), "output" (detokenizing and handing responses over)."""
         started = time.perf_counter()
         with self._wake:
             inbox, self._inbox = self._inbox, []
@@ -184,21 +192,34 @@ class Engine:
             self.metrics.add(seq.tier.name, "timed_out")
             waited = self.clock() - seq.enqueued_at
             self._fail(seq, f"timed out: waited {waited:.2f} s in the {seq.tier.name} queue (limit {seq.tier.queue_timeout_s:g} s)")
-        decoding = list(self.scheduler.running)
+        decoding = [seq for seq in self.scheduler.running if seq.launched and self._may_decode(seq)]
         self.metrics.batch_size = len(decoding)
         admitted = self.scheduler.admit()
         phases, mark = {}, time.perf_counter()
         phases["schedule"] = mark - started
-        outputs = []
+        launched = []
         for phase, seqs, run in (("prefill", admitted, self.runner.prefill), ("decode", decoding, self.runner.decode)):
             if seqs:
                 tokens = sample(run(seqs), [s.params for s in seqs], [self._generators[s] for s in seqs])
-                outputs += zip(seqs, tokens)
+                self.runner.feed(seqs, tokens)
+                for seq in seqs:
+                    seq.launched += 1
+                launched.append((seqs, TokensToHost(tokens)))
                 phases[phase], mark = time.perf_counter() - mark, time.perf_counter()
-        for seq, token in outputs:
-            self._append(seq, token)
-        phases["output"] = time.perf_counter() - mark
+        previous, self._in_flight = self._in_flight, launched
+        phases["wait"] = phases["output"] = 0.0
+        for seqs, tokens in previous:
+            ids = tokens.wait()
+            phases["wait"], mark = phases["wait"] + time.perf_counter() - mark, time.perf_counter()
+            for seq, token in zip(seqs, ids):
+                if not seq.finished:  # else it stopped a step ago: this token is past its end
+                    self._append(seq, token)
+            phases["output"], mark = phases["output"] + time.perf_counter() - mark, time.perf_counter()
         self.metrics.step_phases(phases)
+
+    def _may_decode(self, seq: Sequence) -> bool:
+        """Whether one more token may be launched: not past max_tokens nor the context."""
+        return seq.launched < seq.params.max_tokens and seq.prompt_len + seq.launched < self.max_len
 
     def _append(self, seq: Sequence, token: int) -> None:
         seq.output_ids.append(token)

@@ -116,6 +116,7 @@ class Sequence:
     is_cancelled: Callable[[], bool] = lambda: False
     tier_name: str | None = None  # the request's tier; None = the server's default tier
     output_ids: list[int] = field(default_factory=list)
+    launched: int = 0  # output tokens whose computation is queued on the device (>= len(output_ids))
     slot: int | None = None
     finished: bool = False
     tier: Any = None  # the resolved Tier, set by the engine

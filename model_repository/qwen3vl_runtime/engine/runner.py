@@ -54,6 +54,9 @@ class ModelRunner:
         # Preallocated once: [slots, kv heads, max_len, head_dim] per layer for K and for V; on
         # the GPU one more slot takes the padding rows of graphed steps.
         self.kv = model.new_cache(num_slots + on_gpu, max_len)
+        # Each slot's newest sampled token: the next decode step's input, written on the device by
+        # ``feed`` so that a step can be launched before the host has read the previous one's tokens.
+        self.tokens_by_slot = torch.zeros(num_slots + on_gpu, dtype=torch.long, device=self.device)
         self.graphed_decode = None
         self._prefill = self._prefill_one_by_one
         if on_gpu:
@@ -68,7 +71,7 @@ class ModelRunner:
             self._prefill = partial(fused_prefill, model, self.kv)
             self._warm_up_prefill(scratch_slot=num_slots)
             if cuda_graphs:
-                self.graphed_decode = GraphedDecodeStep(model, self.kv, max_batch=num_slots, scratch_slot=num_slots)
+                self.graphed_decode = GraphedDecodeStep(model, self.kv, self.tokens_by_slot, max_batch=num_slots, scratch_slot=num_slots)
                 if graphed_prefill:
                     prefill_graphs = GraphedPrefill(model, self.kv, scratch_slot=num_slots)
                     self._prefill = partial(self._graphed_or_eager_prefill, prefill_graphs)
@@ -148,13 +151,43 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Feed each sequence's last token; returns next-token logits: [B, vocab]."""
-        cached = [s.length - 1 for s in seqs]  # the last output token is not in the cache yet
-        ids = torch.tensor([s.output_ids[-1] for s in seqs])
-        positions = torch.tensor([n + s.rope_delta for n, s in zip(cached, seqs)])
-        slots = torch.tensor([s.slot for s in seqs])
-        lengths = torch.tensor(cached)
+        """Feed each sequence's newest launched token (from ``tokens_by_slot``); returns next-token
+        logits [B, vocab]. Needs no host sync: positions follow from counts the host keeps."""
+        cached = [s.prompt_len + s.launched - 1 for s in seqs]  # the input token is not in the cache yet
+        rows = self._staged([[n + s.rope_delta for n, s in zip(cached, seqs)], [s.slot for s in seqs], cached])
         if self.graphed_decode is not None:
-            return self.graphed_decode(ids, positions, slots, lengths)
-        to = lambda t: t.to(self.device)  # noqa: E731
-        return self.model.decode(to(ids), to(positions), self.kv, to(slots), to(lengths))
+            return self.graphed_decode(*rows)
+        positions, slots, lengths = rows.to(self.device)
+        return self.model.decode(self.tokens_by_slot[slots], positions, self.kv, slots, lengths)
+
+    @torch.inference_mode()
+    def feed(self, seqs: list[Sequence], tokens: torch.Tensor) -> None:
+        """Make ``tokens`` (one per sequence, on the device) their slots' next decode inputs."""
+        slots = self._staged([s.slot for s in seqs]).to(self.device, non_blocking=True)
+        self.tokens_by_slot.index_copy_(0, slots, tokens)
+
+    def _staged(self, rows: list) -> torch.Tensor:
+        """Host int64 tensor of ``rows``; on CUDA in page-locked memory, so that copying it to the
+        device neither waits for the GPU nor lets the host overwrite it mid-copy."""
+        host = torch.tensor(rows, dtype=torch.long)
+        return host.pin_memory() if self.device.type == "cuda" else host
+
+
+class TokensToHost:
+    """Sampled token ids on their way to the host: the copy is queued behind the step that
+    computes them, and ``wait`` blocks only when they are read, after the engine has launched
+    its next step."""
+
+    def __init__(self, tokens: torch.Tensor):
+        if tokens.is_cuda:
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record()
+        else:
+            self._host, self._done = tokens, None
+
+    def wait(self) -> list[int]:
+        if self._done is not None:
+            self._done.synchronize()
+        return self._host.tolist()

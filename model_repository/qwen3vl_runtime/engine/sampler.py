@@ -22,11 +22,11 @@ def filter_logits(row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return row
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
-    """logits: [B, vocab] -> one token id per row (one host sync for the whole batch)."""
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
+    """logits: [B, vocab] -> one token id per row, [B] int64 on the logits' device (no host sync)."""
     tokens = logits.argmax(-1)
     for i, p in enumerate(params):
         if not p.greedy:
             probs = filter_logits(logits[i].float(), p).softmax(-1)
             tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
-    return tokens.tolist()
+    return tokens
