@@ -1,8 +1,8 @@
 """The GPU prefill (fused Triton kernels, prompts batched) on the CPU, through Triton's interpreter.
 
 CI has no GPU, so without this the batched prefill (prompts of one length attended as one batch,
-ragged ones grouped by length, grouped-query heads, deepstack rows) would only be tested on the
-GPU machine. TRITON_INTERPRET must be set before Triton compiles anything: the comparison runs in
+ragged ones grouped by length, grouped-query heads, deepstack rows) and the int8 product of many
+rows (a dequantizing kernel, then a dense product) would only be tested on the GPU machine. TRITON_INTERPRET must be set before Triton compiles anything: the comparison runs in
 a child process (this file run as a script), and the test reads its verdict.
 """
 
@@ -17,12 +17,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_fused_prefill_matches_the_reference_model(tiny_checkpoint):
+def test_fused_prefill_and_int8_product_match_the_reference(tiny_checkpoint):
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, __file__, str(tiny_checkpoint)], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     errors = json.loads(out.stdout.strip().splitlines()[-1])
-    assert len(errors) == 1 + 5 + 3
+    assert len(errors) == 1 + 5 + 3 + 1
     assert max(errors.values()) < 1e-5, errors
 
 
@@ -36,6 +36,8 @@ def _compare(checkpoint: Path) -> dict[str, float]:
     from builder.decoder_export import write_decoder
     from model_repository.qwen3vl_runtime.decoder_weights import load_text_model
     from model_repository.qwen3vl_runtime.fused_forward import fused_prefill
+    from model_repository.qwen3vl_runtime.kernels.int8_matmul import DECODE_MAX_ROWS, int8_matmul
+    from model_repository.qwen3vl_runtime.quant import dequantize_weight, quantize_weight
 
     def rel(a, b):
         return float((a.double() - b.double()).norm() / b.double().norm())
@@ -68,6 +70,9 @@ def _compare(checkpoint: Path) -> dict[str, float]:
                 single = model.prefill(model.embed(prompt), position, kv_single, slot)
                 keys = rel(kv_batch[0][0][slot, :, : len(prompt)], kv_single[0][0][slot, :, : len(prompt)])
                 errors[f"{name} {row}"] = max(rel(batched[row], single), keys)
+        q, scale = quantize_weight(torch.randn(96, 160), "int8")
+        x = torch.randn(DECODE_MAX_ROWS + 36, 160)
+        errors["int8 product, many rows"] = rel(int8_matmul(x, q, scale), x.double() @ dequantize_weight(q, scale, torch.float64).T)
     return errors
 
 

@@ -68,6 +68,28 @@ def _int8_matmul_kernel(
 _tuned_kernel = triton.autotune(configs=_configs(), key=["BLOCK_M", "N", "K"])(_int8_matmul_kernel)
 
 
+@triton.jit
+def _dequantize_kernel(W, Scale, Out, K, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = cols < K
+    w = tl.load(W + row * K + cols, mask=mask)
+    out = w.to(tl.float32) * tl.load(Scale + row)
+    tl.store(Out + row * K + cols, out.to(Out.dtype.element_ty), mask=mask)
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """weight [N, K] (8-bit, contiguous) * scale [N] -> [N, K] in ``dtype``, one rounding.
+
+    One pass at copy speed: PyTorch's own int8 * bf16 with a broadcast scale took 7.5 ms for the
+    decoder's 1.6 G weights on the H100 (its generic mixed-type kernel), every prefill call."""
+    n, k = weight.shape
+    out = torch.empty((n, k), device=weight.device, dtype=dtype)
+    block_k = min(triton.next_power_of_2(k), 4096)
+    _dequantize_kernel[(n, triton.cdiv(k, block_k))](weight, scale, out, k, BLOCK_K=block_k)
+    return out
+
+
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x: [..., K] (bf16/fp16) @ 8-bit weight [N, K]^T, times scale [N] -> [..., N] in x's dtype."""
     shape = x.shape
@@ -75,8 +97,7 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
     m, k = x2.shape
     n = weight.shape[0]
     if m > DECODE_MAX_ROWS and weight.numel() <= DEQUANTIZE_MAX_ELEMENTS:
-        dense = weight * scale.to(x.dtype)[:, None]  # one kernel: int8 * bf16 promotes to bf16
-        return (x2 @ dense.T).reshape(*shape[:-1], n)
+        return (x2 @ dequantize(weight, scale, x.dtype).T).reshape(*shape[:-1], n)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
