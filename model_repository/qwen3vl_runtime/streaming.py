@@ -1,18 +1,22 @@
-"""Streamed responses sent off the engine's thread, coalesced when sending falls behind.
+"""Streamed responses sent off the engine's thread, at most a few thousand a second in all.
 
 Every Triton response crosses the Python stub's shared memory and the gRPC stream; one stub
 sends roughly 10k responses/s however many streams there are (measured on the H100 machine,
-shared/docs/TRITON_NOTES.md). The engine only enqueues its
-outputs; one sender thread drains the queue, and when several outputs of a stream are waiting
-it sends them as one response (text concatenated, token ids in order). A small batch therefore
-streams every token as it comes, a large one streams several tokens per response, and the
-decode loop never waits on a send. Plain Python: ``send`` is the adapter's function.
+shared/docs/TRITON_NOTES.md), and the sender shares the process's GIL with the decode loop. The
+engine only enqueues its outputs; one sender thread sends them, each stream at most once per
+interval, several tokens merged into one response (text concatenated, token ids in order). The
+interval grows with the number of streams: ``streams / max_responses_per_s``, capped at
+``max_interval_s``. One stream gets every token as it comes; 64 streams a response every ~20 ms
+each. A stream's first output and its last are sent at once. Plain Python: ``send`` is the
+adapter's function.
 """
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 from .engine.request import StepOutput
@@ -30,9 +34,22 @@ def merge(outputs: list[StepOutput]) -> StepOutput:
 
 
 class ResponseStreamer:
-    def __init__(self, log: Callable[[str], None] = print):
+    """streams: how many streams are generating now (the engine's batch size); read per send."""
+
+    def __init__(
+        self,
+        log: Callable[[str], None] = print,
+        *,
+        streams: Callable[[], int] = lambda: 1,
+        max_responses_per_s: float = 3000.0,
+        max_interval_s: float = 0.05,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._log = log
+        self._streams, self._rate, self._max_interval, self._clock = streams, max_responses_per_s, max_interval_s, clock
+        self._pending: dict[Callable, list[StepOutput]] = {}  # per stream, in arrival order
+        self._last_sent: dict[Callable, float] = {}
         self._thread = threading.Thread(target=self._run, name="response-sender", daemon=True)
 
     def start(self) -> "ResponseStreamer":
@@ -48,28 +65,48 @@ class ResponseStreamer:
         self._queue.put(None)
         self._thread.join(timeout=30)
 
+    def interval_s(self) -> float:
+        return min(self._max_interval, max(self._streams(), 1) / self._rate)
+
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
+            stopping = self._take(timeout=self._next_due())
+            self._send_due(everything=stopping)
+            if stopping:
                 return
-            batch = [item]
-            while True:  # take everything already waiting, without blocking
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._send_all(batch)
-                    return
-                batch.append(item)
-            self._send_all(batch)
 
-    def _send_all(self, batch) -> None:
-        by_stream: dict[Callable, list[StepOutput]] = {}
-        for send, output in batch:  # dicts keep insertion order: streams in arrival order
-            by_stream.setdefault(send, []).append(output)
-        for send, outputs in by_stream.items():
+    def _take(self, timeout: float | None) -> bool:
+        """Move queued outputs to their streams, waiting up to ``timeout`` for the first one;
+        True once the stop sentinel is reached."""
+        try:
+            item = self._queue.get(timeout=timeout)
+            while item is not None:  # then everything already waiting, without blocking
+                send, output = item
+                self._pending.setdefault(send, []).append(output)
+                item = self._queue.get_nowait()
+            return True
+        except queue.Empty:
+            return False
+
+    def _next_due(self) -> float | None:
+        """Seconds until the earliest waiting stream may send; None: nothing waits."""
+        if not self._pending:
+            return None
+        interval, now = self.interval_s(), self._clock()
+        return max(0.0, min(self._last_sent.get(send, -math.inf) + interval for send in self._pending) - now)
+
+    def _send_due(self, everything: bool) -> None:
+        interval, now = self.interval_s(), self._clock()
+        for send, outputs in list(self._pending.items()):
+            last = outputs[-1]
+            ends = last.finish_reason is not None or last.error is not None
+            if not (everything or ends or now - self._last_sent.get(send, -math.inf) >= interval):
+                continue
+            del self._pending[send]
+            if ends:
+                self._last_sent.pop(send, None)
+            else:
+                self._last_sent[send] = now
             try:
                 send(merge(outputs))
             except Exception as exc:  # one client's failure must not stop the others' streams

@@ -78,8 +78,8 @@ class TritonPythonModel:
             vision=ImageEncoder(visual) if visual is not None else None,
         )
         self.logger = pb_utils.Logger
-        # Sends leave the decode loop's thread; outputs that pile up behind a send are merged.
-        self.streamer = ResponseStreamer(log=self.logger.log_error).start()
+        # Sends leave the decode loop's thread; with many streams each gets fewer, larger responses.
+        self.streamer = ResponseStreamer(log=self.logger.log_error, streams=lambda: len(self.engine.scheduler.running)).start()
         tiers = TierTable.from_json(settings["tiers"])
         # One engine per GPU (instance): with several, the tier caps are the server's, counted
         # across them; a lone engine counts its own and needs no shared file.
