@@ -10,6 +10,7 @@ kernels. The floor is the weights' bytes over the copy bandwidth (~3 TB/s on an 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import statistics
 import sys
@@ -83,6 +84,35 @@ def prefill_ms(runner, count: int, tokens: int = 243, repeats: int = 10) -> floa
     return statistics.median(times)
 
 
+def profile(precision: str, args) -> list[dict]:
+    """Prefill times and one row per decode batch size for one precision."""
+    with tempfile.TemporaryDirectory() as folder:
+        write_decoder(args.checkpoint, Path(folder), quantization=PRECISIONS[precision], dtype="bfloat16")
+        model = load_text_model(Path(folder), "cuda")
+    weight_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    runner = ModelRunner(model, num_slots=max(args.batches), max_len=2048, image_token_id=151655)
+    rows = []
+    for count in (1, 8):
+        ms = prefill_ms(runner, count)
+        rows.append({"precision": precision, "prefill_prompts": count, "prefill_ms": ms})
+        print(f"{precision:5} prefill of {count} x 243-token prompts: {ms:.2f} ms", flush=True)
+    for batch in args.batches:
+        row = {"precision": precision, "batch": batch, "weights_gb": weight_bytes / 1e9}
+        row["replay_ms"] = replay_ms(runner.graphed_decode, batch, args.context)
+        lengths, slots = decode_inputs(batch, args.context)
+        row.update(kernel_profile(lambda: runner.graphed_decode(lengths, slots, lengths)))
+        rows.append(row)
+        print(
+            f"{precision:5} b={batch:3}: replay {row['replay_ms']:.3f} ms, kernels {row['kernel_ms_per_step']:.3f} ms "
+            f"in {row['kernels_per_step']:.0f} launches, weights {row['weights_gb']:.2f} GB "
+            f"(floor {row['weights_gb'] / 3.0:.3f} ms at 3 TB/s)",
+            flush=True,
+        )
+        for name, ms, count in row["top"]:
+            print(f"    {ms:8.4f} ms  x{count:<4} {name}")
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, required=True)
@@ -91,33 +121,10 @@ def main() -> int:
     p.add_argument("--context", type=int, default=300, help="cached tokens per sequence")
     p.add_argument("--out", type=Path, default=Path("profile_decode.json"))
     args = p.parse_args()
-    report = {"machine": torch.cuda.get_device_name(), "command": " ".join(sys.argv), "results": []}
+    report = {"machine": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "results": []}
     for precision in args.precisions:
-        with tempfile.TemporaryDirectory() as folder:
-            write_decoder(args.checkpoint, Path(folder), quantization=PRECISIONS[precision], dtype="bfloat16")
-            model = load_text_model(Path(folder), "cuda")
-        weight_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-        runner = ModelRunner(model, num_slots=max(args.batches), max_len=2048, image_token_id=151655)
-        for count in (1, 8):
-            ms = prefill_ms(runner, count)
-            report["results"].append({"precision": precision, "prefill_prompts": count, "prefill_ms": ms})
-            print(f"{precision:5} prefill of {count} x 243-token prompts: {ms:.2f} ms", flush=True)
-        for batch in args.batches:
-            row = {"precision": precision, "batch": batch, "weights_gb": weight_bytes / 1e9}
-            row["replay_ms"] = replay_ms(runner.graphed_decode, batch, args.context)
-            lengths, slots = decode_inputs(batch, args.context)
-            row.update(kernel_profile(lambda: runner.graphed_decode(lengths, slots, lengths)))
-            report["results"].append(row)
-            print(
-                f"{precision:5} b={batch:3}: replay {row['replay_ms']:.3f} ms, kernels {row['kernel_ms_per_step']:.3f} ms "
-                f"in {row['kernels_per_step']:.0f} launches, weights {row['weights_gb']:.2f} GB "
-                f"(floor {row['weights_gb'] / 3.0:.3f} ms at 3 TB/s)",
-                flush=True,
-            )
-            for name, ms, count in row["top"]:
-                print(f"    {ms:8.4f} ms  x{count:<4} {name}")
-        del runner, model
-        torch.cuda.empty_cache()
+        report["results"] += profile(precision, args)
+        torch.cuda.empty_cache()  # the runner of that precision went with profile()'s frame
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 

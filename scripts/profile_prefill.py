@@ -14,6 +14,7 @@ far above kernel time means the step waits on the host (launches, Python), not o
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import statistics
 import sys
@@ -46,6 +47,36 @@ def wall_ms(run, repeats: int = 10) -> float:
     return statistics.median(times)
 
 
+def profile(precision: str, args, prompt: PromptInputs, image: ImageInputs) -> list[dict]:
+    """One row per prompt count for one precision (the runner is freed when this returns)."""
+    with tempfile.TemporaryDirectory() as folder:
+        write_decoder(args.checkpoint, Path(folder), quantization=PRECISIONS[precision], dtype="bfloat16")
+        write_vision(args.checkpoint, Path(folder), quantization="none" if precision == "bf16" else "int8", dtype="bfloat16")
+        model, visual = load_text_model(Path(folder), "cuda"), load_vision_tower(Path(folder), "cuda")
+    runner = ModelRunner(model, num_slots=max(args.prompts), max_len=2048, image_token_id=151655, vision=ImageEncoder(visual))
+    tokens, rows = len(prompt.input_ids), []
+    for n in args.prompts:
+        seqs = [Sequence(str(i), prompt, tokens, 0, SamplingParams(), lambda out: None, slot=i) for i in range(n)]
+        row = {
+            "precision": precision,
+            "prompts": n,
+            "prefill_ms": wall_ms(lambda: runner.prefill(seqs)),
+            "vision_ms": wall_ms(lambda: runner.vision([image] * n)),
+            "pixels_to_gpu_ms": wall_ms(lambda: runner.vision.to_device([image.pixel_values] * n)),
+        }
+        row.update(kernel_profile(lambda: runner.prefill(seqs)))
+        rows.append(row)
+        print(
+            f"{precision:5} {n:3} prompts: prefill {row['prefill_ms']:.2f} ms (vision {row['vision_ms']:.2f}, "
+            f"pixels to GPU {row['pixels_to_gpu_ms']:.2f}); kernels {row['kernel_ms_per_step']:.2f} ms in "
+            f"{row['kernels_per_step']:.0f} launches",
+            flush=True,
+        )
+        for name, ms, count in row["top"]:
+            print(f"    {ms:8.4f} ms  x{count:<5} {name}")
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, required=True)
@@ -57,34 +88,11 @@ def main() -> int:
     ids, positions = torch.from_numpy(inputs["input_ids"]), torch.from_numpy(inputs["position_ids"])
     image = ImageInputs.from_arrays(inputs)
     prompt = PromptInputs(ids, positions, images=image)
-    report = {"machine": torch.cuda.get_device_name(), "command": " ".join(sys.argv), "prompt_tokens": len(ids), "results": []}
+    report = {"machine": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
+              "prompt_tokens": len(ids), "results": []}
     for precision in args.precisions:
-        with tempfile.TemporaryDirectory() as folder:
-            write_decoder(args.checkpoint, Path(folder), quantization=PRECISIONS[precision], dtype="bfloat16")
-            write_vision(args.checkpoint, Path(folder), quantization="none" if precision == "bf16" else "int8", dtype="bfloat16")
-            model, visual = load_text_model(Path(folder), "cuda"), load_vision_tower(Path(folder), "cuda")
-        runner = ModelRunner(model, num_slots=max(args.prompts), max_len=2048, image_token_id=151655, vision=ImageEncoder(visual))
-        for n in args.prompts:
-            seqs = [Sequence(str(i), prompt, len(ids), 0, SamplingParams(), lambda out: None, slot=i) for i in range(n)]
-            row = {
-                "precision": precision,
-                "prompts": n,
-                "prefill_ms": wall_ms(lambda: runner.prefill(seqs)),
-                "vision_ms": wall_ms(lambda: runner.vision([image] * n)),
-                "pixels_to_gpu_ms": wall_ms(lambda: runner.vision.to_device([image.pixel_values] * n)),
-            }
-            row.update(kernel_profile(lambda: runner.prefill(seqs)))
-            report["results"].append(row)
-            print(
-                f"{precision:5} {n:3} prompts: prefill {row['prefill_ms']:.2f} ms (vision {row['vision_ms']:.2f}, "
-                f"pixels to GPU {row['pixels_to_gpu_ms']:.2f}); kernels {row['kernel_ms_per_step']:.2f} ms in "
-                f"{row['kernels_per_step']:.0f} launches",
-                flush=True,
-            )
-            for name, ms, count in row["top"]:
-                print(f"    {ms:8.4f} ms  x{count:<5} {name}")
-        del runner, model, visual
-        torch.cuda.empty_cache()
+        report["results"] += profile(precision, args, prompt, image)
+        torch.cuda.empty_cache()  # the runner of that precision went with profile()'s frame
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
