@@ -59,6 +59,11 @@ def kernel_profile(run, repeats: int = 5) -> dict:
     }
 
 
+def print_top_kernels(row: dict) -> None:
+    for name, ms, count in row["top"]:
+        print(f"    {ms:8.4f} ms  x{count:<5} {name}")
+
+
 def decode_inputs(batch: int, context: int):
     """(lengths, slots) of a decode step: `context` cached tokens in each of slots 0..batch-1."""
     return torch.full((batch,), context), torch.arange(batch)
@@ -108,18 +113,23 @@ def profile(precision: str, args) -> list[dict]:
             f"(floor {row['weights_gb'] / 3.0:.3f} ms at 3 TB/s)",
             flush=True,
         )
-        for name, ms, count in row["top"]:
-            print(f"    {ms:8.4f} ms  x{count:<4} {name}")
+        print_top_kernels(row)
     return rows
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def profile_arguments(doc: str, out: str) -> argparse.ArgumentParser:
+    """What the profile scripts all take: the checkpoint, the precisions, the JSON to write."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
+    p.add_argument("--out", type=Path, default=Path(out))
+    return p
+
+
+def main() -> int:
+    p = profile_arguments(__doc__, "profile_decode.json")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     p.add_argument("--context", type=int, default=300, help="cached tokens per sequence")
-    p.add_argument("--out", type=Path, default=Path("profile_decode.json"))
     args = p.parse_args()
     report = {"machine": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "results": []}
     for precision in args.precisions:

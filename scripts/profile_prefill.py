@@ -13,7 +13,6 @@ far above kernel time means the step waits on the host (launches, Python), not o
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import statistics
@@ -27,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_engine import PRECISIONS, workload  # noqa: E402
-from profile_decode import kernel_profile  # noqa: E402
+from profile_decode import kernel_profile, print_top_kernels, profile_arguments  # noqa: E402
 
 from builder.decoder_export import write_decoder, write_vision  # noqa: E402
 from model_repository.qwen3vl_runtime.decoder_weights import load_text_model, load_vision_tower  # noqa: E402
@@ -72,17 +71,13 @@ def profile(precision: str, args, prompt: PromptInputs, image: ImageInputs) -> l
             f"{row['kernels_per_step']:.0f} launches",
             flush=True,
         )
-        for name, ms, count in row["top"]:
-            print(f"    {ms:8.4f} ms  x{count:<5} {name}")
+        print_top_kernels(row)
     return rows
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
+    p = profile_arguments(__doc__, "profile_prefill.json")
     p.add_argument("--prompts", nargs="+", type=int, default=[1, 16])
-    p.add_argument("--out", type=Path, default=Path("profile_prefill.json"))
     args = p.parse_args()
     inputs = workload(args.checkpoint)
     ids, positions = torch.from_numpy(inputs["input_ids"]), torch.from_numpy(inputs["position_ids"])
