@@ -77,11 +77,16 @@ def test_upload_ask_stream_and_follow_up_in_a_browser(webui_url, tmp_path, caplo
             "() => [...document.querySelectorAll('#chat .message-row.bot-row')].filter(r => r.innerText.trim()).length >= 2",
             timeout=60_000,
         )
+        page.wait_for_function("() => !document.querySelector('#ask textarea').disabled", timeout=60_000)
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "webui.png"), full_page=True)
         answers = bot.all_inner_texts()
         browser.close()
     assert len(answers) == 2 and all(a.strip() for a in answers)
+    # The gateway logs a turn once its stream has ended, which can trail the page's last text.
+    deadline = time.monotonic() + 10
+    while len(caplog.records) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     turns = [json.loads(r.getMessage()) for r in caplog.records]
     assert [t["status"] for t in turns] == [200, 200]
     # The image went with the first question and stays in the conversation for the follow-up.
