@@ -70,6 +70,15 @@ def test_clear_error_for_missing_checkpoint(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_vision_in_decoder_says_how_to_serve_a_badly_conditioned_tower_exactly(tiny_checkpoint, tmp_path, capsys):
+    """The tiny random tower in bf16 is 8-23% off transformers' float32: the build stops, names
+    the parity failure and the options that serve the tower unrounded."""
+    args = ["--model", str(tiny_checkpoint), "--output", str(tmp_path / "out"), "--device", "cpu", "--vision-backend", "decoder"]
+    assert build_repo(args) == 2
+    err = capsys.readouterr().err
+    assert "served vision encoder differs from PyTorch" in err and "--dtype float32 --vision-weights float" in err
+
+
 # Accuracy bounds for the tiny random model (initializer_range 0.5, so logits are large and
 # top-1 margins thin; a trained model's margins are wider and agreement higher). Measured here:
 # int8 top-1 0.91, cosine 0.9992; fp8 top-1 0.66, cosine 0.988. The bounds leave room for
