@@ -22,11 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_engine import PRECISIONS  # noqa: E402
+
 from builder.decoder_export import write_decoder  # noqa: E402
 from model_repository.qwen3vl_runtime.decoder_weights import load_text_model  # noqa: E402
 from model_repository.qwen3vl_runtime.engine.runner import ModelRunner  # noqa: E402
-
-PRECISIONS = {"bf16": "none", "int8": "int8", "fp8": "fp8"}
 
 
 def replay_ms(graphed, batch: int, context: int, repeats: int = 50) -> float:

@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_engine import PRECISIONS, workload  # noqa: E402
-from profile_decode import kernel_profile, print_top_kernels, profile_arguments  # noqa: E402
+from bench_engine import workload  # noqa: E402
+from profile_decode import PRECISIONS, kernel_profile, print_top_kernels, profile_arguments  # noqa: E402
 
 from builder.decoder_export import write_decoder, write_vision  # noqa: E402
 from model_repository.qwen3vl_runtime.decoder_weights import load_text_model, load_vision_tower  # noqa: E402

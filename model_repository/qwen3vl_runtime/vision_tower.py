@@ -2,8 +2,9 @@
 
 One forward, two ways to attend within each image: the ONNX export traces it with one SDPA under
 a block-diagonal mask (static control flow, any number of images), and the decoder runs it in
-PyTorch with ``segment_attention.SegmentAttention``, where images of the same patch count attend as one batch (no
-[patches, patches] mask, which 16 images of 784 patches would make a 150M-entry tensor).
+PyTorch with ``segment_attention.SegmentAttention``, where images of the same patch count attend
+as one batch (no [patches, patches] mask, which 16 images of 784 patches would make a 150M-entry
+tensor).
 
 The submodules (norms, MLP, rotary table, mergers) are transformers' ``Qwen3VLVisionModel``'s,
 so the weights load by the checkpoint's own names.

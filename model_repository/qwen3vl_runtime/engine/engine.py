@@ -201,7 +201,7 @@ class Engine:
         for phase, seqs, run in (("prefill", admitted, self.runner.prefill), ("decode", decoding, self.runner.decode)):
             if seqs:
                 tokens = sample(run(seqs), [s.params for s in seqs], [self._generators[s] for s in seqs])
-                self.runner.feed(seqs, tokens)
+                self.runner.feed(tokens)
                 for seq in seqs:
                     seq.launched += 1
                 launched.append((seqs, TokensToHost(tokens)))

@@ -57,6 +57,7 @@ class ModelRunner:
         # Each slot's newest sampled token: the next decode step's input, written on the device by
         # ``feed`` so that a step can be launched before the host has read the previous one's tokens.
         self.tokens_by_slot = torch.zeros(num_slots + on_gpu, dtype=torch.long, device=self.device)
+        self._launched_slots: torch.Tensor | None = None  # the last prefill's or decode's slots, on the device
         self.graphed_decode = None
         self._prefill = self._prefill_one_by_one
         if on_gpu:
@@ -127,8 +128,9 @@ class ModelRunner:
             embeds[visual] = image_embeds.to(self.device, self.dtype)
             deepstack = deepstack.to(self.device, self.dtype)
         positions = torch.cat([p.positions for p in prompts], dim=1).to(self.device)
-        lengths = [len(p.input_ids) for p in prompts]
-        return self._prefill(embeds, positions, [s.slot for s in seqs], lengths, visual, deepstack)
+        lengths, slots = [len(p.input_ids) for p in prompts], [s.slot for s in seqs]
+        self._launched_slots = self._staged(slots).to(self.device, non_blocking=True)
+        return self._prefill(embeds, positions, slots, lengths, visual, deepstack)
 
     def _graphed_or_eager_prefill(self, graphed, embeds, positions, slots, lengths, visual, deepstack) -> torch.Tensor:
         image_rows = 0 if deepstack is None else deepstack.shape[1]
@@ -156,15 +158,19 @@ class ModelRunner:
         cached = [s.prompt_len + s.launched - 1 for s in seqs]  # the input token is not in the cache yet
         rows = self._staged([[n + s.rope_delta for n, s in zip(cached, seqs)], [s.slot for s in seqs], cached])
         if self.graphed_decode is not None:
-            return self.graphed_decode(*rows)
+            logits = self.graphed_decode(*rows)
+            # Its static slots buffer: read in stream order, before the next step overwrites it.
+            self._launched_slots = self.graphed_decode.slots[: len(seqs)]
+            return logits
         positions, slots, lengths = rows.to(self.device)
+        self._launched_slots = slots
         return self.model.decode(self.tokens_by_slot[slots], positions, self.kv, slots, lengths)
 
     @torch.inference_mode()
-    def feed(self, seqs: list[Sequence], tokens: torch.Tensor) -> None:
-        """Make ``tokens`` (one per sequence, on the device) their slots' next decode inputs."""
-        slots = self._staged([s.slot for s in seqs]).to(self.device, non_blocking=True)
-        self.tokens_by_slot.index_copy_(0, slots, tokens)
+    def feed(self, tokens: torch.Tensor) -> None:
+        """Make ``tokens`` (sampled from the last prefill's or decode's logits, one per sequence, on
+        the device) those sequences' next decode inputs; their slots are already on the device."""
+        self.tokens_by_slot.index_copy_(0, self._launched_slots, tokens)
 
     def _staged(self, rows: list) -> torch.Tensor:
         """Host int64 tensor of ``rows``; on CUDA in page-locked memory, so that copying it to the

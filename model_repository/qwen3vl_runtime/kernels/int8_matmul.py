@@ -30,9 +30,10 @@ def _configs():
 
 
 # Above this many rows (a prefill, an image's patches) the product is bound by the tensor cores,
-# not by reading W: on the H100, cuBLAS on a weight dequantized for the call beat this kernel
-# about 2x at 784-4,096 rows (scripts/bench_matmul.py, docs/benchmarks.md). Decode batches are
-# at most this size and keep the fused kernel.
+# not by reading W. On the H100 this kernel, even given 128-256-row tiles, took about twice bf16's
+# time at 784-4,096 rows (scripts/bench_matmul.py, run 5), and dequantizing for the call then
+# cuBLAS cut the engine's prefill at 64 streams from 16.7 to 9.1 ms per step (bench_engine.py,
+# run 6; docs/benchmarks.md). Decode batches are at most this size and keep the fused kernel.
 DECODE_MAX_ROWS = 64
 # ... except for weights too large to copy per call (the tied lm_head: 622 MB in bf16), which
 # only ever see a few rows (each prompt's last).
@@ -81,8 +82,10 @@ def _dequantize_kernel(W, Scale, Out, K, BLOCK_K: tl.constexpr):
 def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """weight [N, K] (8-bit, contiguous) * scale [N] -> [N, K] in ``dtype``, one rounding.
 
-    One pass at copy speed: PyTorch's own int8 * bf16 with a broadcast scale took 7.5 ms for the
-    decoder's 1.6 G weights on the H100 (its generic mixed-type kernel), every prefill call."""
+    One pass, each weight read and written once: PyTorch's own int8 * bf16 with a broadcast scale
+    (its generic mixed-type kernel) took 7.5 ms per one-prompt prefill on the H100 for the text
+    and vision weights (scripts/profile_prefill.py, run 7). This kernel's own time was not
+    profiled apart; the engine's int8 prefill at 64 streams went from 4.2 to 4.1 ms per step."""
     n, k = weight.shape
     out = torch.empty((n, k), device=weight.device, dtype=dtype)
     block_k = min(triton.next_power_of_2(k), 4096)
