@@ -5,8 +5,9 @@
 The engine's runner with the vision tower in its process (build-repo --vision-backend decoder),
 prefilling N copies of the benchmark request (one 448 px image + ~40 text tokens) in one call, as
 the engine does when N requests arrive together. For each precision and N: the median wall time of
-the whole prefill, of the vision tower alone and of copying the pixels to the GPU (the encoder's
-own copy, through pinned memory; runs 6 and 7 timed a plain pageable copy instead), then the GPU
+the whole prefill, of the vision tower alone (as the engine runs it, from CUDA graphs, and eagerly)
+and of copying the pixels to the GPU (the encoder's own copy, through pinned memory; runs 6 and 7
+timed a plain pageable copy instead), then the GPU
 time of the prefill's kernels (torch.profiler), their count and the most costly ones. Wall time
 far above kernel time means the step waits on the host (launches, Python), not on the GPU.
 """
@@ -33,6 +34,7 @@ from model_repository.qwen3vl_runtime.decoder_weights import load_text_model, lo
 from model_repository.qwen3vl_runtime.engine import SamplingParams, Sequence  # noqa: E402
 from model_repository.qwen3vl_runtime.engine.runner import ModelRunner, PromptInputs  # noqa: E402
 from model_repository.qwen3vl_runtime.engine.vision import ImageEncoder, ImageInputs  # noqa: E402
+from model_repository.qwen3vl_runtime.host_to_device import to_device  # noqa: E402
 
 
 def wall_ms(run, repeats: int = 10) -> float:
@@ -61,12 +63,14 @@ def profile(precision: str, args, prompt: PromptInputs, image: ImageInputs) -> l
             "prompts": n,
             "prefill_ms": wall_ms(lambda: runner.prefill(seqs)),
             "vision_ms": wall_ms(lambda: runner.vision([image] * n)),
-            "pixels_to_gpu_ms": wall_ms(lambda: runner.vision.to_device([image.pixel_values] * n)),
+            "vision_eager_ms": wall_ms(lambda: runner.vision.encode_eager([image] * n)),
+            "pixels_to_gpu_ms": wall_ms(lambda: to_device([image.pixel_values] * n, runner.device)),
         }
         row.update(kernel_profile(lambda: runner.prefill(seqs)))
         rows.append(row)
         print(
-            f"{precision:5} {n:3} prompts: prefill {row['prefill_ms']:.2f} ms (vision {row['vision_ms']:.2f}, "
+            f"{precision:5} {n:3} prompts: prefill {row['prefill_ms']:.2f} ms (vision {row['vision_ms']:.2f}, eager "
+            f"{row['vision_eager_ms']:.2f}, "
             f"pixels to GPU {row['pixels_to_gpu_ms']:.2f}); kernels {row['kernel_ms_per_step']:.2f} ms in "
             f"{row['kernels_per_step']:.0f} launches",
             flush=True,

@@ -58,7 +58,7 @@ def _compare(checkpoint: Path) -> dict[str, float]:
         deepstack = torch.randn(3, 4, model.config.hidden_size)
         kv_ref, kv_fused = model.new_cache(3, 128), model.new_cache(3, 128)
         ref = model.prefill(model.embed(ids), positions, kv_ref, 1, visual_mask=visual, deepstack=deepstack)
-        fused = fused_prefill(model, kv_fused, model.embed(ids), positions, [1], [n], visual, deepstack)[0]
+        fused = fused_prefill(model, kv_fused, model.embed(ids), positions, [1], [n], visual.nonzero().flatten(), deepstack)[0]
         errors["image prompt"] = rel(fused, ref)
         for name, lengths in (("ragged", [7, 30, 12, 7, 30]), ("equal", [9, 9, 9])):
             slots = list(range(len(lengths)))[::-1]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .host_to_device import to_device
 from .kernels.fused import add_rmsnorm, qk_norm_rope_cache, silu_mul
 from .segment_attention import SegmentAttention
 from .text_model import TextModel
@@ -50,19 +51,19 @@ def fused_decode(model: TextModel, input_ids, positions, kv, slots, lengths) -> 
     return model.logits(_layers(model, x, cos, sin, kv, slots, lengths, attend))
 
 
-def fused_prefill(model: TextModel, kv, embeds, positions, slots: list[int], lengths: list[int], visual_mask=None, deepstack=None) -> torch.Tensor:
+def fused_prefill(model: TextModel, kv, embeds, positions, slots: list[int], lengths: list[int], visual_rows=None, deepstack=None) -> torch.Tensor:
     """Whole prompts of several sequences in one pass -> each one's last-token logits [S, vocab].
 
     embeds: [T, hidden] (the prompts concatenated, image rows replaced); positions: [3, T];
-    slots, lengths: one per sequence; visual_mask: [T]; deepstack: [layers, image rows, hidden].
+    slots, lengths: one per sequence; visual_rows: [image rows] the rows of embeds that are image
+    tokens, on embeds' device; deepstack: [layers, image rows, hidden]. No host synchronisation.
     """
     device = embeds.device
     cos, sin = model.rope(positions, embeds.dtype)
-    # Built on the host, one copy each: a launch per prompt adds up in a prefill of many prompts.
-    token_slots = torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths)).to(device)
-    cache_positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
-    bounds = [0, *torch.tensor(lengths).cumsum(0).tolist()]
-    visual_rows = None if deepstack is None else visual_mask.nonzero().flatten()
+    # Built on the host, one queued copy each: a launch per prompt adds up in a prefill of many prompts.
+    token_slots = to_device(torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths)), device)
+    cache_positions = to_device([torch.arange(n) for n in lengths], device)
+    last_rows = to_device(torch.tensor(lengths).cumsum(0) - 1, device)
     segments = SegmentAttention(lengths, device, causal=True)
 
     def attend(i, q):  # q: [T, H, D]; each prompt causal over its own keys, prompts of one length batched
@@ -78,7 +79,7 @@ def fused_prefill(model: TextModel, kv, embeds, positions, slots: list[int], len
         return x, None
 
     hidden = _layers(model, embeds, cos, sin, kv, token_slots, cache_positions, attend, add_deepstack)
-    return model.logits(hidden[[b - 1 for b in bounds[1:]]])
+    return model.logits(hidden[last_rows])
 
 
 def static_prefill(model: TextModel, kv, embeds, positions, token_slots, cache_positions, visual_rows, deepstack, last_rows) -> torch.Tensor:

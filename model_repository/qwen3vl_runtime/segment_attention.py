@@ -14,6 +14,8 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
+from .host_to_device import to_device
+
 
 class SegmentAttention:
     """causal: each position attends to its segment's earlier positions only (a prompt)."""
@@ -30,7 +32,7 @@ class SegmentAttention:
             self.shape, self.groups = (len(first), n), []
         else:  # per distinct length: the row indices of its segments, [segments, length]
             self.shape = None
-            self.groups = [(torch.tensor(first)[:, None] + torch.arange(n)).to(device) for n, first in starts.items()]
+            self.groups = [to_device(torch.tensor(first)[:, None] + torch.arange(n), device) for n, first in starts.items()]
 
     def __call__(self, q, k, v, scale: float | None = None) -> torch.Tensor:
         """q: [rows, heads, head_dim]; k, v: [rows, kv heads, head_dim] (kv heads divide heads)."""

@@ -12,19 +12,20 @@ from collections.abc import Callable
 import torch
 
 from ..fused_forward import fused_decode, static_prefill
+from ..host_to_device import to_device
 from ..text_model import TextModel
 
 BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128)
 
 
 @torch.inference_mode()
-def capture_buckets(buckets, run: Callable[[int], torch.Tensor], prepare: Callable[[int], None] = lambda b: None):
+def capture_buckets(buckets, run: Callable[[int], torch.Tensor], prepare: Callable[[int], None] = lambda b: None, pool=None):
     """One CUDA graph per bucket of ``run(bucket)`` -> (graphs, their output tensors), by bucket.
 
-    Largest first, so the smaller graphs reuse its memory pool; two eager runs before each capture
-    do the kernels' autotuning and lazy initialisation. ``prepare(bucket)`` sets the static inputs
-    the capture reads."""
-    graphs, outputs, pool = {}, {}, None
+    Largest first, so the smaller graphs reuse its memory pool (or ``pool``, another capture's);
+    two eager runs before each capture do the kernels' autotuning and lazy initialisation.
+    ``prepare(bucket)`` sets the static inputs the capture reads."""
+    graphs, outputs = {}, {}
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -122,20 +123,18 @@ class GraphedPrefill:
         self.deepstack.zero_()
         self.last_rows.fill_(b)
 
-    def __call__(self, embeds, positions, slots: list[int], lengths: list[int], visual_mask, deepstack) -> torch.Tensor:
+    def __call__(self, embeds, positions, slots: list[int], lengths: list[int], visual_rows, deepstack) -> torch.Tensor:
         """Same contract as ``fused_prefill`` (inputs already on the GPU) -> logits [S, vocab]."""
-        tokens = embeds.shape[0]
+        tokens, device = embeds.shape[0], embeds.device
         b = next(size for size in self.TOKEN_BUCKETS if size >= tokens)
         self._reset(b)
         self.embeds[:tokens].copy_(embeds)
         self.positions[:, :tokens].copy_(positions)
-        self.token_slots[:tokens].copy_(torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths)))
-        self.cache_positions[:tokens].copy_(torch.cat([torch.arange(n) for n in lengths]))
+        self.token_slots[:tokens].copy_(to_device(torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths)), device))
+        self.cache_positions[:tokens].copy_(to_device([torch.arange(n) for n in lengths], device))
         if deepstack is not None:
-            rows = visual_mask.nonzero().flatten()
-            self.visual_rows[: len(rows)].copy_(rows)
-            self.deepstack[:, : len(rows)].copy_(deepstack)
-        ends = torch.tensor(lengths).cumsum(0) - 1
-        self.last_rows[: len(lengths)].copy_(ends.to(embeds.device))
+            self.visual_rows[: len(visual_rows)].copy_(visual_rows)
+            self.deepstack[:, : len(visual_rows)].copy_(deepstack)
+        self.last_rows[: len(lengths)].copy_(to_device(torch.tensor(lengths).cumsum(0) - 1, device))
         self.graphs[b].replay()
         return self.logits[b][: len(lengths)]

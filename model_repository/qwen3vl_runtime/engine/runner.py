@@ -7,6 +7,7 @@ from functools import partial
 
 import torch
 
+from ..host_to_device import pinned_cat, to_device
 from ..text_model import TextModel
 from .request import Sequence
 from .vision import ImageEncoder, ImageInputs
@@ -110,37 +111,42 @@ class ModelRunner:
         """Fill each sequence's slot with its (checked) prompt; returns next-token logits [S, vocab].
 
         On the GPU the prompts run as one batch (their tokens concatenated); on the CPU one by one
-        through the reference model.
+        through the reference model. Everything the host decides (which rows are image tokens, the
+        indices) is computed from the host's copy of the prompts and queued to the GPU behind the
+        step before, never read back: a prefill can be launched while that step still runs.
         """
         prompts: list[PromptInputs] = [s.prompt for s in seqs]
-        ids = torch.cat([p.input_ids for p in prompts]).to(self.device)
-        embeds = self.model.embed(ids)
-        visual = ids == self.image_token_id
-        deepstack = None
-        if bool(visual.any()):
+        ids = torch.cat([p.input_ids for p in prompts])
+        embeds = self.model.embed(to_device(ids, self.device))
+        image_rows = (ids == self.image_token_id).nonzero().flatten()
+        visual_rows = deepstack = None
+        if len(image_rows):
             with_images = [p for p in prompts if bool((p.input_ids == self.image_token_id).any())]
             if self.vision is not None:  # every prompt's images in one call
                 image_embeds, deepstack = self.vision([p.images for p in with_images])
-            else:
-                image_embeds = torch.cat([p.image_embeds for p in with_images])
-                deepstack = torch.cat([p.deepstack for p in with_images], dim=1)
-            embeds = embeds.clone()
-            embeds[visual] = image_embeds.to(self.device, self.dtype)
-            deepstack = deepstack.to(self.device, self.dtype)
-        positions = torch.cat([p.positions for p in prompts], dim=1).to(self.device)
+            else:  # the vision model's outputs, host tensors
+                image_embeds = to_device([p.image_embeds for p in with_images], self.device)
+                deepstack = to_device([p.deepstack for p in with_images], self.device, dim=1)
+            visual_rows = to_device(image_rows, self.device)
+            embeds = embeds.index_copy(0, visual_rows, image_embeds.to(self.dtype))
+            deepstack = deepstack.to(self.dtype)
+        positions = to_device([p.positions for p in prompts], self.device, dim=1)
         lengths, slots = [len(p.input_ids) for p in prompts], [s.slot for s in seqs]
-        self._launched_slots = self._staged(slots).to(self.device, non_blocking=True)
-        return self._prefill(embeds, positions, slots, lengths, visual, deepstack)
+        self._launched_slots = to_device(torch.tensor(slots), self.device)
+        return self._prefill(embeds, positions, slots, lengths, visual_rows, deepstack)
 
-    def _graphed_or_eager_prefill(self, graphed, embeds, positions, slots, lengths, visual, deepstack) -> torch.Tensor:
+    def _graphed_or_eager_prefill(self, graphed, embeds, positions, slots, lengths, visual_rows, deepstack) -> torch.Tensor:
         image_rows = 0 if deepstack is None else deepstack.shape[1]
         if graphed.fits(embeds.shape[0], len(slots), image_rows):
-            return graphed(embeds, positions, slots, lengths, visual, deepstack)
+            return graphed(embeds, positions, slots, lengths, visual_rows, deepstack)
         from ..fused_forward import fused_prefill  # CUDA only: the kernels import triton
 
-        return fused_prefill(self.model, self.kv, embeds, positions, slots, lengths, visual, deepstack)
+        return fused_prefill(self.model, self.kv, embeds, positions, slots, lengths, visual_rows, deepstack)
 
-    def _prefill_one_by_one(self, embeds, positions, slots, lengths, visual, deepstack) -> torch.Tensor:
+    def _prefill_one_by_one(self, embeds, positions, slots, lengths, visual_rows, deepstack) -> torch.Tensor:
+        visual = torch.zeros(len(embeds), dtype=torch.bool)
+        if visual_rows is not None:
+            visual[visual_rows] = True
         logits, start, image_row = [], 0, 0
         for slot, n in zip(slots, lengths):
             end = start + n
@@ -156,13 +162,13 @@ class ModelRunner:
         """Feed each sequence's newest launched token (from ``tokens_by_slot``); returns next-token
         logits [B, vocab]. Needs no host sync: positions follow from counts the host keeps."""
         cached = [s.prompt_len + s.launched - 1 for s in seqs]  # the input token is not in the cache yet
-        rows = self._staged([[n + s.rope_delta for n, s in zip(cached, seqs)], [s.slot for s in seqs], cached])
+        rows = torch.tensor([[n + s.rope_delta for n, s in zip(cached, seqs)], [s.slot for s in seqs], cached])
         if self.graphed_decode is not None:
-            logits = self.graphed_decode(*rows)
+            logits = self.graphed_decode(*pinned_cat([rows], self.device))
             # Its static slots buffer: read in stream order, before the next step overwrites it.
             self._launched_slots = self.graphed_decode.slots[: len(seqs)]
             return logits
-        positions, slots, lengths = rows.to(self.device)
+        positions, slots, lengths = to_device(rows, self.device)
         self._launched_slots = slots
         return self.model.decode(self.tokens_by_slot[slots], positions, self.kv, slots, lengths)
 
@@ -171,12 +177,6 @@ class ModelRunner:
         """Make ``tokens`` (sampled from the last prefill's or decode's logits, one per sequence, on
         the device) those sequences' next decode inputs; their slots are already on the device."""
         self.tokens_by_slot.index_copy_(0, self._launched_slots, tokens)
-
-    def _staged(self, rows: list) -> torch.Tensor:
-        """Host int64 tensor of ``rows``; on CUDA in page-locked memory, so that copying it to the
-        device neither waits for the GPU nor lets the host overwrite it mid-copy."""
-        host = torch.tensor(rows, dtype=torch.long)
-        return host.pin_memory() if self.device.type == "cuda" else host
 
 
 class TokensToHost:

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..host_to_device import to_device
+from ..segment_attention import SegmentAttention
 from ..vision_inputs import (
     CU_SEQLENS,
     PIXEL_VALUES,
@@ -23,7 +25,6 @@ from ..vision_inputs import (
     check_vision_inputs,
     vision_position_inputs,
 )
-from ..segment_attention import SegmentAttention
 from ..vision_tower import encode_images
 
 
@@ -50,34 +51,35 @@ class ImageInputs:
 
 
 class ImageEncoder:
-    """Runs ``visual`` (transformers' ``Qwen3VLVisionModel``, loaded by ``load_vision_tower``)."""
+    """Runs ``visual`` (transformers' ``Qwen3VLVisionModel``, loaded by ``load_vision_tower``).
 
-    def __init__(self, visual: nn.Module):
+    cuda_graphs: on CUDA, replay the tower from CUDA graphs per image size (``vision_graphs``)."""
+
+    def __init__(self, visual: nn.Module, *, cuda_graphs: bool = True):
         self.visual = visual
         self.device = visual.patch_embed.proj.weight.device
         self.merge_unit = visual.spatial_merge_size**2  # patches per image token
+        self._encode = self.encode_eager
+        if cuda_graphs and self.device.type == "cuda":
+            from .vision_graphs import GraphedTower
+
+            self._encode = GraphedTower(visual, self.encode_eager)
 
     @torch.inference_mode()
     def __call__(self, images: list[ImageInputs]) -> tuple[torch.Tensor, torch.Tensor]:
         """(image_embeds [tokens, hidden], deepstack [layers, tokens, hidden]) of all ``images``,
         in order, on the tower's device."""
-        to = self.to_device
-        pixels = to([i.pixel_values for i in images])
-        indices = to([i.pos_interp_indices for i in images])
-        weights = to([i.pos_interp_weights for i in images])
-        rotary = to([i.rotary_pos_ids for i in images])
+        return self._encode(images)
+
+    @torch.inference_mode()
+    def encode_eager(self, images: list[ImageInputs]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``__call__`` without CUDA graphs."""
+        pixels, indices, weights, rotary = (
+            to_device([getattr(i, name) for i in images], self.device)
+            for name in ("pixel_values", "pos_interp_indices", "pos_interp_weights", "rotary_pos_ids")
+        )
         attend = SegmentAttention([n for i in images for n in i.lengths], self.device)
         return encode_images(self.visual, pixels, indices, weights, rotary, attend)
-
-    def to_device(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        """The parts concatenated on the tower's device. On CUDA through page-locked memory: from
-        pageable memory the copy ran at ~3 GB/s on the H100 machine (16 images' pixels, 77 MB: 27 ms
-        of every prefill, scripts/profile_prefill.py) and blocked the engine thread meanwhile."""
-        if self.device.type != "cuda":
-            return torch.cat(parts)
-        staged = torch.empty((sum(len(p) for p in parts), *parts[0].shape[1:]), dtype=parts[0].dtype, pin_memory=True)
-        torch.cat(parts, out=staged)
-        return staged.to(self.device, non_blocking=True)
 
     def warm_up(self, grids=((1, 16, 16), (1, 4, 8), (1, 2, 2))) -> None:
         """Encode blank images of a few sizes: the GPU kernels pick their tile sizes (Triton
