@@ -12,14 +12,14 @@ shape and row count, the median milliseconds of each kernel (triton.testing.do_b
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from workload import write_gpu_report  # noqa: E402
 
 from model_repository.qwen3vl_runtime.gpu import _fast_matmul  # noqa: E402
 from model_repository.qwen3vl_runtime.quant import quantize_weight  # noqa: E402
@@ -67,14 +67,7 @@ def main() -> int:
                 f"{row['bf16_ms'] / row['int8_ms']:.2f} | {row['bf16_ms'] / row['fp8_ms']:.2f} |",
                 flush=True,
             )
-    report = {
-        "machine": torch.cuda.get_device_name(),
-        "date": datetime.date.today().isoformat(),
-        "command": " ".join(sys.argv),
-        "torch": torch.__version__,
-        "results": rows,
-    }
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_gpu_report(args.out, rows)
     return 0
 
 

@@ -50,6 +50,15 @@ def gpu_memory_gib() -> float:
     return float(out.stdout.split()[0]) / 1024 if out.returncode == 0 else float("nan")
 
 
+def gpu_name() -> str:
+    """GPU 0's name (nvidia-smi), or "cpu" where there is none."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+    except FileNotFoundError:
+        return "cpu"
+    return out.stdout.splitlines()[0].strip() if out.returncode == 0 and out.stdout.strip() else "cpu"
+
+
 STAGES = ("queue", "compute_input", "compute_infer", "compute_output")
 
 
@@ -183,6 +192,7 @@ def main() -> int:
             for line in row.get("perf_analyzer", {}).get("summary", []):
                 print(f"    perf_analyzer: {line}", flush=True)
     report = {
+        "machine": gpu_name(),
         "date": datetime.date.today().isoformat(),
         "command": " ".join(sys.argv),
         "repository_manifest_options": json.loads((args.repository / "manifest.json").read_text())["options"],

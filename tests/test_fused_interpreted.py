@@ -22,8 +22,16 @@ def test_fused_prefill_and_int8_product_match_the_reference(tiny_checkpoint):
     out = subprocess.run([sys.executable, __file__, str(tiny_checkpoint)], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     errors = json.loads(out.stdout.strip().splitlines()[-1])
-    assert len(errors) == 1 + 5 + 3 + 1
-    assert max(errors.values()) < 1e-5, errors
+    fp16_operands = {name: e for name, e in errors.items() if "convert='f16" in name}
+    assert len(errors) == 1 + 5 + 3 + 1 + 4 and len(fp16_operands) == 1, errors
+    # float32 activations rounded to fp16 operands: ~2^-11 relative; everything else float32 throughout
+    assert max(fp16_operands.values()) < 2e-3, fp16_operands
+    assert max(e for name, e in errors.items() if name not in fp16_operands) < 1e-5, errors
+
+
+# One tile of each kernel and conversion (the interpreter is slow): K = 160 is not a multiple of
+# either BLOCK_K, so the masked tail of K is covered too, and N = 96 that of N.
+INTERPRETED = {("tensor_cores", 32, 256), ("few_rows", 4, 512), ("few_rows", 32, 128)}
 
 
 def _compare(checkpoint: Path) -> dict[str, float]:
@@ -36,7 +44,7 @@ def _compare(checkpoint: Path) -> dict[str, float]:
     from builder.decoder_export import write_decoder
     from model_repository.qwen3vl_runtime.decoder_weights import load_text_model
     from model_repository.qwen3vl_runtime.fused_forward import fused_prefill
-    from model_repository.qwen3vl_runtime.kernels.int8_matmul import DECODE_MAX_ROWS, int8_matmul
+    from model_repository.qwen3vl_runtime.kernels.int8_matmul import DECODE_MAX_ROWS, candidates, int8_matmul, rows_bucket
     from model_repository.qwen3vl_runtime.quant import dequantize_weight, quantize_weight
 
     def rel(a, b):
@@ -73,6 +81,13 @@ def _compare(checkpoint: Path) -> dict[str, float]:
         q, scale = quantize_weight(torch.randn(96, 160), "int8")
         x = torch.randn(DECODE_MAX_ROWS + 36, 160)
         errors["int8 product, many rows"] = rel(int8_matmul(x, q, scale), x.double() @ dequantize_weight(q, scale, torch.float64).T)
+        # Decode-sized products: every kernel the GPU's tuner may pick (PTX has no interpreter)
+        x = torch.randn(3, 160)
+        for launch in candidates(rows_bucket(3), torch.int8):
+            if launch.convert != "f16_ptx" and (launch.kernel, launch.block_n, launch.block_k) in INTERPRETED:
+                out = torch.empty(3, 96)
+                launch(x, q, scale, out)
+                errors[f"int8 {launch}"] = rel(out, x.double() @ dequantize_weight(q, scale, torch.float64).T)
     return errors
 
 

@@ -36,3 +36,9 @@ def test_bench_preprocess(tmp_path):
     run("bench_preprocess.py", "--repeat", "2", "--out", str(out))
     rows = json.loads(out.read_text())["median_ms"]
     assert set(rows) >= {"preprocess, 448 px PNG", "PatchMaker, 448 px"} and all(ms > 0 for ms in rows.values())
+
+
+@pytest.mark.parametrize("script", ["bench_matmul.py", "bench_decode_matmul.py", "profile_prefill.py", "profile_decode.py"])
+def test_gpu_only_scripts_import_and_parse_their_arguments(script):
+    """They run on the GPU machine only; here at least their imports and argument parsers."""
+    run(script, "--help")

@@ -1,72 +1,150 @@
 """Weight-only 8-bit matmul: y = x @ dequant(W)^T with the dequantization fused into the kernel.
 
 W stays 8-bit in memory (int8 or float8_e4m3fn, [out, in], one float32 scale per output row): a
-decode step reads half the bytes of bf16 weights, which is what makes it faster (small-batch
-steps are bound by weight reads). The scale multiplies the fp32 accumulator once per output.
+decode step reads half the bytes of bf16 weights, which pays only where the kernel keeps up with
+the memory (on the H200 at one row, not yet at 4-64: docs/benchmarks.md, run 10). The scale
+multiplies the fp32 accumulator once per output.
 """
 
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 
-def _configs():
-    """Few rows (a decode step): thin tiles over many weight rows, long K steps; bound by reading W."""
-    return [
-        triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-        for n, k, w, s in (
-            (16, 256, 4, 4),
-            (16, 512, 4, 3),
-            (32, 256, 4, 4),
-            (32, 512, 8, 3),
-            (64, 128, 4, 4),
-            (64, 256, 8, 3),
-            (128, 128, 8, 3),
-            (128, 64, 4, 4),
-        )
-    ]
-
-
 # Above this many rows (a prefill, an image's patches) the product is bound by the tensor cores,
-# not by reading W. On the H100 this kernel, even given 128-256-row tiles, took about twice bf16's
-# time at 784-4,096 rows (scripts/bench_matmul.py, run 5), and dequantizing for the call then
-# cuBLAS cut the engine's prefill at 64 streams from 16.7 to 9.1 ms per step (bench_engine.py,
-# run 6; docs/benchmarks.md). Decode batches are at most this size and keep the fused kernel.
+# not by reading W. On the H100 the tensor-core kernel below, even given 128-256-row tiles, took
+# about twice bf16's time at 784-4,096 rows (scripts/bench_matmul.py, run 5), and dequantizing for
+# the call then cuBLAS cut the engine's prefill at 64 streams from 16.7 to 9.1 ms per step
+# (bench_engine.py, run 6; docs/benchmarks.md). Decode batches are at most this size.
 DECODE_MAX_ROWS = 64
 # ... except for weights too large to copy per call (the tied lm_head: 622 MB in bf16), which
 # only ever see a few rows (each prompt's last).
 DEQUANTIZE_MAX_ELEMENTS = 64 << 20
 
+# How the tensor-core kernel turns a weight tile into MMA operands (constexpr CONVERT):
+#   "bf16": Triton's own conversion to x's dtype (int8: an int-to-float instruction per element);
+#   "f16_bits" (int8): exact fp16 from the byte's bits, no int-to-float instruction;
+#   "f16_ptx" (int8): the same in PTX, four bytes per register (prmt + sub.f16x2).
+# Triton's own int8 -> fp16, and fp8 -> fp16 (PTX converts two e4m3 to f16x2 at once), were slower
+# than "bf16" at every decode shape on the H200 (run 10) and are not candidates. The tuner picks
+# per shape: the few-rows kernel at 1-4 rows for the smaller weights, "f16_ptx" for lm_head and
+# gate/up, "bf16" elsewhere (run 10).
+# On the H200 the "bf16" conversion's decode-sized products moved 0.5-2.2 TB/s of weights and took
+# longer than cuBLAS on bf16 weights of twice the bytes (1.58 against 1.32 ms per token at one row;
+# run 9, scripts/bench_decode_matmul.py): far from the bandwidth, which points at the conversion
+# (not profiled). The fp16 conversions take fewer instructions per weight (f16_ptx: five per four)
+# but need x scaled into fp16's range first, by a power of two per row (exact for bf16 values), a
+# pass over x in every program. Which one wins is measured per shape, not assumed (``tune``).
+
 
 @triton.jit
-def _int8_matmul_kernel(
+def _int8_to_f16_ptx(w):
+    """uint8 bytes b of int8 weights v -> v in fp16: 0x6400 | (b ^ 0x80) is 1024 + v + 128."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 t, hi, bias;
+        xor.b32 t, $2, 0x80808080;
+        mov.b32 hi, 0x64646464;
+        mov.b32 bias, 0x64806480;
+        prmt.b32 $0, t, hi, 0x5140;
+        prmt.b32 $1, t, hi, 0x5342;
+        sub.f16x2 $0, $0, bias;
+        sub.f16x2 $1, $1, bias;
+        }""",
+        constraints="=r,=r,r",
+        args=[w],
+        dtype=tl.float16,
+        is_pure=True,
+        pack=4,
+    )
+
+
+@triton.jit
+def _tensor_core_kernel(
     X, W, Scale, Out,
     M, N, K,
     stride_xm, stride_wn, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CONVERT: tl.constexpr,
 ):  # fmt: skip
+    """A tile of BLOCK_M rows (padding rows masked) on the tensor cores; W [N, K] 8-bit, K contiguous
+    (int8 viewed as uint8 for "f16_bits" and "f16_ptx"), dequantized in registers."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
+    if CONVERT != "bf16":
+        # fp16 holds 65,504 at most: each row is scaled by a power of two into [-1, 1] first.
+        amax = tl.zeros([BLOCK_M], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            x = tl.load(X + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+        x_scale = tl.exp2(tl.ceil(tl.log2(tl.maximum(amax, 1e-30))))
+        inv_scale = 1.0 / x_scale
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         x = tl.load(X + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-        # w: [BLOCK_N, BLOCK_K], K contiguous (16-byte loads along rows), dequantized in registers
         w_mask = (rn[:, None] < N) & (kk[None, :] < K)
-        w = tl.load(W + rn[:, None] * stride_wn + kk[None, :], mask=w_mask)  # no `other`: fp8 has no literal
-        acc += tl.dot(x, tl.trans(tl.where(w_mask, w.to(x.dtype), 0.0)))
+        if CONVERT == "bf16":
+            w = tl.load(W + rn[:, None] * stride_wn + kk[None, :], mask=w_mask)  # no `other`: fp8 has no literal
+            acc += tl.dot(x, tl.trans(tl.where(w_mask, w.to(x.dtype), 0.0)))
+        else:
+            xh = (x.to(tl.float32) * inv_scale[:, None]).to(tl.float16)
+            w = tl.load(W + rn[:, None] * stride_wn + kk[None, :], mask=w_mask, other=0)  # byte 0 is v = 0
+            if CONVERT == "f16_bits":
+                wh = ((w.to(tl.int16) ^ 0x80) | 0x6400).to(tl.float16, bitcast=True) - 1152.0
+            else:
+                wh = _int8_to_f16_ptx(w)
+            acc += tl.dot(xh, tl.trans(wh))
     scale = tl.load(Scale + rn, mask=rn < N, other=0.0)
     out = acc * scale[None, :]
+    if CONVERT != "bf16":
+        out = out * x_scale[:, None]
     tl.store(Out + rm[:, None] * stride_om + rn[None, :], out.to(Out.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-# Tuned once per (batch bucket, N, K) on first use; the runner's warm-up does that before graph capture.
-_tuned_kernel = triton.autotune(configs=_configs(), key=["BLOCK_M", "N", "K"])(_int8_matmul_kernel)
+@triton.jit
+def _few_rows_kernel(
+    X, W, Scale, Out,
+    M, N, K,
+    stride_xm, stride_wn, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT8: tl.constexpr,
+):  # fmt: skip
+    """At most BLOCK_M rows on the CUDA cores, no tensor-core tile: each weight element is converted
+    once and multiplied into the BLOCK_M rows; the sums over K are reduced at the end. On the H200
+    the fastest for the smaller weights at one row (o, down: 4.3 and 9.1 us against 7.2 and 17.1).
+
+    INT8: W is the int8 weight viewed as uint8, converted without an int-to-float instruction: the
+    byte b = v mod 256 of v, xored with 0x80, is v + 128 in [0, 256); put in the low mantissa bits
+    of 2^23 it reads as 2^23 + v + 128, exactly.
+    """
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        x = tl.load(X + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        w_mask = (rn[:, None] < N) & (kk[None, :] < K)
+        if INT8:
+            w = tl.load(W + rn[:, None] * stride_wn + kk[None, :], mask=w_mask, other=0)  # byte 0 is v = 0
+            wf = ((w.to(tl.int32) ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+        else:  # float8_e4m3fn: no literal for `other`, so the masked lanes are zeroed after the load
+            w = tl.load(W + rn[:, None] * stride_wn + kk[None, :], mask=w_mask)
+            wf = tl.where(w_mask, w.to(tl.float32), 0.0)
+        acc += x.to(tl.float32)[:, None, :] * wf[None, :, :]
+    scale = tl.load(Scale + rn, mask=rn < N, other=0.0)
+    out = tl.sum(acc, axis=2) * scale[None, :]
+    tl.store(Out + rm[:, None] * stride_om + rn[None, :], out.to(Out.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 @triton.jit
@@ -93,8 +171,114 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return out
 
 
+@dataclass(frozen=True)
+class Launch:
+    """One way to compute a decode-sized product: a kernel and its tile."""
+
+    kernel: str  # "tensor_cores", "few_rows", or "w8a8" (fp8 weights: cuBLASLt on fp8 activations)
+    block_m: int = 16
+    block_n: int = 32
+    block_k: int = 256
+    warps: int = 4
+    stages: int = 4
+    convert: str = "bf16"  # the tensor-core kernel's CONVERT
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
+        (m, k), n = x.shape, weight.shape[0]
+        if self.kernel == "w8a8":
+            from .fp8_matmul import w8a8_matmul
+
+            out.copy_(w8a8_matmul(x, weight, scale))
+            return
+        int8 = weight.dtype == torch.int8
+        if int8 and (self.kernel == "few_rows" or self.convert.startswith("f16_")):
+            weight = weight.view(torch.uint8)
+        grid = (triton.cdiv(n, self.block_n), triton.cdiv(m, self.block_m))
+        meta = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k}
+        if self.kernel == "few_rows":
+            kernel, meta["INT8"] = _few_rows_kernel, int8
+        else:
+            kernel, meta["CONVERT"] = _tensor_core_kernel, self.convert
+        kernel[grid](x, weight, scale, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0), **meta,
+                     num_warps=self.warps, num_stages=self.stages)  # fmt: skip
+
+
+def rows_bucket(m: int) -> int:
+    return 1 << (m - 1).bit_length()  # 1, 2, 4, ..., 64
+
+
+def candidates(bucket: int, weight_dtype: torch.dtype) -> list[Launch]:
+    """What the tuner measures for a product of ``bucket`` rows at most; the first is the default
+    where nothing can be measured (the CPU, Triton's interpreter, inside a graph capture). The tiles
+    are the fastest of a wider sweep on the H200 (run 9, scripts/bench_decode_matmul.py)."""
+    block_m = max(16, bucket)  # the tensor cores' smallest tile; padding rows are masked
+    converts = ["bf16", "f16_ptx", "f16_bits"] if weight_dtype == torch.int8 else ["bf16"]
+    tiles = [(32, 256, 4, 4), (16, 256, 4, 4), (16, 512, 4, 3), (64, 128, 4, 4), (128, 64, 4, 4)]
+    out = [Launch("tensor_cores", block_m, n, k, w, s, c) for c in converts for n, k, w, s in tiles]
+    if bucket <= 4:
+        few = [(4, 512, 4, 3), (4, 1024, 4, 1), (8, 512, 4, 3), (32, 128, 4, 3)]
+        out += [Launch("few_rows", bucket, n, k, w, s) for n, k, w, s in few]
+    if weight_dtype == torch.float8_e4m3fn and bucket >= 16:
+        out.append(Launch("w8a8"))
+    return out
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """The measured candidates of one (rows bucket, N, K, weight dtype): (launch, ms or None, why not)."""
+
+    best: Launch
+    timings: list[tuple[Launch, float | None, str]]
+
+
+TUNED: dict[tuple, Tuning] = {}  # filled on first use of each key; scripts/bench_decode_matmul.py prints it
+CHECK_ROWS = 4096  # output columns compared with a reference when a candidate is measured
+# Relative error allowed against the float32 product: bf16 outputs are ~1e-3 off; W8A8 rounds the
+# activations to fp8 too (2.6e-2 measured on random rows), within tests/test_gpu.py's fp8 bound.
+MAX_ERROR = {"w8a8": 6e-2}
+MAX_ERROR_WEIGHT_ONLY = 2e-2
+
+
+def _measurable(x: torch.Tensor) -> bool:
+    return x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_current_stream_capturing()
+
+
+def tune(bucket: int, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> Tuning:
+    """Time every candidate for this weight's shape (CUDA-graph replays over copies of the weight
+    that do not fit in L2: ``graph_timing``) on random rows; keep the fastest whose output agrees
+    with a float32 reference. A candidate that fails to compile or disagrees is skipped, said why."""
+    from .graph_timing import graph_ms, rotating
+
+    n, k = weight.shape
+    generator = torch.Generator(device=weight.device).manual_seed(bucket)
+    x = torch.randn(bucket, k, device=weight.device, dtype=dtype, generator=generator)
+    cols = min(n, CHECK_ROWS)
+    reference = x.float() @ (weight[:cols].float() * scale[:cols, None].float()).T
+    out = torch.empty(bucket, n, device=weight.device, dtype=dtype)
+    copies = rotating(weight)
+    timings: list[tuple[Launch, float | None, str]] = []
+    for launch in candidates(bucket, weight.dtype):
+        try:
+            out.fill_(float("nan"))
+            launch(x, weight, scale, out)
+            error = float((out[:, :cols].float() - reference).norm() / reference.norm())
+            if not error < MAX_ERROR.get(launch.kernel, MAX_ERROR_WEIGHT_ONLY):  # NaN too: an unwritten output
+                raise ValueError(f"relative error {error:.2e}")
+            timings.append((launch, graph_ms([lambda w=w: launch(x, w, scale, out) for w in copies]), ""))
+        except Exception as problem:  # noqa: BLE001 - a tile over the registers, PTX the driver refuses, ...
+            timings.append((launch, None, (str(problem).splitlines() or [type(problem).__name__])[0][:160]))
+    timed = [(launch, ms) for launch, ms, _ in timings if ms is not None]
+    if not timed:
+        raise RuntimeError(f"no 8-bit matmul kernel ran for a {n} x {k} weight: {timings}")
+    return Tuning(best=min(timed, key=lambda t: t[1])[0], timings=timings)
+
+
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x: [..., K] (bf16/fp16) @ 8-bit weight [N, K]^T, times scale [N] -> [..., N] in x's dtype."""
+    """x: [..., K] (bf16/fp16) @ 8-bit weight [N, K]^T, times scale [N] -> [..., N] in x's dtype.
+
+    Above DECODE_MAX_ROWS rows: dequantize, then cuBLAS. Otherwise the fastest launch measured on
+    this GPU for the weight's shape and the rows' bucket (``tune``, once per key: the runner's
+    warm-up and graph captures run every decode bucket eagerly first)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     m, k = x2.shape
@@ -103,8 +287,12 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
         return (x2 @ dequantize(weight, scale, x.dtype).T).reshape(*shape[:-1], n)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
+    bucket = rows_bucket(m)
+    key = (bucket, n, k, weight.dtype, x.dtype)
+    tuning = TUNED.get(key)
+    if tuning is None and _measurable(x2):
+        tuning = TUNED[key] = tune(bucket, weight, scale, x.dtype)
+    launch = tuning.best if tuning is not None else candidates(bucket, weight.dtype)[0]
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, block_m))  # noqa: E731
-    _tuned_kernel[grid](x2, weight, scale, out, m, n, k, x2.stride(0), weight.stride(0), out.stride(0), BLOCK_M=block_m)
+    launch(x2, weight, scale, out)
     return out.reshape(*shape[:-1], n)

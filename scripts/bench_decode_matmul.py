@@ -1,0 +1,112 @@
+"""The decode step's 8-bit products as the engine picks them, against cuBLAS on bf16 weights.
+
+    python scripts/bench_decode_matmul.py [--rows 1 4 8 16 64] [--modes int8 fp8] [--out decode_matmul.json]
+
+For Qwen3-VL-2B's text weights (fused q/k/v, o, fused gate/up, down, the tied lm_head) and each
+row count of a decode batch, the 8-bit kernel's tuner (``kernels/int8_matmul.tune``) measures
+every candidate launch (kernel, tile, weight conversion) the way the engine runs it: replays of a
+CUDA graph over copies of the weight that do not fit in L2 (``graph_timing``), so neither Python's
+launch cost nor a cached weight shows. Prints, per shape: cuBLAS bf16, the tuner's pick, the best
+of each kernel/conversion family, the weight bandwidth of the pick; then per-token sums (28 layers
++ lm_head) and the candidates that did not run; writes every timing to JSON. GPU only.
+
+Run 9 (docs/benchmarks.md) swept a wider set of tiles with the first version of this script;
+its JSON lists them. The tuner's candidates are that sweep's winners plus the fp16 conversions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_matmul import SHAPES  # noqa: E402
+from workload import write_gpu_report  # noqa: E402
+
+from model_repository.qwen3vl_runtime.gpu import _fast_matmul  # noqa: E402
+from model_repository.qwen3vl_runtime.kernels import int8_matmul as kernels  # noqa: E402
+from model_repository.qwen3vl_runtime.kernels.graph_timing import graph_ms, rotating  # noqa: E402
+from model_repository.qwen3vl_runtime.quant import quantize_weight  # noqa: E402
+
+TEXT = {name: shape for name, shape in SHAPES.items() if name.startswith("text.")}
+LAYERS = 28
+
+
+def family(launch: kernels.Launch) -> str:
+    return launch.kernel if launch.kernel != "tensor_cores" else f"tc/{launch.convert}"
+
+
+def measure(name: str, n: int, k: int, m: int, mode: str) -> dict:
+    torch.manual_seed(0)
+    weight = torch.randn(n, k, device="cuda") / k**0.5
+    q, scale = quantize_weight(weight, mode)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    dense = rotating(weight.bfloat16())
+    row = {"weight": name, "n": n, "k": k, "rows": m, "mode": mode,
+           "bf16_ms": graph_ms([lambda w=w: torch.matmul(x, w.T, out=out) for w in dense])}  # fmt: skip
+    del dense
+    _fast_matmul(q.dtype)(x, q, scale)  # tunes this key, as the engine's warm-up does
+    tuning = kernels.TUNED[(kernels.rows_bucket(m), n, k, q.dtype, x.dtype)]
+    row["best"] = asdict(tuning.best)
+    row["best_ms"] = next(ms for launch, ms, _ in tuning.timings if launch == tuning.best)
+    row["candidates"] = [{**asdict(launch), "ms": ms, "problem": problem} for launch, ms, problem in tuning.timings]
+    families: dict[str, float] = {}
+    for launch, ms, _ in tuning.timings:
+        if ms is not None:
+            families[family(launch)] = min(ms, families.get(family(launch), ms))
+    row["best_by_family_ms"] = families
+    return row
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", nargs="+", type=int, default=[1, 4, 8, 16, 64])
+    p.add_argument("--modes", nargs="+", default=["int8", "fp8"], choices=["int8", "fp8"])
+    p.add_argument("--out", type=Path, default=Path("decode_matmul.json"))
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_decode_matmul.py needs a CUDA GPU")
+    results = []
+    print("| mode | weight | rows | bf16 us | pick us | pick | GB/s | best per family us |")
+    print("|---|---|---|---|---|---|---|---|")
+    for mode in args.modes:
+        for m in args.rows:
+            for name, (n, k) in TEXT.items():
+                r = measure(name, n, k, m, mode)
+                results.append(r)
+                if "best" not in r:
+                    continue
+                b = r["best"]
+                pick = f"{family(kernels.Launch(**b))} {b['block_n']}x{b['block_k']} w{b['warps']} s{b['stages']}"
+                families = ", ".join(f"{f} {ms * 1e3:.1f}" for f, ms in sorted(r["best_by_family_ms"].items()))
+                print(
+                    f"| {mode} | {name} | {m} | {r['bf16_ms'] * 1e3:.1f} | {r['best_ms'] * 1e3:.1f} | {pick} | "
+                    f"{n * k / r['best_ms'] / 1e6:.0f} | {families} |",
+                    flush=True,
+                )
+    print("\nPer token (28 layers + lm_head), ms:")
+    print("| mode | rows | bf16 | 8-bit as picked | 8-bit, bf16 conversion only (the kernel before) |")
+    print("|---|---|---|---|---|")
+    for mode in args.modes:
+        for m in args.rows:
+            rs = [r for r in results if r["mode"] == mode and r["rows"] == m and "best" in r]
+            if len(rs) != len(TEXT):
+                continue
+            times = lambda key: sum((1 if r["weight"] == "text.lm_head" else LAYERS) * key(r) for r in rs)  # noqa: E731
+            before = times(lambda r: r["best_by_family_ms"].get("tc/bf16", float("nan")))
+            print(f"| {mode} | {m} | {times(lambda r: r['bf16_ms']):.3f} | {times(lambda r: r['best_ms']):.3f} | {before:.3f} |")
+    problems = {(c["kernel"], c["convert"], c["problem"]) for r in results for c in r.get("candidates", []) if c["problem"]}
+    for kernel, convert, problem in sorted(problems):
+        print(f"did not run: {kernel}/{convert}: {problem}")
+    write_gpu_report(args.out, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
