@@ -1,12 +1,12 @@
 """The vision tower replayed from CUDA graphs, one per (image size, images per call) bucket.
 
-Eager, one call of the tower is ~1,000 launches (24 blocks of norms, products, rotary and
-attention): on the H100 one 448 px image took 22-31 ms of wall time for a few ms of kernels
-(scripts/profile_prefill.py, runs 6-7 in docs/benchmarks.md), in every first token and in every
-engine step that prefills a newcomer. Replayed, the launches cost one call.
+Eager, one call of the tower is hundreds of launches (24 blocks of norms, products, rotary and
+attention): one 448 px image took 16-34 ms of wall time for a few ms of kernels, replayed 3.7-4.7 ms
+(H200, run 9: scripts/profile_prefill.py, docs/benchmarks.md), in every first token and in every
+engine step that prefills a newcomer.
 
 A graph is captured the first time its image size is seen (that call pays two eager runs and the
-capture, ~3x an eager call), for a bucket of images of that size; padding images are whatever the
+capture; not timed apart), for a bucket of images of that size; padding images are whatever the
 static buffers hold (zeros or an earlier call's patches), attended only among themselves.
 Past ``MAX_GRAPHS`` graphs, and for images of more than ``MAX_PATCHES`` patches, the tower runs eagerly.
 """

@@ -1,9 +1,10 @@
 """GPU time of small kernels, measured as the engine runs them: replayed from a CUDA graph.
 
-A decode step's products take 4-170 us each, the smaller ones less than a launch from Python costs
-the host, so timing them by plain launches (``triton.testing.do_bench``) partly measures the
-launcher. Replays of one graph holding many launches leave only the GPU's time. Weights of a decode step stream from memory (1.4 GB a step
-against 50-60 MB of L2), so ``rotating`` copies of the operands keep a timed one out of L2 too.
+A decode step's products take 4-170 us each on the H200 (run 10, scripts/bench_decode_matmul.py);
+timed by plain launches (``triton.testing.do_bench``) the smaller ones partly measure Python's
+launcher (below ~0.05 ms on the H100, run 6 of docs/benchmarks.md). Replays of one graph holding
+many launches leave only the GPU's time. Weights of a decode step stream from memory (1.4 GB a
+step against 50-60 MB of L2), so ``rotating`` copies of the operands keep a timed one out of L2.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ MAX_COPIES = 64
 
 
 def rotating(tensor: torch.Tensor) -> list[torch.Tensor]:
-    """Copies of ``tensor`` whose bytes together exceed L2 several times (the tensor itself, when
-large; at most MAX_COPIES)."""
+    """Copies of ``tensor`` whose bytes together exceed L2 several times (the tensor itself when it
+    is that large; at most MAX_COPIES)."""
     copies = min(MAX_COPIES, max(1, -(-L2_FLUSH_BYTES // (tensor.numel() * tensor.element_size()))))
     return [tensor] + [tensor.clone() for _ in range(copies - 1)]
 
