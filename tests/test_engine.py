@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -213,6 +214,15 @@ def test_detokenizer_streams_exactly_the_decoded_text(tokenizer):
     chunks, stopped = _feed(IncrementalDetokenizer(tokenizer), ids)
     assert "".join(chunks) == text and not stopped
     assert not any("\ufffd" in c for c in chunks)
+
+
+def test_detokenizer_streams_what_decode_gives_for_any_ids(tokenizer):
+    """Random ids over the whole vocabulary, special and added tokens included: the streamed text
+    is the sequence's decode (specials skipped); a partial UTF-8 character is never sent."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, len(tokenizer), 3000).tolist()
+    chunks, stopped = _feed(IncrementalDetokenizer(tokenizer), ids)
+    assert "".join(chunks) == tokenizer.decode(ids, skip_special_tokens=True) and not stopped
 
 
 def test_detokenizer_stop_string_across_tokens_is_cut_and_never_sent(tokenizer):
