@@ -4,6 +4,7 @@ transformers, and batching that does not change answers. Skipped without CUDA.""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -56,12 +57,19 @@ def gpu_parts(tiny_checkpoint, tmp_path_factory):
     return load_text_model(folder, "cuda"), AutoTokenizer.from_pretrained(tiny_checkpoint)
 
 
-def run_engine(parts, prompts, *, slots, max_tokens=16):
+def text_prompt(ids: list[int]):
+    from model_repository.qwen3vl_runtime.engine.runner import PromptInputs
+
+    ids = torch.tensor(ids)
+    return PromptInputs(ids, torch.arange(len(ids)).expand(3, -1))
+
+
+def run_engine(parts, prompts, *, slots, max_tokens=16, graphed_prefill=False):
     from model_repository.qwen3vl_runtime.engine import Engine, SamplingParams, Sequence
-    from model_repository.qwen3vl_runtime.engine.runner import ModelRunner, PromptInputs
+    from model_repository.qwen3vl_runtime.engine.runner import ModelRunner
 
     model, tokenizer = parts
-    runner = ModelRunner(model, num_slots=slots, max_len=256, image_token_id=151655)
+    runner = ModelRunner(model, num_slots=slots, max_len=256, image_token_id=151655, graphed_prefill=graphed_prefill)
     engine = Engine(runner, tokenizer, eos_token_ids={151645}, num_slots=slots).start()
     outputs = {i: [] for i in range(len(prompts))}
     finished, done = set(), threading.Event()
@@ -76,14 +84,48 @@ def run_engine(parts, prompts, *, slots, max_tokens=16):
 
     try:
         for i, ids in enumerate(prompts):
-            ids = torch.tensor(ids)
-            prompt = PromptInputs(ids, torch.arange(len(ids)).expand(3, -1))
             params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-            engine.submit(Sequence(str(i), prompt, len(ids), 0, params, lambda out, i=i: emit(i, out)))
+            engine.submit(Sequence(str(i), text_prompt(ids), len(ids), 0, params, lambda out, i=i: emit(i, out)))
         assert done.wait(120)
     finally:
         engine.stop()
     return [outputs[i] for i in range(len(prompts))]
+
+
+def test_graphs_are_captured_beside_a_running_engine(gpu_parts):
+    """A second runner (graphed decode and prefill) captures its graphs while another engine's
+    thread keeps decoding, then answers as a lone engine does. Under CUDA's global capture mode
+    the running engine's event waits could invalidate such a capture (seen once in this file)."""
+    from model_repository.qwen3vl_runtime.engine import Engine, SamplingParams, Sequence
+    from model_repository.qwen3vl_runtime.engine.runner import ModelRunner
+
+    model, tokenizer = gpu_parts
+    prompt = [151644, 872, 198, 300, 301, 302, 151645, 198]
+    busy = Engine(ModelRunner(model, num_slots=2, max_len=256, image_token_id=151655), tokenizer, eos_token_ids={151645}, num_slots=2)
+    stop, responses = threading.Event(), []
+
+    def submit():
+        busy.submit(Sequence("busy", text_prompt(prompt), len(prompt), 0, SamplingParams(max_tokens=64, ignore_eos=True), emit))
+
+    def emit(out):  # a closed loop: the busy engine decodes until told to stop
+        responses.append(out)
+        if out.finish_reason and not stop.is_set():
+            submit()
+
+    busy.start()
+    try:
+        submit()
+        while not responses:
+            time.sleep(0.01)
+        before = len(responses)
+        ModelRunner(model, num_slots=4, max_len=256, image_token_id=151655, graphed_prefill=True)
+        assert len(responses) > before  # the busy engine decoded while the graphs were captured
+        assert all(out.error is None for out in responses)
+    finally:
+        stop.set()
+        busy.stop()
+    alone = run_engine(gpu_parts, [prompt], slots=1, max_tokens=24)
+    assert run_engine(gpu_parts, [prompt, prompt[:5]], slots=4, max_tokens=24, graphed_prefill=True)[0] == alone[0]
 
 
 def test_graphed_float32_decoding_matches_transformers(gpu_parts, tiny_checkpoint):

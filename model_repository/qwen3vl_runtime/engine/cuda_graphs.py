@@ -24,7 +24,13 @@ def capture_buckets(buckets, run: Callable[[int], torch.Tensor], prepare: Callab
 
     Largest first, so the smaller graphs reuse its memory pool (or ``pool``, another capture's);
     two eager runs before each capture do the kernels' autotuning and lazy initialisation.
-    ``prepare(bucket)`` sets the static inputs the capture reads."""
+    ``prepare(bucket)`` sets the static inputs the capture reads.
+
+    Captures are thread-local: in CUDA's default (global) mode a potentially unsafe call from any
+    other thread of the process during a capture (an event synchronize, an allocation) invalidates
+    it: the likely cause of a second runner's failed capture in a test process whose first engine
+    thread was still running (cudaErrorStreamCaptureInvalidated, docs/benchmarks.md). The vision tower
+    and the int8 tuner also capture while serving, with the response thread alive."""
     graphs, outputs = {}, {}
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -34,7 +40,7 @@ def capture_buckets(buckets, run: Callable[[int], torch.Tensor], prepare: Callab
             for _ in range(2):
                 run(b)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
+            with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
                 outputs[b] = run(b)
             pool = graph.pool()
             graphs[b] = graph

@@ -35,7 +35,7 @@ def graph_ms(launches: list[Callable[[], object]], replays: int = 5) -> float:
     stream.wait_stream(torch.cuda.current_stream())
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(stream):
-        with torch.cuda.graph(graph, stream=stream):
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):  # as engine.cuda_graphs
             for launch in launches:
                 launch()
     torch.cuda.current_stream().wait_stream(stream)
