@@ -66,14 +66,16 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("bench_gpu.json"))
     args = p.parse_args()
     repositories = dict(item.split("=", 1) for item in args.repository)
+    # The engine rows replay the prefill from graphs as the repositories do (build-repo --graphed-prefill).
+    graphed = any(json.loads((Path(r) / "manifest.json").read_text())["options"].get("graphed_prefill") for r in repositories.values())
     with tempfile.TemporaryDirectory() as tmp:
         engine_json = Path(tmp) / "engine.json"
         engine_args = ["--checkpoint", str(args.checkpoint), "--out", str(engine_json), "--precisions", *repositories]
         run("bench_engine.py", *engine_args, "--concurrency", *args.concurrency,
             "--device", args.device, *(["--skip-transformers"] if args.skip_transformers else []),
-            *(["--vision-in-engine"] if args.vision_in_engine else []))  # fmt: skip
+            *(["--vision-in-engine"] if args.vision_in_engine else []), *(["--graphed-prefill"] if graphed else []))  # fmt: skip
         engine = json.loads(engine_json.read_text())
-        rows, manifests = list(engine["results"]), {}
+        rows, manifests, breakdowns = list(engine["results"]), {}, {}
         for precision, repository in repositories.items():
             out = Path(tmp) / f"triton_{precision}.json"
             extra = ["--perf-analyzer", args.perf_analyzer] if args.perf_analyzer else []
@@ -82,6 +84,7 @@ def main() -> int:
             triton = json.loads(out.read_text())
             rows += triton["results"]
             manifests[precision] = triton["repository_manifest_options"]
+            breakdowns[precision] = triton["ttft_breakdown_c1"]
     report = {
         "machine": engine["machine"],
         "date": datetime.date.today().isoformat(),
@@ -92,6 +95,7 @@ def main() -> int:
         "vision_ms_transformers_bf16": engine["vision_ms_transformers_bf16"],
         "repositories": manifests,
         "results": rows,
+        "triton_ttft_breakdown_c1": breakdowns,
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     plot(rows, args.out.with_suffix(".png"))

@@ -30,6 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from perf_analyzer_load import run_perf_analyzer  # noqa: E402
+from triton_trace import Tracing, engine_first_token_seconds, server_args, ttft_breakdown  # noqa: E402
 from workload import PROMPT, encoded_image  # noqa: E402
 
 from builder.client import stream_generate  # noqa: E402
@@ -154,6 +155,24 @@ def closed_loop(url: str, image: bytes | None, concurrency: int, requests: int) 
     }
 
 
+def traced_first_token(server: TritonServer, image: bytes, trace_folder: Path, requests: int = 8) -> dict:
+    """One stream, each request traced: its time to first token split into the server's steps
+    (Triton's trace), the engine's own part (its Prometheus counters) and the rest (the client)."""
+    sum_before, count_before = engine_first_token_seconds(server.metrics_url)
+    with Tracing(server.grpc_url):
+        row = closed_loop(server.grpc_url, image, 1, requests)
+    time.sleep(1.5)  # the decoder publishes its counters twice a second
+    sum_after, count_after = engine_first_token_seconds(server.metrics_url)
+    out = ttft_breakdown(trace_folder)
+    out["client_ttft_p50_ms"] = round(row["ttft_p50_ms"], 2)
+    if count_after > count_before:
+        out["engine_ttft_mean_ms"] = round((sum_after - sum_before) / (count_after - count_before) * 1e3, 2)
+    if "server_to_first_response_ms" in out:
+        out["client_and_network_ms"] = round(out["client_ttft_p50_ms"] - out["server_to_first_response_ms"], 2)
+    print(f"    time to first token at one stream, traced: {out}", flush=True)
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repository", type=Path, required=True)
@@ -167,8 +186,10 @@ def main() -> int:
     args = p.parse_args()
     image = None if args.text_only else encoded_image()
     rows = []
-    server = TritonServer(args.repository, ready_timeout_s=600, extra_args=tuple(args.server_arg), log_path=args.server_log)
-    with server, tempfile.TemporaryDirectory() as workdir:
+    workdir = tempfile.TemporaryDirectory()
+    extra = (*args.server_arg, *server_args(Path(workdir.name)))
+    server = TritonServer(args.repository, ready_timeout_s=600, extra_args=extra, log_path=args.server_log)
+    with server, workdir:
         closed_loop(server.grpc_url, image, 2, 4)  # warm-up
         print("| system        | prec  |   c | TTFT p50 | TTFT p99 | TPOT ms |    tok/s | GiB    |")
         print("|---|---|---|---|---|---|---|---|")
@@ -180,7 +201,7 @@ def main() -> int:
             row["gpu_processes"] = gpu_processes()
             if args.perf_analyzer and image is not None:
                 entries = [(PROMPT, [image])]
-                row["perf_analyzer"] = run_perf_analyzer(args.perf_analyzer, server.grpc_url, entries, c, Path(workdir))
+                row["perf_analyzer"] = run_perf_analyzer(args.perf_analyzer, server.grpc_url, entries, c, Path(workdir.name))
             rows.append(row)
             print(
                 f"| triton-grpc   | {args.precision:<5} | {c:>3} | {row['ttft_p50_ms']:8.1f} | {row['ttft_p99_ms']:8.1f} | "
@@ -191,6 +212,7 @@ def main() -> int:
                 print(f"    {name}: queue {t['queue_ms']} ms, compute {t['compute_input_ms']} + {t['compute_infer_ms']} + {t['compute_output_ms']} ms")
             for line in row.get("perf_analyzer", {}).get("summary", []):
                 print(f"    perf_analyzer: {line}", flush=True)
+        breakdown = traced_first_token(server, image, Path(workdir.name)) if image is not None else None
     report = {
         "machine": gpu_name(),
         "date": datetime.date.today().isoformat(),
@@ -199,6 +221,7 @@ def main() -> int:
         "new_tokens": NEW_TOKENS,
         "image": None if image is None else "448x448 PNG",
         "results": rows,
+        "ttft_breakdown_c1": breakdown,
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     return 0
