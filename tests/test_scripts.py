@@ -38,6 +38,13 @@ def test_bench_preprocess(tmp_path):
     assert set(rows) >= {"preprocess, 448 px PNG", "PatchMaker, 448 px"} and all(ms > 0 for ms in rows.values())
 
 
+def test_bench_detokenizer(tmp_path):
+    out = tmp_path / "detokenizer.json"
+    run("bench_detokenizer.py", "--repeat", "2", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["tokens"] > 100 and all(us > 0 for us in report["us_per_token"].values())
+
+
 @pytest.mark.parametrize("script", ["bench_matmul.py", "bench_decode_matmul.py", "profile_prefill.py", "profile_decode.py"])
 def test_gpu_only_scripts_import_and_parse_their_arguments(script):
     """They run on the GPU machine only; here at least their imports and argument parsers."""

@@ -10,8 +10,9 @@ class IncrementalDetokenizer:
 
     Each token goes through the Rust library's ``DecodeStream``, which holds back a partial UTF-8
     character until the token that completes it. With Qwen3-VL's tokenizer that is 1.3 us per
-    token against 12.5 us for the window of ids decoded twice that this replaced (CPU machine,
-    2026-12-01, docs/benchmarks.md); at 64 streams the old way was most of a step's output phase. The streamed text equals
+    token (CPU machine, scripts/bench_detokenizer.py); the window of ids decoded twice in Python
+    that this replaced took 7.7-12.5 us per token there, and at 64 streams it was most of the
+    engine's per-step output phase (docs/benchmarks.md, run 11). The streamed text equals
     ``tokenizer.decode(ids, skip_special_tokens=True)`` (tests/test_engine.py); tokenizers that
     clean up spaces after decoding (not Qwen's) would differ by that clean-up."""
 
