@@ -10,32 +10,20 @@ At 64 streams the engine pays this 64 times per decode step. Prints a table and 
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import platform
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_preprocess import median_ms  # noqa: E402
+from bench_preprocess import checkpoint_cli, median_ms, write_table  # noqa: E402
 
-from builder.checkpoint import make_demo_checkpoint  # noqa: E402
 from model_repository.qwen3vl_runtime.engine.detokenizer import IncrementalDetokenizer  # noqa: E402
 
 TEXT = "The answer: 这是一个测试。 Ünïcödé, emoji 🙂🎉 and code: def f(x): return x ** 2\n" * 16
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", type=Path, help="checkpoint folder (tokenizer); default: the demo's files")
-    p.add_argument("--repeat", type=int, default=20)
-    p.add_argument("--out", type=Path, default=Path("bench_detokenizer.json"))
-    args = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        return run(args.checkpoint or make_demo_checkpoint(Path(tmp)), args)
+    return checkpoint_cli(__doc__, run, default_out="bench_detokenizer.json", repeat=20)
 
 
 def run(checkpoint: Path, args) -> int:
@@ -55,18 +43,7 @@ def run(checkpoint: Path, args) -> int:
         "tokenizer.decode of a 7-token window (once)": median_ms(lambda: tokenizer.decode(ids[100:107], skip_special_tokens=True), 200) * 1e3,
     }
     rows = {name: round(us, 2) for name, us in per_token.items()}
-    print(f"| {len(ids)} tokens | us per token |\n|---|---|")
-    for name, us in rows.items():
-        print(f"| {name} | {us} |")
-    report = {
-        "date": datetime.date.today().isoformat(),
-        "machine": platform.node(),
-        "processor": platform.processor() or platform.machine(),
-        "command": " ".join(sys.argv),
-        "tokens": len(ids),
-        "us_per_token": rows,
-    }
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_table(args.out, (f"{len(ids)} tokens", "us per token"), "us_per_token", rows, tokens=len(ids))
     return 0
 
 

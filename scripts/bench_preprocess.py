@@ -57,14 +57,20 @@ def median_ms(call, repeat: int) -> float:
     return float(np.median(times) * 1e3)
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def checkpoint_cli(doc: str, run, *, default_out: str, repeat: int) -> int:
+    """The command line of the CPU benchmarks over a checkpoint's tokenizer and processor files:
+    --checkpoint (default: the demo's, which the package ships), --repeat, --out; calls run(checkpoint, args)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, help="checkpoint folder (tokenizer, processor); default: the demo's files")
-    p.add_argument("--repeat", type=int, default=50)
-    p.add_argument("--out", type=Path, default=Path("bench_preprocess.json"))
+    p.add_argument("--repeat", type=int, default=repeat)
+    p.add_argument("--out", type=Path, default=Path(default_out))
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         return run(args.checkpoint or make_demo_checkpoint(Path(tmp)), args)
+
+
+def main() -> int:
+    return checkpoint_cli(__doc__, run, default_out="bench_preprocess.json", repeat=50)
 
 
 def run(checkpoint: Path, args) -> int:
@@ -89,18 +95,25 @@ def run(checkpoint: Path, args) -> int:
     cases["image processor (transformers, PIL), 448 px"] = lambda: processor(images=[image], return_tensors="np")
     cases["PatchMaker, 448 px"] = lambda: patches.make([image])
     rows = {name: round(median_ms(call, args.repeat), 2) for name, call in cases.items()}
-    print("| step | median ms |\n|---|---|")
-    for name, ms in rows.items():
-        print(f"| {name} | {ms} |")
+    write_table(args.out, ("step", "median ms"), "median_ms", rows)
+    return 0
+
+
+def write_table(out: Path, columns: tuple[str, str], key: str, rows: dict[str, float], **extra) -> None:
+    """Print rows as a two-column table; write them as JSON under ``key`` with this machine, the
+    date, the command and ``extra``."""
+    print(f"| {columns[0]} | {columns[1]} |\n|---|---|")
+    for name, value in rows.items():
+        print(f"| {name} | {value} |")
     report = {
         "date": datetime.date.today().isoformat(),
         "machine": platform.node(),
         "processor": platform.processor() or platform.machine(),
         "command": " ".join(sys.argv),
-        "median_ms": rows,
+        **extra,
+        key: rows,
     }
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    return 0
+    out.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
