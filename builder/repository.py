@@ -225,7 +225,7 @@ def _write_models(out: Path, options: BuildOptions, checkpoint: Path, text_hidde
     _copy_present(checkpoint, out / specs.PREPROCESS / "1" / "processor", PROCESSOR_FILES)
     (out / specs.ENSEMBLE / "1").mkdir(parents=True, exist_ok=True)
     write_configs(out, options, text_hidden)
-    requirements = ["numpy<2", "torch", "transformers>=5.17", "safetensors", "pillow"]
+    requirements = ["numpy<2", "torch", "transformers>=5.17", "tokenizers>=0.22", "safetensors", "pillow"]
     if options.vision_backend == "python":
         requirements.append("onnxruntime-gpu" if options.device == "cuda" else "onnxruntime")
     (out / "requirements.txt").write_text("\n".join(requirements) + "\n")
