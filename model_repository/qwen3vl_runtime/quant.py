@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .text_model import gated_activation
+
 # Storage dtype and largest representable magnitude of each mode. int8 stops at 127, not -128,
 # so that the grid is symmetric and -w quantizes to -q.
 MODES = {
@@ -52,12 +54,15 @@ def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.d
     return (qweight.float() * scale.float()[:, None]).to(dtype)
 
 
-def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [..., in] @ dequantized qweight [out, in]^T -> [..., out], in x's dtype.
+def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, gated: bool = False) -> torch.Tensor:
+    """x [..., in] @ dequantized qweight [out, in]^T -> [..., out], in x's dtype; gated: x is
+    [..., 2 in] (gate, up) and the product's input silu(gate) * up.
 
     The scale is applied to the output rather than the weight: one multiply per output instead
     of one per weight element.
     """
+    if gated:
+        x = gated_activation(x)
     return (x @ qweight.to(x.dtype).T) * scale.to(x.dtype)
 
 
@@ -103,8 +108,10 @@ class QuantLinear(_QuantStorage):
     def out_features(self) -> int:
         return self.weight.shape[0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
-        y = self.matmul(x, self.weight, self.weight_scale)
+    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+        """x: [..., in] -> [..., out]. gated: x is [..., 2 in], gate then up, and the input is
+        silu(gate) * up; the GPU kernels compute it inside the product (one launch fewer)."""
+        y = self.matmul(x, self.weight, self.weight_scale, gated)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
 

@@ -4,16 +4,24 @@ W stays 8-bit in memory (int8 or float8_e4m3fn, [out, in], one float32 scale per
 decode step reads half the bytes of bf16 weights, which pays only where the kernel keeps up with
 the memory (on the H200 at one row, not yet at 4-64: docs/benchmarks.md, run 10). The scale
 multiplies the fp32 accumulator once per output.
+
+The down projection's input, silu(gate) * up, can be computed inside the product (GATED), which
+saves one launch per decoder layer of a decode step (~250 launches a step, a few us each inside a
+CUDA graph). The tuner decides per shape against the two launches; written after the last GPU
+run (run 11), so checked in Triton's interpreter only, not yet timed on a GPU.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
+
+from ..text_model import gated_activation
+from .fused import silu_mul, silu_times
 
 # Above this many rows (a prefill, an image's patches) the product is bound by the tensor cores,
 # not by reading W. On the H100 the tensor-core kernel below, even given 128-256-row tiles, took
@@ -66,11 +74,23 @@ def _int8_to_f16_ptx(w):
 
 
 @triton.jit
+def _load_rows(X, rm, kk, stride_xm, M, K, GATED: tl.constexpr):
+    """Rows rm, columns kk of the product's input x. GATED: X holds [gate | up] (K columns each)
+    and x is silu(gate) * up, computed here rather than by a kernel of its own: one launch fewer
+    per decoder layer (the down projection's input), the same rounding as ``fused.silu_mul``."""
+    mask = (rm[:, None] < M) & (kk[None, :] < K)
+    at = X + rm[:, None] * stride_xm + kk[None, :]
+    if GATED:
+        return silu_times(tl.load(at, mask=mask, other=0.0), tl.load(at + K, mask=mask, other=0.0))
+    return tl.load(at, mask=mask, other=0.0)
+
+
+@triton.jit
 def _tensor_core_kernel(
     X, W, Scale, Out,
     M, N, K,
     stride_xm, stride_wn, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CONVERT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CONVERT: tl.constexpr, GATED: tl.constexpr,
 ):  # fmt: skip
     """A tile of BLOCK_M rows (padding rows masked) on the tensor cores; W [N, K] 8-bit, K contiguous
     (int8 viewed as uint8 for "f16_bits" and "f16_ptx"), dequantized in registers."""
@@ -84,14 +104,14 @@ def _tensor_core_kernel(
         amax = tl.zeros([BLOCK_M], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
-            x = tl.load(X + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+            x = _load_rows(X, rm, kk, stride_xm, M, K, GATED)
             amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
         x_scale = tl.exp2(tl.ceil(tl.log2(tl.maximum(amax, 1e-30))))
         inv_scale = 1.0 / x_scale
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
-        x = tl.load(X + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        x = _load_rows(X, rm, kk, stride_xm, M, K, GATED)
         w_mask = (rn[:, None] < N) & (kk[None, :] < K)
         if CONVERT == "bf16":
             w = tl.load(W + rn[:, None] * stride_wn + kk[None, :], mask=w_mask)  # no `other`: fp8 has no literal
@@ -116,7 +136,7 @@ def _few_rows_kernel(
     X, W, Scale, Out,
     M, N, K,
     stride_xm, stride_wn, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT8: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT8: tl.constexpr, GATED: tl.constexpr,
 ):  # fmt: skip
     """At most BLOCK_M rows on the CUDA cores, no tensor-core tile: each weight element is converted
     once and multiplied into the BLOCK_M rows; the sums over K are reduced at the end. On the H200
@@ -135,7 +155,7 @@ def _few_rows_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
-        x = tl.load(X + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        x = _load_rows(X, rm, kk, stride_xm, M, K, GATED)
         w_mask = (rn[:, None] < N) & (kk[None, :] < K)
         if INT8:
             w = tl.load(W + rn[:, None] * stride_wn + kk[None, :], mask=w_mask, other=0)  # byte 0 is v = 0
@@ -177,13 +197,15 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 class Launch:
     """One way to compute a decode-sized product: a kernel and its tile."""
 
-    kernel: str  # "tensor_cores", "few_rows", or "w8a8" (fp8 weights: cuBLASLt on fp8 activations)
+    kernel: str  # "tensor_cores", "few_rows", "w8a8" (fp8 weights: cuBLASLt on fp8 activations),
+    # or "separate" (a gated product as two launches: fused.silu_mul, then the plain product's pick)
     block_m: int = 16
     block_n: int = 32
     block_k: int = 256
     warps: int = 4
     stages: int = 4
     convert: str = "bf16"  # the tensor-core kernel's CONVERT
+    gated: bool = False  # x is [gate | up] and the product's input silu(gate) * up (GATED)
 
     @property
     def max_error(self) -> float:
@@ -193,7 +215,11 @@ class Launch:
         return 6e-2 if self.kernel == "w8a8" else 2e-2
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
-        (m, k), n = x.shape, weight.shape[0]
+        m, (n, k) = x.shape[0], weight.shape
+        if self.kernel == "separate":
+            act = silu_mul(x)
+            launch_for(act, weight, scale)(act, weight, scale, out)
+            return
         if self.kernel == "w8a8":
             from .fp8_matmul import w8a8_matmul
 
@@ -203,7 +229,7 @@ class Launch:
         if int8 and (self.kernel == "few_rows" or self.convert.startswith("f16_")):
             weight = weight.view(torch.uint8)
         grid = (triton.cdiv(n, self.block_n), triton.cdiv(m, self.block_m))
-        meta = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k}
+        meta = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k, "GATED": self.gated}
         if self.kernel == "few_rows":
             kernel, meta["INT8"] = _few_rows_kernel, int8
         else:
@@ -216,10 +242,16 @@ def rows_bucket(m: int) -> int:
     return 1 << (m - 1).bit_length()  # 1, 2, 4, ..., 64
 
 
-def candidates(bucket: int, weight_dtype: torch.dtype) -> list[Launch]:
+def candidates(bucket: int, weight_dtype: torch.dtype, gated: bool = False) -> list[Launch]:
     """What the tuner measures for a product of ``bucket`` rows at most; the first is the default
     where nothing can be measured (the CPU, Triton's interpreter, inside a graph capture). The tiles
-    are the fastest of a wider sweep on the H200 (run 9, scripts/bench_decode_matmul.py)."""
+    are the fastest of a wider sweep on the H200 (run 9, scripts/bench_decode_matmul.py).
+    gated: the down projection's product of silu(gate) * up, as two launches (the default, what
+    ran before) or fused into one; fused only with the kernels that won the plain down projection
+    in run 10 (few-rows, tensor cores with the "bf16" conversion), each one more compile."""
+    if gated:
+        plain = candidates(bucket, weight_dtype)
+        return [Launch("separate"), *(replace(c, gated=True) for c in plain if c.kernel != "w8a8" and c.convert == "bf16")]
     block_m = max(16, bucket)  # the tensor cores' smallest tile; padding rows are masked
     converts = ["bf16", "f16_ptx", "f16_bits"] if weight_dtype == torch.int8 else ["bf16"]
     tiles = [(32, 256, 4, 4), (16, 256, 4, 4), (16, 512, 4, 3), (64, 128, 4, 4), (128, 64, 4, 4)]
@@ -248,7 +280,7 @@ def _measurable(x: torch.Tensor) -> bool:
     return x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_current_stream_capturing()
 
 
-def tune(bucket: int, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> Tuning:
+def tune(bucket: int, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, gated: bool = False) -> Tuning:
     """Time every candidate for this weight's shape (CUDA-graph replays over copies of the weight
     that do not fit in L2: ``graph_timing``) on random rows; keep the fastest whose output agrees
     with a float32 reference. A candidate that fails to compile or disagrees is skipped, said why."""
@@ -256,13 +288,13 @@ def tune(bucket: int, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dt
 
     n, k = weight.shape
     generator = torch.Generator(device=weight.device).manual_seed(bucket)
-    x = torch.randn(bucket, k, device=weight.device, dtype=dtype, generator=generator)
+    x = torch.randn(bucket, 2 * k if gated else k, device=weight.device, dtype=dtype, generator=generator)
     cols = min(n, CHECK_ROWS)
-    reference = x.float() @ (weight[:cols].float() * scale[:cols, None].float()).T
+    reference = (gated_activation(x) if gated else x).float() @ (weight[:cols].float() * scale[:cols, None].float()).T
     out = torch.empty(bucket, n, device=weight.device, dtype=dtype)
     copies = rotating(weight)
     timings: list[tuple[Launch, float | None, str]] = []
-    for launch in candidates(bucket, weight.dtype):
+    for launch in candidates(bucket, weight.dtype, gated):
         try:
             out.fill_(float("nan"))
             launch(x, weight, scale, out)
@@ -282,26 +314,30 @@ def tune(bucket: int, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dt
     return Tuning(best=min(timed, key=lambda t: t[1])[0], timings=timings)
 
 
-def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, gated: bool = False) -> torch.Tensor:
     """x: [..., K] (bf16/fp16) @ 8-bit weight [N, K]^T, times scale [N] -> [..., N] in x's dtype.
+    gated: x is [..., 2K], gate then up, and the product's input is silu(gate) * up.
 
     Above DECODE_MAX_ROWS rows: dequantize, then cuBLAS. Otherwise the fastest launch measured on
     this GPU for the weight's shape and the rows' bucket (``tune``, once per key: the runner's
     warm-up and graph captures run every decode bucket eagerly first)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    m, k = x2.shape
-    n = weight.shape[0]
+    m, n = x2.shape[0], weight.shape[0]
     if m > DECODE_MAX_ROWS and weight.numel() <= DEQUANTIZE_MAX_ELEMENTS:
-        return (x2 @ dequantize(weight, scale, x.dtype).T).reshape(*shape[:-1], n)
+        return ((silu_mul(x2) if gated else x2) @ dequantize(weight, scale, x.dtype).T).reshape(*shape[:-1], n)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    bucket = rows_bucket(m)
-    key = (bucket, n, k, weight.dtype, x.dtype)
-    tuning = TUNED.get(key)
-    if tuning is None and _measurable(x2):
-        tuning = TUNED[key] = tune(bucket, weight, scale, x.dtype)
-    launch = tuning.best if tuning is not None else candidates(bucket, weight.dtype)[0]
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    launch(x2, weight, scale, out)
+    launch_for(x2, weight, scale, gated)(x2, weight, scale, out)
     return out.reshape(*shape[:-1], n)
+
+
+def launch_for(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, gated: bool = False) -> Launch:
+    """The launch for rows x [M, K] (or [M, 2K] gated) of this weight: tuned on first use of its key."""
+    bucket, (n, k) = rows_bucket(x.shape[0]), weight.shape
+    key = (bucket, n, k, weight.dtype, x.dtype, gated)
+    tuning = TUNED.get(key)
+    if tuning is None and _measurable(x):
+        tuning = TUNED[key] = tune(bucket, weight, scale, x.dtype, gated)
+    return tuning.best if tuning is not None else candidates(bucket, weight.dtype, gated)[0]
