@@ -231,6 +231,22 @@ def test_detokenizer_stop_string_across_tokens_is_cut_and_never_sent(tokenizer):
     assert stopped and "".join(chunks) == "alpha bet"
 
 
+def test_detokenizer_cuts_at_the_first_stop_string_wherever_it_falls(tokenizer):
+    """Stop strings drawn from the text itself (so they straddle token borders anywhere), and ones
+    that share only prefixes with it: the stream ends exactly before the first occurrence, and
+    text that could still become a stop is held back, never sent and then retracted."""
+    rng = np.random.default_rng(1)
+    text = "The cat sat on the mat; the cat, the hat. 猫が座った。 Done: ok ok ok!"
+    ids = tokenizer(text)["input_ids"]
+    for _ in range(40):
+        start = int(rng.integers(0, len(text) - 4))
+        stop = text[start : start + int(rng.integers(2, 8))]
+        chunks, stopped = _feed(IncrementalDetokenizer(tokenizer, stop=(stop + "☃", stop)), ids)
+        assert stopped and "".join(chunks) == text[: text.find(stop)], stop
+    chunks, stopped = _feed(IncrementalDetokenizer(tokenizer, stop=("the cat!", "ok ok ok?")), ids)
+    assert not stopped and "".join(chunks) == text
+
+
 @pytest.fixture(scope="module")
 def engine_parts(tiny_checkpoint, tokenizer, tmp_path_factory):
     from builder.decoder_export import write_decoder

@@ -20,6 +20,10 @@ class IncrementalDetokenizer:
         self._backend = tokenizer.backend_tokenizer
         self._stream = DecodeStream(skip_special_tokens=True)
         self.stop = stop
+        # Per stop string: the lengths n < len(stop) of its prefixes, longest first, by the prefix's
+        # last character. A tail of the text can grow into a stop only if it is such a prefix, so
+        # only the prefixes that end in the text's last character are compared.
+        self._prefix_lengths = [_prefix_lengths_by_last_char(s) for s in stop]
         self.text = ""  # all text decoded so far (past stop-string cuts, never)
         self._sent = 0  # characters of self.text already emitted
 
@@ -42,9 +46,13 @@ class IncrementalDetokenizer:
 
     def _stop_prefix_len(self) -> int:
         """Length of the longest tail of the text that could still grow into a stop string."""
-        longest = 0
-        for stop in self.stop:
-            for n in range(min(len(stop) - 1, len(self.text)), longest, -1):
+        if not self.text:
+            return 0
+        last, longest = self.text[-1], 0
+        for stop, lengths in zip(self.stop, self._prefix_lengths):
+            for n in lengths.get(last, ()):
+                if n <= longest:
+                    break
                 if self.text.endswith(stop[:n]):
                     longest = n
                     break
@@ -54,3 +62,10 @@ class IncrementalDetokenizer:
         end = max(end, self._sent)
         chunk, self._sent = self.text[self._sent : end], end
         return chunk
+
+
+def _prefix_lengths_by_last_char(stop: str) -> dict[str, list[int]]:
+    lengths: dict[str, list[int]] = {}
+    for n in range(len(stop) - 1, 0, -1):
+        lengths.setdefault(stop[n - 1], []).append(n)
+    return lengths
