@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from perf_analyzer_load import run_perf_analyzer  # noqa: E402
-from triton_trace import Tracing, engine_first_token_seconds, server_args, ttft_breakdown  # noqa: E402
+from triton_trace import Tracing, engine_first_token_seconds, engine_ttft_mean_ms, server_args, ttft_breakdown  # noqa: E402
 from workload import PROMPT, encoded_image  # noqa: E402
 
 from builder.client import stream_generate  # noqa: E402
@@ -158,15 +158,14 @@ def closed_loop(url: str, image: bytes | None, concurrency: int, requests: int) 
 def traced_first_token(server: TritonServer, image: bytes, trace_folder: Path, requests: int = 8) -> dict:
     """One stream, each request traced: its time to first token split into the server's steps
     (Triton's trace), the engine's own part (its Prometheus counters) and the rest (the client)."""
-    sum_before, count_before = engine_first_token_seconds(server.metrics_url)
+    first_tokens = engine_first_token_seconds(server.metrics_url)
     with Tracing(server.grpc_url):
         row = closed_loop(server.grpc_url, image, 1, requests)
-    time.sleep(1.5)  # the decoder publishes its counters twice a second
-    sum_after, count_after = engine_first_token_seconds(server.metrics_url)
+    engine_ms = engine_ttft_mean_ms(server.metrics_url, first_tokens)
     out = ttft_breakdown(trace_folder)
     out["client_ttft_p50_ms"] = round(row["ttft_p50_ms"], 2)
-    if count_after > count_before:
-        out["engine_ttft_mean_ms"] = round((sum_after - sum_before) / (count_after - count_before) * 1e3, 2)
+    if engine_ms is not None:
+        out["engine_ttft_mean_ms"] = engine_ms
     if "server_to_first_response_ms" in out:
         out["client_and_network_ms"] = round(out["client_ttft_p50_ms"] - out["server_to_first_response_ms"], 2)
     print(f"    time to first token at one stream, traced: {out}", flush=True)
@@ -194,9 +193,11 @@ def main() -> int:
         print("| system        | prec  |   c | TTFT p50 | TTFT p99 | TPOT ms |    tok/s | GiB    |")
         print("|---|---|---|---|---|---|---|---|")
         for c in args.concurrency:
-            before = model_statistics(server.grpc_url)
+            before, first_tokens = model_statistics(server.grpc_url), engine_first_token_seconds(server.metrics_url)
             row = closed_loop(server.grpc_url, image, c, max(3 * c, 8))
             row["triton_stages"] = stage_times(before, model_statistics(server.grpc_url))
+            # The engine's own share of the first token (submit to first token), beside the client's.
+            row["engine_ttft_mean_ms"] = engine_ttft_mean_ms(server.metrics_url, first_tokens)
             row.update(system="triton-grpc", precision=args.precision, concurrency=c, gpu_mem_gib=gpu_memory_gib())
             row["gpu_processes"] = gpu_processes()
             if args.perf_analyzer and image is not None:
@@ -208,6 +209,7 @@ def main() -> int:
                 f"{row['tpot_p50_ms']:7.2f} | {row['output_tok_per_s']:8.0f} | {row['gpu_mem_gib']:6.2f} |",
                 flush=True,
             )
+            print(f"    the engine's own time to first token (mean): {row['engine_ttft_mean_ms']} ms")
             for name, t in row["triton_stages"].items():
                 print(f"    {name}: queue {t['queue_ms']} ms, compute {t['compute_input_ms']} + {t['compute_infer_ms']} + {t['compute_output_ms']} ms")
             for line in row.get("perf_analyzer", {}).get("summary", []):

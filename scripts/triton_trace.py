@@ -93,6 +93,16 @@ def ttft_breakdown(folder: Path, ensemble: str = ENSEMBLE) -> dict:
     return {"requests": len(totals), **medians, "server_to_first_response_ms": round(statistics.median(totals), 2)}
 
 
+def engine_ttft_mean_ms(metrics_url: str, before: tuple[float, float]) -> float | None:
+    """The engine's mean time to first token over the requests since ``before`` (a snapshot of
+    ``engine_first_token_seconds``); waits for the decoder's next publication first."""
+    import time
+
+    time.sleep(1.2)  # the decoder publishes its counters twice a second
+    total, count = engine_first_token_seconds(metrics_url)
+    return round((total - before[0]) / (count - before[1]) * 1e3, 2) if count > before[1] else None
+
+
 def engine_first_token_seconds(metrics_url: str) -> tuple[float, float]:
     """(sum of seconds, requests) of the engine's own time to first token (submit to first token,
     Prometheus counters the decoder publishes twice a second), summed over tiers and engines."""
