@@ -211,8 +211,8 @@ class Launch:
     def max_error(self) -> float:
         """Relative error allowed against the float32 product at tuning: bf16 outputs are ~1e-3
         off; W8A8 rounds the activations to fp8 too (2.6e-2 measured on random rows, run 10), within
-        tests/test_gpu.py's fp8 bound."""
-        return 6e-2 if self.kernel == "w8a8" else 2e-2
+        tests/test_gpu.py's fp8 bound; "separate" runs whatever the plain product picked, W8A8 included."""
+        return 6e-2 if self.kernel in ("w8a8", "separate") else 2e-2
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
         m, (n, k) = x.shape[0], weight.shape
