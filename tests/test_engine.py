@@ -322,6 +322,14 @@ def test_prompt_that_fills_the_context_is_refused(engine_parts):
         engine.submit(Sequence("x", None, 8, 0, DEFAULTS, lambda out: None))
 
 
+@pytest.mark.parametrize("rope_delta", [1, -8])
+def test_rope_delta_the_preprocess_cannot_produce_is_refused(engine_parts, rope_delta):
+    model, tokenizer = engine_parts
+    engine = Engine(ModelRunner(model, num_slots=1, max_len=64, image_token_id=151655), tokenizer, eos_token_ids=set(), num_slots=1)
+    with pytest.raises(ValueError, match=rf"rope_delta {rope_delta} is outside \[-7, 0\] for a 8-token prompt"):
+        engine.submit(Sequence("x", None, 8, rope_delta, DEFAULTS, lambda out: None))
+
+
 def test_engine_serves_queued_vip_before_free_within_caps_and_times_out(engine_parts):
     """Stepped by hand with a fake clock: nothing depends on timing."""
     model, tokenizer = engine_parts

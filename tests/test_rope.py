@@ -136,3 +136,27 @@ def test_pad_without_vision_start_raises(env):
     ids[ids == env["config"].vision_start_token_id] = env["tokenizer"].convert_tokens_to_ids("a")
     with pytest.raises(ValueError, match="vision_start"):
         ours(env, ids, grids)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_table_gives_forward_values_exactly(dtype):
+    """The decode step's rotary lookup (one gather) returns the bits the computed cos/sin have."""
+    from model_repository.qwen3vl_runtime.text_model import MRoPE, TextConfig
+
+    rope = MRoPE(TextConfig.from_hf(demo_config().to_dict()))
+    positions = torch.tensor([0, 1, 7, 250, 1023, 5])
+    computed = rope(positions, dtype)
+    rope.prepare_decode(1024, "cpu", dtype)
+    rope.prepare_decode(16, "cpu", dtype)  # a second runner with a shorter context keeps the longer table
+    assert all(torch.equal(a, b) for a, b in zip(rope.decode(positions, dtype), computed))
+    assert all(torch.equal(a, b) for a, b in zip(rope.decode(positions, torch.float16), rope(positions, torch.float16)))
+
+
+@pytest.mark.parametrize("case", [*CASES, "wide_image"])
+def test_mrope_positions_never_run_ahead_of_the_tokens(env, case):
+    """1 - prompt tokens <= rope_delta <= 0: what the engine accepts (its rotary table for decode
+    covers the positions below the context length)."""
+    messages, sizes = CASES.get(case, ([user("Read this strip.", 1)], [(64, 2048)]))
+    ids, grids = prompt_ids(env, messages, [random_image(h, w, i) for i, (h, w) in enumerate(sizes)])
+    _, delta = ours(env, ids, grids)
+    assert 1 - len(ids) <= delta <= 0

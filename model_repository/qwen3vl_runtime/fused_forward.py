@@ -46,7 +46,7 @@ def _norm(norm):
 def fused_decode(model: TextModel, input_ids, positions, kv, slots, lengths) -> torch.Tensor:
     """Same contract as ``TextModel.decode``: one token per sequence -> logits [B, vocab]."""
     x = model.embed(input_ids)
-    cos, sin = model.rope(positions, x.dtype)
+    cos, sin = model.rope.decode(positions, x.dtype)
     valid = lengths + 1  # the new token's key is attended to as well
 
     def attend(i, q):
@@ -96,7 +96,7 @@ def static_prefill(model: TextModel, kv, embeds, positions, token_slots, cache_p
     Each token attends over its own slot's keys 0..position, written just before by the same
     layer: the decode-attention kernel with one query per token, no per-prompt loop.
     """
-    cos, sin = model.rope(positions, embeds.dtype)
+    cos, sin = model.rope(positions, embeds.dtype)  # [3, T + 1]: M-RoPE, not the 1-D table
     valid = cache_positions + 1
 
     def attend(i, q):

@@ -84,6 +84,24 @@ class MRoPE(nn.Module):
         for dim, offset in ((1, 1), (2, 2)):
             self.axis[offset : config.mrope_section[dim] * 3 : 3] = dim
 
+    def prepare_decode(self, max_positions: int, device, dtype: torch.dtype) -> None:
+        """Tabulate cos/sin of the 1-D positions 0..max_positions-1 so that ``decode`` is one lookup
+        instead of five to seven small kernels per decode step; the values are ``forward``'s, computed by
+        the same operations. A table that already covers the range is kept (runners may share a model)."""
+        table = getattr(self, "_decode_table", None)
+        if table is not None and table.dtype == dtype and table.device == torch.device(device) and table.shape[1] >= max_positions:
+            return
+        cos, sin = self.forward(torch.arange(max_positions, device=device), dtype)
+        self._decode_table = torch.stack((cos, sin))  # [2, positions, head_dim]
+
+    def decode(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` for 1-D positions [L] (each in the prepared range), from the table if prepared."""
+        table = getattr(self, "_decode_table", None)
+        if table is None or table.dtype != dtype or table.device != positions.device:
+            return self.forward(positions, dtype)
+        cos, sin = table[:, positions].unbind(0)
+        return cos, sin
+
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [3, L] (prefill) or [L] (decode, all axes equal) -> cos, sin: [L, head_dim]."""
         if self.inv_freq.device != positions.device:  # once, on the first call on a device

@@ -84,6 +84,11 @@ class Engine:
                     f"the prompt is {seq.prompt_len} tokens; this server's max context is {self.max_len} "
                     f"tokens (prompt + generated)"
                 )
+            # M-RoPE positions never run ahead of the tokens (an image advances them by its longest
+            # side, not its token count), so decode positions stay within [0, max_len): the range
+            # the runner's rotary table covers.
+            if not 1 - seq.prompt_len <= seq.rope_delta <= 0:
+                raise ValueError(f"rope_delta {seq.rope_delta} is outside [{1 - seq.prompt_len}, 0] for a {seq.prompt_len}-token prompt")
             self.runner.check(seq.prompt)
             with self._wake:
                 if self._stopping:

@@ -67,6 +67,8 @@ class ModelRunner:
             from .cuda_graphs import GraphedDecodeStep, GraphedPrefill
 
             use_gpu_kernels(model)
+            # Decode positions are < max_len (Engine.submit bounds rope_delta): one lookup per step.
+            model.rope.prepare_decode(max_len, self.device, self.dtype)
             if vision is not None:
                 use_gpu_kernels(vision.visual)
                 vision.warm_up()
