@@ -103,13 +103,39 @@ def engine_ttft_mean_ms(metrics_url: str, before: tuple[float, float]) -> float 
     return round((total - before[0]) / (count - before[1]) * 1e3, 2) if count > before[1] else None
 
 
-def engine_first_token_seconds(metrics_url: str) -> tuple[float, float]:
-    """(sum of seconds, requests) of the engine's own time to first token (submit to first token,
-    Prometheus counters the decoder publishes twice a second), summed over tiers and engines."""
+def _engine_series(metrics_url: str) -> list[tuple[str, dict[str, str], float]]:
+    """The decoder's Prometheus series (qwen3vl_*): (name, labels, value)."""
     import re
     import urllib.request
 
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    sums = re.findall(r"^qwen3vl_time_to_first_token_seconds_sum\{[^}]*\} (\S+)", text, re.M)
-    counts = re.findall(r"^qwen3vl_time_to_first_token_seconds_count\{[^}]*\} (\S+)", text, re.M)
-    return sum(map(float, sums)), sum(map(float, counts))
+    series = []
+    for name, labels, value in re.findall(r"^(qwen3vl_\w+)\{([^}]*)\} (\S+)", text, re.M):
+        series.append((name, dict(re.findall(r'(\w+)="([^"]*)"', labels)), float(value)))
+    return series
+
+
+def engine_first_token_seconds(metrics_url: str) -> tuple[float, float]:
+    """(sum of seconds, requests) of the engine's own time to first token (submit to first token,
+    Prometheus counters the decoder publishes twice a second), summed over tiers and engines."""
+    series = _engine_series(metrics_url)
+    total = sum(v for name, _, v in series if name == "qwen3vl_time_to_first_token_seconds_sum")
+    return total, sum(v for name, _, v in series if name == "qwen3vl_time_to_first_token_seconds_count")
+
+
+def engine_phase_seconds(metrics_url: str) -> tuple[float, dict[str, float]]:
+    """(engine steps, wall seconds per step phase) so far, summed over engines: the phases of
+    ``Engine.step`` that bench_engine.py reports for the engine alone."""
+    series = _engine_series(metrics_url)
+    phases: dict[str, float] = {}
+    for name, labels, value in series:
+        if name == "qwen3vl_engine_phase_seconds_total":
+            phases[labels["phase"]] = phases.get(labels["phase"], 0.0) + value
+    return sum(v for name, _, v in series if name == "qwen3vl_engine_steps_total"), phases
+
+
+def phase_ms_per_step(before: tuple[float, dict[str, float]], after: tuple[float, dict[str, float]]) -> dict[str, float]:
+    steps = after[0] - before[0]
+    if not steps:
+        return {}
+    return {phase: round((total - before[1].get(phase, 0.0)) / steps * 1e3, 3) for phase, total in after[1].items()}

@@ -32,6 +32,12 @@ def test_tier_parameter_reaches_the_engine_and_its_metrics(server):
         time.sleep(0.2)
     assert metric(server, "generated_tokens_total", "vip") == before + 5
     assert metric(server, "requests_total", "vip") >= 1
+    # Where the engine's time went: steps, and wall seconds per step phase (Engine.step's)
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    steps = re.findall(r"^qwen3vl_engine_steps_total\{[^}]*\} ([0-9.e+-]+)$", text, re.MULTILINE)
+    phases = dict(re.findall(r'^qwen3vl_engine_phase_seconds_total\{[^}]*phase="(\w+)"[^}]*\} ([0-9.e+-]+)$', text, re.MULTILINE))
+    assert sum(map(float, steps)) >= 5 and {"schedule", "prefill", "decode", "wait", "output"} <= set(phases)
+    assert all(float(seconds) > 0 for seconds in phases.values())
 
 
 def test_unknown_tier_and_tier_token_limit_are_clear_errors(server):

@@ -46,7 +46,12 @@ class EngineMetricsPublisher:
         self.kv_used = family("kv_slots_used", "KV-cache slots held by running requests", gauge).Metric(labels=engine_only)
         self.kv_total = family("kv_slots_total", "KV-cache slots in the pool", gauge).Metric(labels=engine_only)
         self.batch = family("decode_batch_size", "sequences in the last decode step", gauge).Metric(labels=engine_only)
-        self._published = {}  # (field, tier) -> value already added to the Prometheus counter
+        # Where the engine thread's time goes (Engine.step's phases), to compare with the engine alone.
+        self.steps = family("engine_steps_total", "engine steps (admit, prefill, decode, read back)", counter).Metric(labels=engine_only)
+        self._phase_family = family("engine_phase_seconds_total", "engine thread's wall seconds per step phase (Engine.step)", counter)
+        self._engine_labels = engine_only
+        self.phase_metrics = {}  # phase -> its counter, made when the engine first reports the phase
+        self._published = {}  # counter key -> the total already added to the Prometheus counter
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-metrics", daemon=True)
 
@@ -66,17 +71,26 @@ class EngineMetricsPublisher:
                 pb_utils.Logger.log_error(f"engine metrics stopped: {exc}")
                 return
 
+    def _increment_to(self, metric, key, value: float) -> None:
+        """Bring a Prometheus counter up to the engine's running total ``value``."""
+        delta = value - self._published.get(key, 0)
+        if delta:
+            metric.increment(delta)
+            self._published[key] = value
+
     def publish(self) -> None:
         scheduler = self.engine.scheduler
         for tier, counters in self.engine.metrics.snapshot().items():
             for field, metrics in self.counters.items():
-                value = getattr(counters, field)
-                delta = value - self._published.get((field, tier), 0)
-                if delta:
-                    metrics[tier].increment(delta)
-                    self._published[(field, tier)] = value
+                self._increment_to(metrics[tier], (field, tier), getattr(counters, field))
             self.queue[tier].set(len(scheduler.waiting[tier]))
             self.running[tier].set(scheduler.running_by_tier[tier])
         self.kv_total.set(scheduler.slots.num_slots)
         self.kv_used.set(scheduler.slots.num_slots - scheduler.slots.num_free)
         self.batch.set(self.engine.metrics.batch_size)
+        steps, seconds = self.engine.metrics.phases_snapshot()
+        self._increment_to(self.steps, "steps", steps)
+        for phase, total in seconds.items():
+            if phase not in self.phase_metrics:
+                self.phase_metrics[phase] = self._phase_family.Metric(labels={"phase": phase, **self._engine_labels})
+            self._increment_to(self.phase_metrics[phase], ("phase", phase), total)
