@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_preprocess import checkpoint_cli, median_ms, write_table  # noqa: E402
+from workload import checkpoint_cli, median_ms, write_table  # noqa: E402
 
 from model_repository.qwen3vl_runtime.engine.detokenizer import IncrementalDetokenizer  # noqa: E402
 

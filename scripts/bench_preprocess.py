@@ -11,14 +11,8 @@ alone on the 448 px image. Prints a table and writes JSON.
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import io
-import json
-import platform
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +20,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workload import encoded_image  # noqa: E402
+from workload import checkpoint_cli, encoded_image, median_ms, write_table  # noqa: E402
 
-from builder.checkpoint import make_demo_checkpoint  # noqa: E402
 from model_repository.qwen3vl_runtime.patches import PatchMaker  # noqa: E402
 from model_repository.qwen3vl_runtime.preprocessing import PreprocessLimits, Preprocessor  # noqa: E402
 
@@ -45,28 +38,6 @@ class ProcessorPatches:
     def make(self, images):
         out = self.processor(images=images, return_tensors="np")
         return out["pixel_values"].astype(np.float32), out["image_grid_thw"].astype(np.int64)
-
-
-def median_ms(call, repeat: int) -> float:
-    call()  # warm-up
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
-
-
-def checkpoint_cli(doc: str, run, *, default_out: str, repeat: int) -> int:
-    """The command line of the CPU benchmarks over a checkpoint's tokenizer and processor files:
-    --checkpoint (default: the demo's, which the package ships), --repeat, --out; calls run(checkpoint, args)."""
-    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    p.add_argument("--checkpoint", type=Path, help="checkpoint folder (tokenizer, processor); default: the demo's files")
-    p.add_argument("--repeat", type=int, default=repeat)
-    p.add_argument("--out", type=Path, default=Path(default_out))
-    args = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        return run(args.checkpoint or make_demo_checkpoint(Path(tmp)), args)
 
 
 def main() -> int:
@@ -97,23 +68,6 @@ def run(checkpoint: Path, args) -> int:
     rows = {name: round(median_ms(call, args.repeat), 2) for name, call in cases.items()}
     write_table(args.out, ("step", "median ms"), "median_ms", rows)
     return 0
-
-
-def write_table(out: Path, columns: tuple[str, str], key: str, rows: dict[str, float], **extra) -> None:
-    """Print rows as a two-column table; write them as JSON under ``key`` with this machine, the
-    date, the command and ``extra``."""
-    print(f"| {columns[0]} | {columns[1]} |\n|---|---|")
-    for name, value in rows.items():
-        print(f"| {name} | {value} |")
-    report = {
-        "date": datetime.date.today().isoformat(),
-        "machine": platform.node(),
-        "processor": platform.processor() or platform.machine(),
-        "command": " ".join(sys.argv),
-        **extra,
-        key: rows,
-    }
-    out.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

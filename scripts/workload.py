@@ -1,12 +1,17 @@
 """What the benchmark scripts share: the long image prompt, random-pixel images (encoded),
-matplotlib when it is there, and the header of a GPU run's JSON report."""
+matplotlib when it is there, the JSON reports' header (machine, date, command), and the command
+line and timing of the CPU benchmarks over a checkpoint's tokenizer and processor files."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import io
 import json
+import platform
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,15 +44,48 @@ def encoded_image(width: int = 448, height: int = 448, fmt: str = "PNG", seed: i
     return buffer.getvalue()
 
 
+def _report(machine: dict, results_key: str, results, **extra) -> str:
+    header = {**machine, "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv)}
+    return json.dumps({**header, **extra, results_key: results}, indent=2) + "\n"
+
+
 def write_gpu_report(path: Path, results: list[dict]) -> None:
     """The JSON every GPU script writes: machine (the CUDA device), date, command, torch, results."""
     import torch
 
-    report = {
-        "machine": torch.cuda.get_device_name(),
-        "date": datetime.date.today().isoformat(),
-        "command": " ".join(sys.argv),
-        "torch": torch.__version__,
-        "results": results,
-    }
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    path.write_text(_report({"machine": torch.cuda.get_device_name()}, "results", results, torch=torch.__version__))
+
+
+def write_table(out: Path, columns: tuple[str, str], key: str, rows: dict[str, float], **extra) -> None:
+    """Print rows as a two-column table; write them as JSON under ``key`` with this machine (host
+    and CPU), the date, the command and ``extra``."""
+    print(f"| {columns[0]} | {columns[1]} |\n|---|---|")
+    for name, value in rows.items():
+        print(f"| {name} | {value} |")
+    machine = {"machine": platform.node(), "processor": platform.processor() or platform.machine()}
+    out.write_text(_report(machine, key, rows, **extra))
+
+
+def median_ms(call, repeat: int) -> float:
+    """Median wall milliseconds of ``call()`` over ``repeat`` calls, after one warm-up call."""
+    call()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)
+
+
+def checkpoint_cli(doc: str, run, *, default_out: str, repeat: int) -> int:
+    """The command line of the CPU benchmarks over a checkpoint's tokenizer and processor files:
+    --checkpoint (default: the demo's, which the package ships), --repeat, --out; calls run(checkpoint, args)."""
+    from builder.checkpoint import make_demo_checkpoint
+
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=Path, help="checkpoint folder (tokenizer, processor); default: the demo's files")
+    p.add_argument("--repeat", type=int, default=repeat)
+    p.add_argument("--out", type=Path, default=Path(default_out))
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        return run(args.checkpoint or make_demo_checkpoint(Path(tmp)), args)

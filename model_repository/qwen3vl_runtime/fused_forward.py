@@ -55,6 +55,15 @@ def fused_decode(model: TextModel, input_ids, positions, kv, slots, lengths) -> 
     return model.logits(_layers(model, x, cos, sin, kv, slots, lengths, attend))
 
 
+def prompt_rows(slots: list[int], lengths: list[int], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For prompts concatenated row after row: each row's KV slot and position in its prompt, and
+    each prompt's last row. Built on the host, one queued copy each (a launch per prompt adds up
+    in a prefill of many prompts)."""
+    token_slots = to_device(torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths)), device)
+    cache_positions = to_device([torch.arange(n) for n in lengths], device)
+    return token_slots, cache_positions, to_device(torch.tensor(lengths).cumsum(0) - 1, device)
+
+
 def fused_prefill(model: TextModel, kv, embeds, positions, slots: list[int], lengths: list[int], visual_rows=None, deepstack=None) -> torch.Tensor:
     """Whole prompts of several sequences in one pass -> each one's last-token logits [S, vocab].
 
@@ -64,10 +73,7 @@ def fused_prefill(model: TextModel, kv, embeds, positions, slots: list[int], len
     """
     device = embeds.device
     cos, sin = model.rope(positions, embeds.dtype)
-    # Built on the host, one queued copy each: a launch per prompt adds up in a prefill of many prompts.
-    token_slots = to_device(torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths)), device)
-    cache_positions = to_device([torch.arange(n) for n in lengths], device)
-    last_rows = to_device(torch.tensor(lengths).cumsum(0) - 1, device)
+    token_slots, cache_positions, last_rows = prompt_rows(slots, lengths, device)
     segments = SegmentAttention(lengths, device, causal=True)
 
     def attend(i, q):  # q: [T, H, D]; each prompt causal over its own keys, prompts of one length batched

@@ -11,8 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..fused_forward import fused_decode, static_prefill
-from ..host_to_device import to_device
+from ..fused_forward import fused_decode, prompt_rows, static_prefill
 from ..text_model import TextModel
 
 BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128)
@@ -131,16 +130,17 @@ class GraphedPrefill:
 
     def __call__(self, embeds, positions, slots: list[int], lengths: list[int], visual_rows, deepstack) -> torch.Tensor:
         """Same contract as ``fused_prefill`` (inputs already on the GPU) -> logits [S, vocab]."""
-        tokens, device = embeds.shape[0], embeds.device
+        tokens = embeds.shape[0]
         b = next(size for size in self.TOKEN_BUCKETS if size >= tokens)
         self._reset(b)
         self.embeds[:tokens].copy_(embeds)
         self.positions[:, :tokens].copy_(positions)
-        self.token_slots[:tokens].copy_(to_device(torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths)), device))
-        self.cache_positions[:tokens].copy_(to_device([torch.arange(n) for n in lengths], device))
+        token_slots, cache_positions, last_rows = prompt_rows(slots, lengths, embeds.device)
+        self.token_slots[:tokens].copy_(token_slots)
+        self.cache_positions[:tokens].copy_(cache_positions)
         if deepstack is not None:
             self.visual_rows[: len(visual_rows)].copy_(visual_rows)
             self.deepstack[:, : len(visual_rows)].copy_(deepstack)
-        self.last_rows[: len(lengths)].copy_(to_device(torch.tensor(lengths).cumsum(0) - 1, device))
+        self.last_rows[: len(lengths)].copy_(last_rows)
         self.graphs[b].replay()
         return self.logits[b][: len(lengths)]

@@ -9,10 +9,10 @@ class IncrementalDetokenizer:
     """tokenizer: a transformers tokenizer with a Rust backend (``backend_tokenizer``).
 
     Each token goes through the Rust library's ``DecodeStream``, which holds back a partial UTF-8
-    character until the token that completes it. With Qwen3-VL's tokenizer that is 1.3 us per
-    token (CPU machine, scripts/bench_detokenizer.py); the window of ids decoded twice in Python
-    that this replaced took 7.7-12.5 us per token there, and at 64 streams it was most of the
-    engine's per-step output phase (docs/benchmarks.md, run 11). The streamed text equals
+    character until the token that completes it. With Qwen3-VL's tokenizer that is 1.4 us per
+    token on the CPU machine, where one ``tokenizer.decode`` of a 7-token window takes 2.9 us and
+    the code this replaced made two per token (scripts/bench_detokenizer.py); at 64 streams those
+    decodes were most of the engine's per-step output phase (docs/benchmarks.md, run 11). The streamed text equals
     ``tokenizer.decode(ids, skip_special_tokens=True)`` (tests/test_engine.py); tokenizers that
     clean up spaces after decoding (not Qwen's) would differ by that clean-up."""
 
