@@ -20,7 +20,6 @@ import datetime
 import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -68,23 +67,25 @@ def main() -> int:
     repositories = dict(item.split("=", 1) for item in args.repository)
     # The engine rows replay the prefill from graphs as the repositories do (build-repo --graphed-prefill).
     graphed = any(json.loads((Path(r) / "manifest.json").read_text())["options"].get("graphed_prefill") for r in repositories.values())
-    with tempfile.TemporaryDirectory() as tmp:
-        engine_json = Path(tmp) / "engine.json"
-        engine_args = ["--checkpoint", str(args.checkpoint), "--out", str(engine_json), "--precisions", *repositories]
-        run("bench_engine.py", *engine_args, "--concurrency", *args.concurrency,
-            "--device", args.device, *(["--skip-transformers"] if args.skip_transformers else []),
-            *(["--vision-in-engine"] if args.vision_in_engine else []), *(["--graphed-prefill"] if graphed else []))  # fmt: skip
-        engine = json.loads(engine_json.read_text())
-        rows, manifests, breakdowns = list(engine["results"]), {}, {}
-        for precision, repository in repositories.items():
-            out = Path(tmp) / f"triton_{precision}.json"
-            extra = ["--perf-analyzer", args.perf_analyzer] if args.perf_analyzer else []
-            run("bench_triton.py", "--repository", repository, "--precision", precision, "--out", str(out),
-                "--concurrency", *args.concurrency, *extra)  # fmt: skip
-            triton = json.loads(out.read_text())
-            rows += triton["results"]
-            manifests[precision] = triton["repository_manifest_options"]
-            breakdowns[precision] = triton["ttft_breakdown_c1"]
+    # Each part's own JSON is kept beside --out (a run cut short keeps what it measured).
+    parts = args.out.parent
+    parts.mkdir(parents=True, exist_ok=True)
+    engine_json = parts / f"{args.out.stem}.engine.json"
+    engine_args = ["--checkpoint", str(args.checkpoint), "--out", str(engine_json), "--precisions", *repositories]
+    run("bench_engine.py", *engine_args, "--concurrency", *args.concurrency,
+        "--device", args.device, *(["--skip-transformers"] if args.skip_transformers else []),
+        *(["--vision-in-engine"] if args.vision_in_engine else []), *(["--graphed-prefill"] if graphed else []))  # fmt: skip
+    engine = json.loads(engine_json.read_text())
+    rows, manifests, breakdowns = list(engine["results"]), {}, {}
+    for precision, repository in repositories.items():
+        out = parts / f"{args.out.stem}.triton-{precision}.json"
+        extra = ["--perf-analyzer", args.perf_analyzer] if args.perf_analyzer else []
+        run("bench_triton.py", "--repository", repository, "--precision", precision, "--out", str(out),
+            "--concurrency", *args.concurrency, *extra)  # fmt: skip
+        triton = json.loads(out.read_text())
+        rows += triton["results"]
+        manifests[precision] = triton["repository_manifest_options"]
+        breakdowns[precision] = triton["ttft_breakdown_c1"]
     report = {
         "machine": engine["machine"],
         "date": datetime.date.today().isoformat(),

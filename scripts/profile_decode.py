@@ -42,25 +42,33 @@ def replay_ms(graphed, batch: int, context: int, repeats: int = 50) -> float:
 
 
 def kernel_profile(run, repeats: int = 5) -> dict:
-    """GPU time of the kernels one ``run()`` launches (torch.profiler, mean of ``repeats``)."""
+    """GPU time of the kernels one ``run()`` launches (torch.profiler, mean of ``repeats``), and
+    which PyTorch ops launched them: ``ops`` ranks (op, input shapes) by the GPU time of the kernels
+    each launched itself, so an elementwise kernel is told apart by the ``aten::mul`` / ``add`` /
+    ``cat`` and the shapes behind it (kernels launched by Triton or replayed graphs have no op)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for _ in range(repeats):
             run()
         torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0) > 0]
-    kernels = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)
+    kernels = sorted((e for e in prof.key_averages() if e.device_type.name == "CUDA"), key=lambda e: e.self_device_time_total, reverse=True)
+    ops = sorted((e for e in prof.key_averages(group_by_input_shape=True) if e.device_type.name == "CPU" and e.self_device_time_total > 0),
+                 key=lambda e: e.self_device_time_total, reverse=True)  # fmt: skip
     total_us = sum(e.self_device_time_total for e in kernels) / repeats
     return {
         "kernel_ms_per_step": total_us / 1e3,
         "kernels_per_step": sum(e.count for e in kernels) / repeats,
-        "top": [(e.key[:80], round(e.self_device_time_total / repeats / 1e3, 4), e.count // repeats) for e in kernels[:10]],
+        "top": [(e.key[:160], round(e.self_device_time_total / repeats / 1e3, 4), e.count // repeats) for e in kernels[:12]],
+        "ops": [(f"{e.key} {e.input_shapes}"[:200], round(e.self_device_time_total / repeats / 1e3, 4), e.count // repeats) for e in ops[:15]],
     }
 
 
 def print_top_kernels(row: dict) -> None:
     for name, ms, count in row["top"]:
+        print(f"    {ms:8.4f} ms  x{count:<5} {name}")
+    print("    by the op that launched them:")
+    for name, ms, count in row["ops"]:
         print(f"    {ms:8.4f} ms  x{count:<5} {name}")
 
 

@@ -2,8 +2,9 @@
 
 CI has no GPU, so without this the batched prefill (prompts of one length attended as one batch,
 ragged ones grouped by length, grouped-query heads, deepstack rows), the int8 product of many
-rows (a dequantizing kernel, then a dense product) and the decode-sized kernels (plain, and with
-the SiLU product computed inside) would only be tested on the GPU machine. TRITON_INTERPRET must be set before Triton compiles anything: the comparison runs in
+rows (a dequantizing kernel, then a dense product), the decode-sized kernels (plain, and with
+the SiLU product computed inside) and the vision tower's rotary kernel would only be tested on
+the GPU machine. TRITON_INTERPRET must be set before Triton compiles anything: the comparison runs in
 a child process (this file run as a script), and the test reads its verdict.
 """
 
@@ -24,7 +25,7 @@ def test_fused_prefill_and_int8_product_match_the_reference(tiny_checkpoint):
     assert out.returncode == 0, out.stderr[-4000:]
     errors = json.loads(out.stdout.strip().splitlines()[-1])
     fp16_operands = {name: e for name, e in errors.items() if "convert='f16" in name}
-    assert len(errors) == 1 + 5 + 3 + 1 + 4 + 4 and len(fp16_operands) == 1, errors
+    assert len(errors) == 1 + 5 + 3 + 2 + 4 + 4 + 1 and len(fp16_operands) == 1, errors
     # float32 activations rounded to fp16 operands: ~2^-11 relative; everything else float32 throughout
     assert max(fp16_operands.values()) < 2e-3, fp16_operands
     assert max(e for name, e in errors.items() if name not in fp16_operands) < 1e-5, errors
@@ -46,8 +47,10 @@ def _compare(checkpoint: Path) -> dict[str, float]:
     from model_repository.qwen3vl_runtime.decoder_weights import load_text_model
     from model_repository.qwen3vl_runtime.fused_forward import fused_prefill
     from model_repository.qwen3vl_runtime.kernels.int8_matmul import DECODE_MAX_ROWS, candidates, int8_matmul, rows_bucket
+    from model_repository.qwen3vl_runtime.kernels.vision_rope import vision_rope
     from model_repository.qwen3vl_runtime.quant import dequantize_weight, quantize_weight
     from model_repository.qwen3vl_runtime.text_model import gated_activation
+    from model_repository.qwen3vl_runtime.vision_tower import rotate_qk
 
     def rel(a, b):
         return float((a.double() - b.double()).norm() / b.double().norm())
@@ -83,6 +86,8 @@ def _compare(checkpoint: Path) -> dict[str, float]:
         q, scale = quantize_weight(torch.randn(96, 160), "int8")
         x = torch.randn(DECODE_MAX_ROWS + 36, 160)
         errors["int8 product, many rows"] = rel(int8_matmul(x, q, scale), x.double() @ dequantize_weight(q, scale, torch.float64).T)
+        bias = torch.randn(96)
+        errors["int8 product and bias, many rows"] = rel(int8_matmul(x, q, scale, bias=bias), x.double() @ dequantize_weight(q, scale, torch.float64).T + bias.double())
         # Decode-sized products: every kernel the GPU's tuner may pick (PTX has no interpreter), plain
         # and gated (the down projection's input silu(gate) * up computed inside the product, or first)
         plain, gate_up = torch.randn(3, 160), torch.randn(3, 320)
@@ -93,6 +98,14 @@ def _compare(checkpoint: Path) -> dict[str, float]:
                     out = torch.empty(3, 96)
                     launch(x, q, scale, out)
                     errors[f"int8 {launch}"] = rel(out, expected)
+        # The tower's rotary embedding: 12 heads (not a power of two: masked head rows), head_dim 64;
+        # cos/sin laid out as the tower's (two equal halves)
+        qkv = torch.randn(50, 3, 12, 64)
+        angles = torch.randn(50, 32)
+        cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+        fused_q, fused_k = vision_rope(qkv, cos, sin)
+        ref_q, ref_k = rotate_qk(qkv, cos, sin)
+        errors["vision rope"] = max(rel(fused_q, ref_q), rel(fused_k, ref_k))
     return errors
 
 

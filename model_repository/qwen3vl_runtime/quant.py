@@ -54,16 +54,17 @@ def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.d
     return (qweight.float() * scale.float()[:, None]).to(dtype)
 
 
-def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, gated: bool = False) -> torch.Tensor:
-    """x [..., in] @ dequantized qweight [out, in]^T -> [..., out], in x's dtype; gated: x is
-    [..., 2 in] (gate, up) and the product's input silu(gate) * up.
+def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, gated: bool = False, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] @ dequantized qweight [out, in]^T (+ bias [out]) -> [..., out], in x's dtype;
+    gated: x is [..., 2 in] (gate, up) and the product's input silu(gate) * up.
 
     The scale is applied to the output rather than the weight: one multiply per output instead
     of one per weight element.
     """
     if gated:
         x = gated_activation(x)
-    return (x @ qweight.to(x.dtype).T) * scale.to(x.dtype)
+    y = (x @ qweight.to(x.dtype).T) * scale.to(x.dtype)
+    return y if bias is None else y + bias.to(x.dtype)
 
 
 class _QuantStorage(nn.Module):
@@ -110,9 +111,9 @@ class QuantLinear(_QuantStorage):
 
     def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
         """x: [..., in] -> [..., out]. gated: x is [..., 2 in], gate then up, and the input is
-        silu(gate) * up; the GPU kernels compute it inside the product (one launch fewer)."""
-        y = self.matmul(x, self.weight, self.weight_scale, gated)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+        silu(gate) * up; the GPU kernels compute it inside the product (one launch fewer). The
+        bias goes to the product too: on the GPU a prefill adds it in cuBLAS's epilogue."""
+        return self.matmul(x, self.weight, self.weight_scale, gated, bias=self.bias)
 
 
 class QuantEmbedding(_QuantStorage):

@@ -21,6 +21,15 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_
 
 # attend(q, k, v, scale) -> out, each [patches, heads, head_dim]
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+# rotate(qkv [patches, 3, heads, head_dim], cos, sin) -> (q, k) rotated, [patches, heads, head_dim] each
+Rotate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def rotate_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' rotary embedding of q and k (the ONNX export's and the CPU's; on the GPU the
+    decoder runs ``kernels.vision_rope``, the same math in one kernel)."""
+    q, k, _ = qkv.unbind(1)
+    return apply_rotary_pos_emb_vision(q, k, cos, sin)
 
 
 def encode_images(
@@ -30,6 +39,7 @@ def encode_images(
     pos_interp_weights: torch.Tensor,
     rotary_pos_ids: torch.Tensor,
     attend: Attend,
+    rotate: Rotate = rotate_qk,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``Qwen3VLVisionModel.forward`` of ``visual`` with the position work done on the host.
 
@@ -45,7 +55,7 @@ def encode_images(
     cos, sin = visual.rotary_pos_emb(x, rotary_pos_ids)  # [N, head_dim] each, float32
     deepstack = []
     for layer, block in enumerate(visual.blocks):
-        x = x + _attention(block.attn, block.norm1(x), cos, sin, attend)
+        x = x + _attention(block.attn, block.norm1(x), cos, sin, attend, rotate)
         x = x + block.mlp(block.norm2(x))
         if layer in visual.deepstack_visual_indexes:
             merger = visual.deepstack_merger_list[visual.deepstack_visual_indexes.index(layer)]
@@ -53,10 +63,9 @@ def encode_images(
     return visual.merger(x), torch.stack(deepstack)
 
 
-def _attention(attn: nn.Module, x: torch.Tensor, cos, sin, attend: Attend) -> torch.Tensor:
+def _attention(attn: nn.Module, x: torch.Tensor, cos, sin, attend: Attend, rotate: Rotate) -> torch.Tensor:
     """``Qwen3VLVisionAttention.forward`` with its per-image split left to ``attend``."""
     qkv = attn.qkv(x).reshape(x.shape[0], 3, attn.num_heads, -1)  # [N, 3, H, hd]
-    q, k, v = qkv.unbind(1)  # [N, H, hd] each
-    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
-    out = attend(q, k, v, attn.scaling)  # [N, H, hd]
+    q, k = rotate(qkv, cos, sin)
+    out = attend(q, k, qkv[:, 2], attn.scaling)  # [N, H, hd]
     return attn.proj(out.reshape(x.shape[0], -1))

@@ -25,7 +25,7 @@ from ..vision_inputs import (
     check_vision_inputs,
     vision_position_inputs,
 )
-from ..vision_tower import encode_images
+from ..vision_tower import encode_images, rotate_qk
 
 
 @dataclass(frozen=True)
@@ -59,11 +59,16 @@ class ImageEncoder:
         self.visual = visual
         self.device = visual.patch_embed.proj.weight.device
         self.merge_unit = visual.spatial_merge_size**2  # patches per image token
+        self.rotate = rotate_qk
         self._encode = self.encode_eager
+        if self.device.type == "cuda":
+            from ..kernels.vision_rope import vision_rope
+
+            self.rotate = vision_rope
         if cuda_graphs and self.device.type == "cuda":
             from .vision_graphs import GraphedTower
 
-            self._encode = GraphedTower(visual, self.encode_eager)
+            self._encode = GraphedTower(visual, self.encode_eager, self.rotate)
 
     @torch.inference_mode()
     def __call__(self, images: list[ImageInputs]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +84,7 @@ class ImageEncoder:
             for name in ("pixel_values", "pos_interp_indices", "pos_interp_weights", "rotary_pos_ids")
         )
         attend = SegmentAttention([n for i in images for n in i.lengths], self.device)
-        return encode_images(self.visual, pixels, indices, weights, rotary, attend)
+        return encode_images(self.visual, pixels, indices, weights, rotary, attend, self.rotate)
 
     def warm_up(self, grids=((1, 16, 16), (1, 4, 8), (1, 2, 2))) -> None:
         """Encode blank images of a few sizes: the GPU kernels pick their tile sizes (Triton

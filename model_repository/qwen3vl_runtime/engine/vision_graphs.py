@@ -20,7 +20,7 @@ import torch
 
 from ..host_to_device import pinned_cat
 from ..segment_attention import SegmentAttention
-from ..vision_tower import encode_images
+from ..vision_tower import Rotate, encode_images, rotate_qk
 from .cuda_graphs import capture_buckets
 from .vision import ImageInputs
 
@@ -34,12 +34,12 @@ Encoded = tuple[torch.Tensor, torch.Tensor]  # (image_embeds [tokens, hidden], d
 
 
 class GraphedTower:
-    """encode_eager(images) -> Encoded: the tower's eager call, for what no graph covers.
-    capture=False runs each bucket's padded call eagerly instead of replaying it (the CPU tests
+    """encode_eager(images) -> Encoded: the tower's eager call, for what no graph covers; rotate:
+    the rotary embedding it runs (``encode_images``). capture=False runs each bucket's padded call eagerly instead of replaying it (the CPU tests
     of the grouping and padding; the graphs themselves need CUDA)."""
 
-    def __init__(self, visual, encode_eager: Callable[[list[ImageInputs]], Encoded], *, capture: bool = True):
-        self.visual, self.encode_eager, self.capture = visual, encode_eager, capture
+    def __init__(self, visual, encode_eager: Callable[[list[ImageInputs]], Encoded], rotate: Rotate = rotate_qk, *, capture: bool = True):
+        self.visual, self.encode_eager, self.rotate, self.capture = visual, encode_eager, rotate, capture
         self.merge_unit = visual.spatial_merge_size**2
         self.graphs: dict[tuple[tuple[int, ...], int], _BucketGraph] = {}
         self._pool = None  # one memory pool for every bucket: they never run at the same time
@@ -73,7 +73,7 @@ class GraphedTower:
         if graph is None:
             if len(self.graphs) >= MAX_GRAPHS:
                 return self.encode_eager(images)
-            graph = self.graphs[(lengths, bucket)] = _BucketGraph(self.visual, lengths, bucket, self.capture, self._pool)
+            graph = self.graphs[(lengths, bucket)] = _BucketGraph(self.visual, lengths, bucket, self.rotate, self.capture, self._pool)
             self._pool = graph.pool
         return graph(images)
 
@@ -81,7 +81,7 @@ class GraphedTower:
 class _BucketGraph:
     """The tower over ``bucket`` images of one size, on static input buffers."""
 
-    def __init__(self, visual, lengths: tuple[int, ...], bucket: int, capture: bool, pool):
+    def __init__(self, visual, lengths: tuple[int, ...], bucket: int, rotate: Rotate, capture: bool, pool):
         device = visual.patch_embed.proj.weight.device
         rows = bucket * sum(lengths)
         width = visual.patch_embed.proj.weight[0].numel()
@@ -91,6 +91,7 @@ class _BucketGraph:
         self.weights = torch.zeros(rows, 4, device=device)
         self.rotary = torch.zeros(rows, 2, dtype=torch.long, device=device)
         self.attend = SegmentAttention(list(lengths) * bucket, device)
+        self.rotate = rotate
         self.capture, self.pool = capture, pool
         if capture:
             graphs, outputs = capture_buckets([bucket], lambda _: self._run(), pool=pool)
@@ -98,7 +99,7 @@ class _BucketGraph:
             self.pool = self.graph.pool()
 
     def _run(self) -> Encoded:
-        return encode_images(self.visual, self.pixels, self.indices, self.weights, self.rotary, self.attend)
+        return encode_images(self.visual, self.pixels, self.indices, self.weights, self.rotary, self.attend, self.rotate)
 
     def __call__(self, images: list[ImageInputs]) -> Encoded:
         """The images' rows, copied out of the graph's outputs (the next replay overwrites them)."""

@@ -314,22 +314,28 @@ def tune(bucket: int, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dt
     return Tuning(best=min(timed, key=lambda t: t[1])[0], timings=timings)
 
 
-def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, gated: bool = False) -> torch.Tensor:
-    """x: [..., K] (bf16/fp16) @ 8-bit weight [N, K]^T, times scale [N] -> [..., N] in x's dtype.
-    gated: x is [..., 2K], gate then up, and the product's input is silu(gate) * up.
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, gated: bool = False, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [..., K] (bf16/fp16) @ 8-bit weight [N, K]^T, times scale [N] (+ bias [N]) -> [..., N] in
+    x's dtype. gated: x is [..., 2K], gate then up, and the product's input is silu(gate) * up.
 
-    Above DECODE_MAX_ROWS rows: dequantize, then cuBLAS. Otherwise the fastest launch measured on
+    Above DECODE_MAX_ROWS rows: dequantize, then cuBLAS, the bias added in its epilogue (added
+    apart, it was 208 kernels and 7.5 of the 31.8 ms of sixteen images' int8 vision tower on the
+    H200: scripts/profile_prefill.py, run 12). Otherwise the fastest launch measured on
     this GPU for the weight's shape and the rows' bucket (``tune``, once per key: the runner's
     warm-up and graph captures run every decode bucket eagerly first)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     m, n = x2.shape[0], weight.shape[0]
     if m > DECODE_MAX_ROWS and weight.numel() <= DEQUANTIZE_MAX_ELEMENTS:
-        return ((silu_mul(x2) if gated else x2) @ dequantize(weight, scale, x.dtype).T).reshape(*shape[:-1], n)
+        x2, dense = (silu_mul(x2) if gated else x2), dequantize(weight, scale, x.dtype).T
+        out = x2 @ dense if bias is None else torch.addmm(bias.to(x.dtype), x2, dense)
+        return out.reshape(*shape[:-1], n)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     launch_for(x2, weight, scale, gated)(x2, weight, scale, out)
+    if bias is not None:
+        out += bias.to(x.dtype)
     return out.reshape(*shape[:-1], n)
 
 
