@@ -20,6 +20,7 @@ class TritonPythonModel:
         settings = model_parameters(args)
         limits = PreprocessLimits(**{name: int(settings[name]) for name in PreprocessLimits.__dataclass_fields__})
         self.preprocessor = Preprocessor(PROCESSOR_DIR, limits)
+        self.preprocessor.warm_up()
         # String inputs break under numpy 2 with some Python backend stubs: say which one runs.
         pb_utils.Logger.log_info(f"preprocess: numpy {np.__version__} from {np.__file__}")
 
