@@ -5,10 +5,12 @@ decode step reads half the bytes of bf16 weights, which pays only where the kern
 the memory (on the H200 at one row, not yet at 4-64: docs/benchmarks.md, run 10). The scale
 multiplies the fp32 accumulator once per output.
 
-The down projection's input, silu(gate) * up, can be computed inside the product (GATED), which
-saves one launch per decoder layer of a decode step (9 per layer, ~260 a step, inside a CUDA
-graph). The tuner decides per shape against the two launches; written after the last GPU
-run (run 11), so checked in Triton's interpreter only, not yet timed on a GPU.
+The down projection's input, silu(gate) * up, can be computed inside the few-rows product
+(GATED), one launch fewer per decoder layer of a decode step; the tuner decides per shape against
+the two launches. Measured on the H200 (run 12, scripts/bench_decode_matmul.py) it ties: 10.4
+against 10.5 us at one row (int8), and the two launches win at 4 rows; inside the tensor-core
+kernel every program recomputed the SiLU of all its rows (92-129 us against 16-21), so that form
+is not a candidate.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def _tensor_core_kernel(
     X, W, Scale, Out,
     M, N, K,
     stride_xm, stride_wn, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CONVERT: tl.constexpr, GATED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CONVERT: tl.constexpr,
 ):  # fmt: skip
     """A tile of BLOCK_M rows (padding rows masked) on the tensor cores; W [N, K] 8-bit, K contiguous
     (int8 viewed as uint8 for "f16_bits" and "f16_ptx"), dequantized in registers."""
@@ -104,14 +106,14 @@ def _tensor_core_kernel(
         amax = tl.zeros([BLOCK_M], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
-            x = _load_rows(X, rm, kk, stride_xm, M, K, GATED)
+            x = _load_rows(X, rm, kk, stride_xm, M, K, False)
             amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
         x_scale = tl.exp2(tl.ceil(tl.log2(tl.maximum(amax, 1e-30))))
         inv_scale = 1.0 / x_scale
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
-        x = _load_rows(X, rm, kk, stride_xm, M, K, GATED)
+        x = _load_rows(X, rm, kk, stride_xm, M, K, False)
         w_mask = (rn[:, None] < N) & (kk[None, :] < K)
         if CONVERT == "bf16":
             w = tl.load(W + rn[:, None] * stride_wn + kk[None, :], mask=w_mask)  # no `other`: fp8 has no literal
@@ -229,9 +231,9 @@ class Launch:
         if int8 and (self.kernel == "few_rows" or self.convert.startswith("f16_")):
             weight = weight.view(torch.uint8)
         grid = (triton.cdiv(n, self.block_n), triton.cdiv(m, self.block_m))
-        meta = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k, "GATED": self.gated}
+        meta = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k}
         if self.kernel == "few_rows":
-            kernel, meta["INT8"] = _few_rows_kernel, int8
+            kernel, meta["INT8"], meta["GATED"] = _few_rows_kernel, int8, self.gated
         else:
             kernel, meta["CONVERT"] = _tensor_core_kernel, self.convert
         kernel[grid](x, weight, scale, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0), **meta,
@@ -247,11 +249,10 @@ def candidates(bucket: int, weight_dtype: torch.dtype, gated: bool = False) -> l
     where nothing can be measured (the CPU, Triton's interpreter, inside a graph capture). The tiles
     are the fastest of a wider sweep on the H200 (run 9, scripts/bench_decode_matmul.py).
     gated: the down projection's product of silu(gate) * up, as two launches (the default, what
-    ran before) or fused into one; fused only with the kernels that won the plain down projection
-    in run 10 (few-rows, tensor cores with the "bf16" conversion), each one more compile."""
+    ran before) or fused into the few-rows kernel (up to 4 rows; each one more compile)."""
     if gated:
         plain = candidates(bucket, weight_dtype)
-        return [Launch("separate"), *(replace(c, gated=True) for c in plain if c.kernel != "w8a8" and c.convert == "bf16")]
+        return [Launch("separate"), *(replace(c, gated=True) for c in plain if c.kernel == "few_rows")]
     block_m = max(16, bucket)  # the tensor cores' smallest tile; padding rows are masked
     converts = ["bf16", "f16_ptx", "f16_bits"] if weight_dtype == torch.int8 else ["bf16"]
     tiles = [(32, 256, 4, 4), (16, 256, 4, 4), (16, 512, 4, 3), (64, 128, 4, 4), (128, 64, 4, 4)]
