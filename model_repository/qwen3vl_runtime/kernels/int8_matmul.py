@@ -134,6 +134,36 @@ def _tensor_core_kernel(
 
 
 @triton.jit
+def _weight_major_kernel(
+    X, W, Scale, Out,
+    M, N, K,
+    stride_xm, stride_wn, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """out^T = W x^T on the tensor cores: the BLOCK_N weight rows take the MMA's wide side (Hopper's
+    warpgroup MMA is 64 wide there), the few activation rows its narrow side (16-64). Computed as
+    x W^T (``_tensor_core_kernel``), a decode batch of 2-16 rows fills a 16-row tile the MMA pads to
+    64, and the converted weights are the MMA's shared-memory operand; here they can stay in
+    registers. The usual shape of weight-only kernels for small batches; written after run 12, not
+    yet timed on a GPU: the tuner measures it beside the others."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        x = _load_rows(X, rm, kk, stride_xm, M, K, False)
+        w_mask = (rn[:, None] < N) & (kk[None, :] < K)
+        w = tl.load(W + rn[:, None] * stride_wn + kk[None, :], mask=w_mask)  # no `other`: fp8 has no literal
+        acc += tl.dot(tl.where(w_mask, w.to(x.dtype), 0.0), tl.trans(x))
+    scale = tl.load(Scale + rn, mask=rn < N, other=0.0)
+    out = acc * scale[:, None]
+    tl.store(Out + rm[None, :] * stride_om + rn[:, None], out.to(Out.dtype.element_ty), mask=(rm[None, :] < M) & (rn[:, None] < N))
+
+
+@triton.jit
 def _few_rows_kernel(
     X, W, Scale, Out,
     M, N, K,
@@ -199,7 +229,7 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 class Launch:
     """One way to compute a decode-sized product: a kernel and its tile."""
 
-    kernel: str  # "tensor_cores", "few_rows", "w8a8" (fp8 weights: cuBLASLt on fp8 activations),
+    kernel: str  # "tensor_cores", "weight_major", "few_rows", "w8a8" (fp8 weights: cuBLASLt on fp8 activations),
     # or "separate" (a gated product as two launches: fused.silu_mul, then the plain product's pick)
     block_m: int = 16
     block_n: int = 32
@@ -234,6 +264,8 @@ class Launch:
         meta = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k}
         if self.kernel == "few_rows":
             kernel, meta["INT8"], meta["GATED"] = _few_rows_kernel, int8, self.gated
+        elif self.kernel == "weight_major":
+            kernel = _weight_major_kernel
         else:
             kernel, meta["CONVERT"] = _tensor_core_kernel, self.convert
         kernel[grid](x, weight, scale, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0), **meta,
@@ -247,8 +279,9 @@ def rows_bucket(m: int) -> int:
 def candidates(bucket: int, weight_dtype: torch.dtype, gated: bool = False) -> list[Launch]:
     """What the tuner measures for a product of ``bucket`` rows at most; the first is the default
     where nothing can be measured (the CPU, Triton's interpreter, inside a graph capture). The tiles
-    are the fastest of a wider sweep on the H200 (run 9, scripts/bench_decode_matmul.py).
-    gated: the down projection's product of silu(gate) * up, as two launches (the default, what
+    are the fastest of a wider sweep on the H200 (run 9, scripts/bench_decode_matmul.py); the
+    weight-major kernel's four (from 2 rows; 12 more compiles per weight dtype) are a first guess,
+    not swept. gated: the down projection's product of silu(gate) * up, as two launches (the default, what
     ran before) or fused into the few-rows kernel (up to 4 rows; each one more compile)."""
     if gated:
         plain = candidates(bucket, weight_dtype)
@@ -257,6 +290,9 @@ def candidates(bucket: int, weight_dtype: torch.dtype, gated: bool = False) -> l
     converts = ["bf16", "f16_ptx", "f16_bits"] if weight_dtype == torch.int8 else ["bf16"]
     tiles = [(32, 256, 4, 4), (16, 256, 4, 4), (16, 512, 4, 3), (64, 128, 4, 4), (128, 64, 4, 4)]
     out = [Launch("tensor_cores", block_m, n, k, w, s, c) for c in converts for n, k, w, s in tiles]
+    if bucket >= 2:
+        major = [(64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4)]
+        out += [Launch("weight_major", block_m, n, k, w, s) for n, k, w, s in major]
     if bucket <= 4:
         few = [(4, 512, 4, 3), (4, 1024, 4, 1), (8, 512, 4, 3), (32, 128, 4, 3)]
         out += [Launch("few_rows", bucket, n, k, w, s) for n, k, w, s in few]
