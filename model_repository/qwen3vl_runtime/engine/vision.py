@@ -59,16 +59,15 @@ class ImageEncoder:
         self.visual = visual
         self.device = visual.patch_embed.proj.weight.device
         self.merge_unit = visual.spatial_merge_size**2  # patches per image token
-        self.rotate = rotate_qk
-        self._encode = self.encode_eager
+        self.rotate, self._encode = rotate_qk, self.encode_eager
         if self.device.type == "cuda":
             from ..kernels.vision_rope import vision_rope
 
             self.rotate = vision_rope
-        if cuda_graphs and self.device.type == "cuda":
-            from .vision_graphs import GraphedTower
+            if cuda_graphs:
+                from .vision_graphs import GraphedTower
 
-            self._encode = GraphedTower(visual, self.encode_eager, self.rotate)
+                self._encode = GraphedTower(visual, self.encode_eager, self.rotate)
 
     @torch.inference_mode()
     def __call__(self, images: list[ImageInputs]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,6 +40,8 @@ def vision_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tupl
     n, three, heads, head_dim = qkv.shape
     if three != 3 or qkv.stride(3) != 1 or qkv.stride(2) != head_dim or qkv.stride(1) != heads * head_dim:
         raise ValueError(f"vision_rope: expected a [N, 3, H, D] view of a contiguous qkv row, got shape {tuple(qkv.shape)} strides {qkv.stride()}")
+    if cos.shape != (n, head_dim) or sin.shape != cos.shape or cos.stride(1) != 1 or sin.stride() != cos.stride():
+        raise ValueError(f"vision_rope: cos and sin must be [N, D] with contiguous rows, got {tuple(cos.shape)} and {tuple(sin.shape)}")
     out = torch.empty((2, n, heads, head_dim), device=qkv.device, dtype=qkv.dtype)
     _vision_rope_kernel[(n, 2)](
         qkv, cos, sin, out, qkv.stride(0), cos.stride(0), n,
