@@ -17,19 +17,20 @@ from .segment_attention import SegmentAttention
 from .text_model import TextModel
 
 
-def _layers(model: TextModel, x, cos, sin, kv, slots, cache_positions, attend, after_layer=None) -> torch.Tensor:
-    """x: [M, hidden] embeddings -> final normed hidden [M, hidden]. attend(i, q) -> [M, H, D]."""
+def _layers(model: TextModel, x, cos, sin, kv, slots, cache_positions, attend, after_layer=None, keep_kv=False) -> torch.Tensor:
+    """x: [M, hidden] embeddings -> final normed hidden [M, hidden]. attend(i, q, k, v) -> [M, H, D],
+    k and v this step's keys and values [M, Hkv, D] with keep_kv (else None; they are in the cache)."""
     c = model.config
     delta = None
     for i, layer in enumerate(model.layers):
         attn, mlp = layer.self_attn, layer.mlp
         h, x = add_rmsnorm(x, delta, *_norm(layer.input_layernorm))
         k_cache, v_cache = kv[i]
-        q = qk_norm_rope_cache(
+        q, k, v = qk_norm_rope_cache(
             attn.qkv_proj(h), attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps,
-            cos, sin, k_cache, v_cache, slots, cache_positions, c.num_heads, c.num_kv_heads,
+            cos, sin, k_cache, v_cache, slots, cache_positions, c.num_heads, c.num_kv_heads, keep_kv,
         )  # fmt: skip
-        h, x = add_rmsnorm(x, attn.o_proj(attend(i, q).reshape(len(q), -1)), *_norm(layer.post_attention_layernorm))
+        h, x = add_rmsnorm(x, attn.o_proj(attend(i, q, k, v).reshape(len(q), -1)), *_norm(layer.post_attention_layernorm))
         gate_up, down = mlp.gate_up_proj(h), mlp.down_proj
         # 8-bit weights: SiLU-times-up inside the down projection where the tuner finds that faster.
         delta = down(gate_up, gated=True) if isinstance(down, QuantLinear) else down(silu_mul(gate_up))
@@ -49,7 +50,7 @@ def fused_decode(model: TextModel, input_ids, positions, kv, slots, lengths) -> 
     cos, sin = model.rope.decode(positions, x.dtype)
     valid = lengths + 1  # the new token's key is attended to as well
 
-    def attend(i, q):
+    def attend(i, q, k, v):
         return model.decode_attention(q, kv[i][0], kv[i][1], slots, valid)
 
     return model.logits(_layers(model, x, cos, sin, kv, slots, lengths, attend))
@@ -76,10 +77,8 @@ def fused_prefill(model: TextModel, kv, embeds, positions, slots: list[int], len
     token_slots, cache_positions, last_rows = prompt_rows(slots, lengths, device)
     segments = SegmentAttention(lengths, device, causal=True)
 
-    def attend(i, q):  # q: [T, H, D]; each prompt causal over its own keys, prompts of one length batched
-        k_cache, v_cache = kv[i]
-        # This layer's keys and values of every prompt, just written to the cache: [T, kv heads, D].
-        return segments(q, k_cache[token_slots, :, cache_positions], v_cache[token_slots, :, cache_positions])
+    def attend(i, q, k, v):  # [T, H or kv heads, D]; each prompt causal over its own keys, prompts of one length batched
+        return segments(q, k, v)
 
     def add_deepstack(i, x, delta):
         if deepstack is None or i >= deepstack.shape[0]:
@@ -88,7 +87,7 @@ def fused_prefill(model: TextModel, kv, embeds, positions, slots: list[int], len
         x.index_add_(0, visual_rows, deepstack[i].to(x.dtype))
         return x, None
 
-    hidden = _layers(model, embeds, cos, sin, kv, token_slots, cache_positions, attend, add_deepstack)
+    hidden = _layers(model, embeds, cos, sin, kv, token_slots, cache_positions, attend, add_deepstack, keep_kv=True)
     return model.logits(hidden[last_rows])
 
 
@@ -105,7 +104,7 @@ def static_prefill(model: TextModel, kv, embeds, positions, token_slots, cache_p
     cos, sin = model.rope(positions, embeds.dtype)  # [3, T + 1]: M-RoPE, not the 1-D table
     valid = cache_positions + 1
 
-    def attend(i, q):
+    def attend(i, q, k, v):
         return model.decode_attention(q, kv[i][0], kv[i][1], token_slots, valid)
 
     def add_deepstack(i, x, delta):

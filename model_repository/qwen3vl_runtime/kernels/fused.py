@@ -43,9 +43,9 @@ def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
 
 @triton.jit
 def _qk_norm_rope_cache_kernel(
-    QKV, QNormW, KNormW, Cos, Sin, Q, KCache, VCache, Slots, Positions,
+    QKV, QNormW, KNormW, Cos, Sin, Q, KCache, VCache, Slots, Positions, KOut, VOut,
     stride_qkv, stride_cos, stride_q, stride_ks, stride_kh, stride_kl,
-    eps, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+    eps, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr, KEEP_KV: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
     head = tl.program_id(1)
@@ -59,6 +59,10 @@ def _qk_norm_rope_cache_kernel(
         out = VCache + slot * stride_ks + (head - HEADS - KV_HEADS) * stride_kh + position * stride_kl
         tl.store(out + d, x1)
         tl.store(out + HALF + d, x2)
+        if KEEP_KV:
+            kept = VOut + (row * KV_HEADS + head - HEADS - KV_HEADS) * 2 * HALF
+            tl.store(kept + d, x1)
+            tl.store(kept + HALF + d, x2)
     else:
         if head < HEADS:
             norm_w = QNormW
@@ -79,20 +83,28 @@ def _qk_norm_rope_cache_kernel(
         r2 = (n2 * cos).to(x1.dtype).to(tl.float32) + (n1 * sin).to(x1.dtype).to(tl.float32)
         tl.store(out + d, r1.to(x1.dtype))
         tl.store(out + HALF + d, r2.to(x1.dtype))
+        if KEEP_KV and head >= HEADS:
+            kept = KOut + (row * KV_HEADS + head - HEADS) * 2 * HALF
+            tl.store(kept + d, r1.to(x1.dtype))
+            tl.store(kept + HALF + d, r2.to(x1.dtype))
 
 
-def qk_norm_rope_cache(qkv, q_norm_w, k_norm_w, eps, cos, sin, k_cache, v_cache, slots, positions, heads, kv_heads):
-    """qkv: [M, (H + 2 Hkv) * D] -> q: [M, H, D] normed and rotated; k (normed, rotated) and v go
-    straight into the cache at (slots[i], head, positions[i]). cos, sin: [M, D]."""
+def qk_norm_rope_cache(qkv, q_norm_w, k_norm_w, eps, cos, sin, k_cache, v_cache, slots, positions, heads, kv_heads, keep_kv=False):
+    """qkv: [M, (H + 2 Hkv) * D] -> (q, k, v): q [M, H, D] normed and rotated; k (normed, rotated)
+    and v go straight into the cache at (slots[i], head, positions[i]). cos, sin: [M, D].
+    keep_kv: also return this step's k and v, [M, Hkv, D] each (else None): a prefill attends
+    over them without gathering them back from the cache (56 gathers of 1.4 ms in a 16-prompt
+    prefill on the H200, scripts/profile_prefill.py, run 12)."""
     m = qkv.shape[0]
     head_dim = k_cache.shape[-1]
     q = torch.empty((m, heads, head_dim), device=qkv.device, dtype=qkv.dtype)
+    k, v = (torch.empty((m, kv_heads, head_dim), device=qkv.device, dtype=qkv.dtype) for _ in range(2)) if keep_kv else (None, None)
     _qk_norm_rope_cache_kernel[(m, heads + 2 * kv_heads)](
-        qkv, q_norm_w, k_norm_w, cos, sin, q, k_cache, v_cache, slots, positions,
+        qkv, q_norm_w, k_norm_w, cos, sin, q, k_cache, v_cache, slots, positions, k if keep_kv else q, v if keep_kv else q,
         qkv.stride(0), cos.stride(0), q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        eps, HEADS=heads, KV_HEADS=kv_heads, HALF=head_dim // 2,
+        eps, HEADS=heads, KV_HEADS=kv_heads, HALF=head_dim // 2, KEEP_KV=keep_kv,
     )  # fmt: skip
-    return q
+    return q, k, v
 
 
 @triton.jit
