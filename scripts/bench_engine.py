@@ -4,7 +4,9 @@
 
 Workload (the project's targets): one 448x448 image + ~40 text tokens through the checkpoint's
 own chat template (246 prompt tokens), 128 new tokens (EOS ignored), concurrency 1, 4, 8, 64.
-The engine runs closed-loop: each stream submits its next request when one finishes. Image
+The engine runs closed-loop: each stream submits its next request when one finishes; transformers
+``generate`` runs one batch of ``c`` copies, eagerly, and with --transformers-static also with a
+static KV cache whose decode step transformers compiles on CUDA (the issue's second baseline). Image
 embeddings come from transformers' vision tower on the GPU (its time is reported apart); with
 --vision-in-engine the engine encodes each request's image itself, as with build-repo
 --vision-backend decoder (rows "engine+vision": the Triton path minus preprocessing and transport).
@@ -87,7 +89,10 @@ def vision_embeddings(checkpoint: Path, inputs: dict, device: str):
     return model, embeds, deepstack, statistics.median(times[1:])
 
 
-def bench_transformers(model, inputs: dict, concurrency: int, device: str) -> dict:
+def bench_transformers(model, inputs: dict, concurrency: int, device: str, static_cache: bool = False) -> dict:
+    """``generate`` on one batch of ``concurrency`` copies of the request. static_cache: with a
+    static KV cache, whose decode step transformers compiles itself on CUDA (torch.compile, once
+    per cache shape): what a user would pick without a serving engine."""
     ids = torch.from_numpy(inputs["input_ids"])[None].to(device)
     pixel_values = torch.from_numpy(inputs["pixel_values"]).to(device, torch.bfloat16)
     batch = dict(
@@ -98,6 +103,8 @@ def bench_transformers(model, inputs: dict, concurrency: int, device: str) -> di
         image_grid_thw=torch.from_numpy(inputs["image_grid_thw"]).to(device).repeat(concurrency, 1),
         do_sample=False,
     )
+    if static_cache:
+        batch["cache_implementation"] = "static"
 
     def timed(new_tokens: int) -> float:
         sync()
@@ -107,7 +114,9 @@ def bench_transformers(model, inputs: dict, concurrency: int, device: str) -> di
         sync()
         return time.perf_counter() - start
 
-    timed(2)  # warm-up
+    # Warm-up. A static cache is sized by the generated length, and each size is its own compile:
+    # warm up with the measured length (the one-token calls below run no decode step to compile).
+    timed(NEW_TOKENS if static_cache else 2)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     ttft = statistics.median(timed(1) for _ in range(3))
@@ -236,6 +245,8 @@ def main() -> int:
     p.add_argument("--slots", type=int, default=64, help="KV slots (sequences decoded together)")
     p.add_argument("--max-len", type=int, default=2048, help="tokens per KV slot")
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--transformers-static", action="store_true",
+                   help="also transformers with a static KV cache, its decode step compiled on CUDA (minutes of compiling per concurrency)")
     p.add_argument("--device", default="cuda", help="cpu runs the same code slowly (a smoke test)")
     p.add_argument("--graphed-prefill", action="store_true", help="replay short prompts' prefill from CUDA graphs")
     p.add_argument("--vision-in-engine", action="store_true", help="the engine encodes the image (--vision-backend decoder)")
@@ -252,10 +263,13 @@ def main() -> int:
     print("| system                 | prec  |   c | TTFT p50 | TTFT p99 | TPOT ms |    tok/s | GiB    |")
     print("|---|---|---|---|---|---|---|---|")
     rows = []
-    if not args.skip_transformers:
+    baselines = [] if args.skip_transformers else [("transformers-eager", False)]
+    if args.transformers_static and not args.skip_transformers:
+        baselines.append(("transformers-static", True))
+    for system, static_cache in baselines:
         for c in args.concurrency:
-            result = bench_transformers(hf, inputs, c, args.device)
-            result.update(system="transformers-eager", precision="bf16", concurrency=c)
+            result = bench_transformers(hf, inputs, c, args.device, static_cache)
+            result.update(system=system, precision="bf16", concurrency=c)
             rows.append(result)
             print(_row(result), flush=True)
     del hf

@@ -4,8 +4,9 @@
         [--perf-analyzer PATH] [--skip-transformers] [--out bench_gpu.json]
 
 Runs, one after the other on the same GPU and the same inputs (448 px image + ~40 text tokens,
-128 new tokens, concurrency 1, 4, 8, 64): bench_engine.py (transformers `generate` eager bf16 and
-the engine alone in each precision of the repositories), then bench_triton.py on each repository
+128 new tokens, concurrency 1, 4, 8, 64): bench_engine.py (transformers `generate` eager bf16,
+with --transformers-static also with a static KV cache compiled by transformers, and the engine
+alone in each precision of the repositories), then bench_triton.py on each repository
 (real tritonserver, gRPC streaming, plus the real perf_analyzer when given). Each runs in its own
 process, so one's GPU memory is gone before the next starts. Prints one table and writes one JSON
 with machine, date, command and, per (system, precision, concurrency), ttft_p50_ms, ttft_p99_ms,
@@ -60,6 +61,7 @@ def main() -> int:
     p.add_argument("--perf-analyzer", help="path of the perf_analyzer binary")
     p.add_argument("--concurrency", nargs="+", default=["1", "4", "8", "64"])
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--transformers-static", action="store_true", help="also transformers with a static, compiled KV cache (bench_engine.py)")
     p.add_argument("--vision-in-engine", action="store_true", help="engine rows encode the image too (--vision-backend decoder)")
     p.add_argument("--device", default="cuda", help="cpu: a slow smoke test of the whole run")
     p.add_argument("--out", type=Path, default=Path("bench_gpu.json"))
@@ -74,6 +76,7 @@ def main() -> int:
     engine_args = ["--checkpoint", str(args.checkpoint), "--out", str(engine_json), "--precisions", *repositories]
     run("bench_engine.py", *engine_args, "--concurrency", *args.concurrency,
         "--device", args.device, *(["--skip-transformers"] if args.skip_transformers else []),
+        *(["--transformers-static"] if args.transformers_static else []),
         *(["--vision-in-engine"] if args.vision_in_engine else []), *(["--graphed-prefill"] if graphed else []))  # fmt: skip
     engine = json.loads(engine_json.read_text())
     rows, manifests, breakdowns = list(engine["results"]), {}, {}

@@ -31,6 +31,17 @@ def test_bench_engine_with_the_vision_tower_in_the_engine(tiny_checkpoint, tmp_p
     assert row["steps"] >= 8 * 128 and set(row["phase_ms_per_step"]) == {"schedule", "prefill", "decode", "wait", "output"}
 
 
+def test_bench_engine_transformers_baselines(tiny_checkpoint, tmp_path):
+    """Both transformers rows (eager, static KV cache), and the static one's tokens per second
+    measured after a warm-up of the same length (on the CPU transformers does not compile)."""
+    out = tmp_path / "engine.json"
+    run("bench_engine.py", "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--precisions", "bf16",
+        "--concurrency", "2", "--transformers-static", "--slots", "2", "--max-len", "512", "--out", str(out))  # fmt: skip
+    rows = {r["system"]: r for r in json.loads(out.read_text())["results"]}
+    assert {"transformers-eager", "transformers-static", "engine"} <= rows.keys(), rows.keys()
+    assert all(r["output_tok_per_s"] > 0 and r["tpot_p50_ms"] > 0 for r in rows.values()), rows
+
+
 def test_bench_preprocess(tmp_path):
     out = tmp_path / "preprocess.json"
     run("bench_preprocess.py", "--repeat", "2", "--out", str(out))
