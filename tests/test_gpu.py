@@ -31,6 +31,24 @@ def test_decode_attention_kernel_matches_sdpa(dtype, bound):
     assert rel_error(out, sdpa_decode_attention(q.double(), k.double(), v.double(), slots, lengths)) < bound
 
 
+@pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-6), (torch.bfloat16, 1e-3)])
+def test_vision_rope_kernel_matches_transformers(dtype, bound):
+    """The tower's q/k rotary kernel against transformers' float32 function, on the real shape
+    (16 heads of 64) and the tower's cos/sin layout; bf16: both round once from float32 to
+    nearest, so they differ only where the kernel's fused multiply-adds land on the other side of
+    a rounding. (Triton's CPU interpreter truncates that cast instead: 4e-3 there, which this
+    bound would refuse.)"""
+    from model_repository.qwen3vl_runtime.kernels.vision_rope import vision_rope
+    from model_repository.qwen3vl_runtime.vision_tower import rotate_qk
+
+    torch.manual_seed(0)
+    qkv = torch.randn(784 * 3, 3 * 16 * 64, device="cuda", dtype=dtype).view(-1, 3, 16, 64)
+    angles = torch.randn(qkv.shape[0], 32, device="cuda") * 10
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    for fused, reference in zip(vision_rope(qkv, cos, sin), rotate_qk(qkv, cos, sin)):
+        assert fused.dtype == reference.dtype and rel_error(fused, reference) < bound
+
+
 @pytest.mark.parametrize("mode, bound", [("int8", 1e-2), ("fp8", 6e-2)])
 @pytest.mark.parametrize("m", [1, 7, 33, 64, 200, 2000])  # decode tiles up to 64 rows, prefill tiles above
 def test_8bit_matmul_kernels_match_the_reference(mode, bound, m):
