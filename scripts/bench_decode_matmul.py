@@ -2,9 +2,7 @@
 
     python scripts/bench_decode_matmul.py [--rows 1 4 8 16 64] [--modes int8 fp8] [--out decode_matmul.json]
 
-For Qwen3-VL-2B's text weights (fused q/k/v, o, fused gate/up, down, the tied lm_head; and the down
-projection again with its input's silu(gate) * up computed inside the 8-bit product, against
-fused.silu_mul then cuBLAS for bf16) and each
+For Qwen3-VL-2B's text weights (fused q/k/v, o, fused gate/up, down, the tied lm_head) and each
 row count of a decode batch, the 8-bit kernel's tuner (``kernels/int8_matmul.tune``) measures
 every candidate launch (kernel, tile, weight conversion) the way the engine runs it: replays of a
 CUDA graph over copies of the weight that do not fit in L2 (``graph_timing``), so neither Python's
@@ -32,7 +30,6 @@ from workload import write_gpu_report  # noqa: E402
 
 from model_repository.qwen3vl_runtime.gpu import _fast_matmul  # noqa: E402
 from model_repository.qwen3vl_runtime.kernels import int8_matmul as kernels  # noqa: E402
-from model_repository.qwen3vl_runtime.kernels.fused import silu_mul  # noqa: E402
 from model_repository.qwen3vl_runtime.kernels.graph_timing import graph_ms, rotating  # noqa: E402
 from model_repository.qwen3vl_runtime.quant import quantize_weight  # noqa: E402
 
@@ -44,20 +41,18 @@ def family(launch: kernels.Launch) -> str:
     return launch.kernel if launch.kernel != "tensor_cores" else f"tc/{launch.convert}"
 
 
-def measure(name: str, n: int, k: int, m: int, mode: str, gated: bool = False) -> dict:
-    """gated: the down projection's input is silu(gate) * up of [m, 2k] rows: bf16 runs
-    fused.silu_mul then cuBLAS, the 8-bit tuner also the SiLU inside the product."""
+def measure(name: str, n: int, k: int, m: int, mode: str) -> dict:
     torch.manual_seed(0)
     weight = torch.randn(n, k, device="cuda") / k**0.5
     q, scale = quantize_weight(weight, mode)
-    x = torch.randn(m, 2 * k if gated else k, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     dense = rotating(weight.bfloat16())
-    row = {"weight": name + (" (silu x up fused in)" if gated else ""), "n": n, "k": k, "rows": m, "mode": mode,
-           "bf16_ms": graph_ms([lambda w=w: torch.matmul(silu_mul(x) if gated else x, w.T, out=out) for w in dense])}  # fmt: skip
+    row = {"weight": name, "n": n, "k": k, "rows": m, "mode": mode,
+           "bf16_ms": graph_ms([lambda w=w: torch.matmul(x, w.T, out=out) for w in dense])}  # fmt: skip
     del dense
-    _fast_matmul(q.dtype)(x, q, scale, gated)  # tunes this key, as the engine's warm-up does
-    tuning = kernels.TUNED[(kernels.rows_bucket(m), n, k, q.dtype, x.dtype, gated)]
+    _fast_matmul(q.dtype)(x, q, scale)  # tunes this key, as the engine's warm-up does
+    tuning = kernels.TUNED[(kernels.rows_bucket(m), n, k, q.dtype, x.dtype)]
     row["best"] = asdict(tuning.best)
     row["best_ms"] = next(ms for launch, ms, _ in tuning.timings if launch == tuning.best)
     row["candidates"] = [{**asdict(launch), "ms": ms, "problem": problem} for launch, ms, problem in tuning.timings]
@@ -82,8 +77,8 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|")
     for mode in args.modes:
         for m in args.rows:
-            for name, n, k, gated in [(name, n, k, False) for name, (n, k) in TEXT.items()] + [("text.down", *TEXT["text.down"], True)]:
-                r = measure(name, n, k, m, mode, gated)
+            for name, (n, k) in TEXT.items():
+                r = measure(name, n, k, m, mode)
                 results.append(r)
                 if "best" not in r:
                     continue
@@ -91,7 +86,7 @@ def main() -> int:
                 pick = f"{family(kernels.Launch(**b))} {b['block_n']}x{b['block_k']} w{b['warps']} s{b['stages']}"
                 families = ", ".join(f"{f} {ms * 1e3:.1f}" for f, ms in sorted(r["best_by_family_ms"].items()))
                 print(
-                    f"| {mode} | {r['weight']} | {m} | {r['bf16_ms'] * 1e3:.1f} | {r['best_ms'] * 1e3:.1f} | {pick} | "
+                    f"| {mode} | {name} | {m} | {r['bf16_ms'] * 1e3:.1f} | {r['best_ms'] * 1e3:.1f} | {pick} | "
                     f"{n * k / r['best_ms'] / 1e6:.0f} | {families} |",
                     flush=True,
                 )
@@ -100,7 +95,7 @@ def main() -> int:
     print("|---|---|---|---|---|")
     for mode in args.modes:
         for m in args.rows:
-            rs = [r for r in results if r["mode"] == mode and r["rows"] == m and "best" in r and r["weight"] in TEXT]
+            rs = [r for r in results if r["mode"] == mode and r["rows"] == m and "best" in r]
             if len(rs) != len(TEXT):
                 continue
             times = lambda key: sum((1 if r["weight"] == "text.lm_head" else LAYERS) * key(r) for r in rs)  # noqa: E731

@@ -1,5 +1,4 @@
-"""The decoder's forward on CUDA with fused kernels: 9 kernels per layer instead of ~55 (8 where
-the tuner fuses the SiLU product into an 8-bit down projection).
+"""The decoder's forward on CUDA with fused kernels: 9 kernels per layer instead of ~55.
 
 Same math as ``TextModel.prefill`` / ``TextModel.decode`` (their CPU code is the reference this is
 tested against); the residual stream is carried with its pending update so each residual add is
@@ -12,7 +11,6 @@ import torch
 
 from .host_to_device import to_device
 from .kernels.fused import add_rmsnorm, qk_norm_rope_cache, silu_mul
-from .quant import QuantLinear
 from .segment_attention import SegmentAttention
 from .text_model import TextModel
 
@@ -31,9 +29,7 @@ def _layers(model: TextModel, x, cos, sin, kv, slots, cache_positions, attend, a
             cos, sin, k_cache, v_cache, slots, cache_positions, c.num_heads, c.num_kv_heads, keep_kv,
         )  # fmt: skip
         h, x = add_rmsnorm(x, attn.o_proj(attend(i, q, k, v).reshape(len(q), -1)), *_norm(layer.post_attention_layernorm))
-        gate_up, down = mlp.gate_up_proj(h), mlp.down_proj
-        # 8-bit weights: SiLU-times-up inside the down projection where the tuner finds that faster.
-        delta = down(gate_up, gated=True) if isinstance(down, QuantLinear) else down(silu_mul(gate_up))
+        delta = mlp.down_proj(silu_mul(mlp.gate_up_proj(h)))
         if after_layer is not None:
             x, delta = after_layer(i, x, delta)
     h, _ = add_rmsnorm(x, delta, *_norm(model.norm))

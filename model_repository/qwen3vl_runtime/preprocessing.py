@@ -97,10 +97,11 @@ class Preprocessor:
         self._blank = np.zeros((self.merge**2, patch_dim), np.float32), np.array([[1, self.merge, self.merge]])
 
     def warm_up(self) -> None:
-        """One small image request, so that the server's first requests do not pay one-time costs:
-        the chat template's Jinja compile alone is ~30 ms (cProfile, CPU machine), and with eight
-        preprocess instances the first eight requests each met a cold one (run 12: 39.5 ms of
-        preprocess per request at one stream, 14-16 ms warm)."""
+        """One small image request, so that the server's first requests do not pay one-time costs
+        (most of it the chat template's Jinja compile, in cProfile of a first request). With eight
+        preprocess instances and no warm-up, one stream's eight requests each met a cold one: 39.5
+        ms of preprocess a request, 20.2 with this (H200, scripts/bench_triton.py --concurrency 1,
+        run 12; docs/benchmarks.md)."""
         import io
 
         from PIL import Image

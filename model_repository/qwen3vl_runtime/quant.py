@@ -14,8 +14,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .text_model import gated_activation
-
 # Storage dtype and largest representable magnitude of each mode. int8 stops at 127, not -128,
 # so that the grid is symmetric and -w quantizes to -q.
 MODES = {
@@ -54,15 +52,12 @@ def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.d
     return (qweight.float() * scale.float()[:, None]).to(dtype)
 
 
-def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, gated: bool = False, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., in] @ dequantized qweight [out, in]^T (+ bias [out]) -> [..., out], in x's dtype;
-    gated: x is [..., 2 in] (gate, up) and the product's input silu(gate) * up.
+def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] @ dequantized qweight [out, in]^T (+ bias [out]) -> [..., out], in x's dtype.
 
     The scale is applied to the output rather than the weight: one multiply per output instead
     of one per weight element.
     """
-    if gated:
-        x = gated_activation(x)
     y = (x @ qweight.to(x.dtype).T) * scale.to(x.dtype)
     return y if bias is None else y + bias.to(x.dtype)
 
@@ -109,11 +104,10 @@ class QuantLinear(_QuantStorage):
     def out_features(self) -> int:
         return self.weight.shape[0]
 
-    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
-        """x: [..., in] -> [..., out]. gated: x is [..., 2 in], gate then up, and the input is
-        silu(gate) * up; the GPU kernels compute it inside the product (one launch fewer). The
-        bias goes to the product too: on the GPU a prefill adds it in cuBLAS's epilogue."""
-        return self.matmul(x, self.weight, self.weight_scale, gated, bias=self.bias)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., in] -> [..., out]. The bias goes to the product: on the GPU a prefill adds it in
+        cuBLAS's epilogue."""
+        return self.matmul(x, self.weight, self.weight_scale, self.bias)
 
 
 class QuantEmbedding(_QuantStorage):

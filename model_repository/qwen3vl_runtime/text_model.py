@@ -184,21 +184,17 @@ class Attention(nn.Module):
         return self.o_proj(attend(q, k_cache, v_cache, slots, lengths + 1).reshape(b, -1))
 
 
-def gated_activation(gate_up: torch.Tensor) -> torch.Tensor:
-    """[..., 2I] (gate then up) -> silu(gate) * up [..., I], the MLP's input to its down projection."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
 class MLP(nn.Module):
     def __init__(self, config: TextConfig):
         super().__init__()
+        self.intermediate_size = config.intermediate_size
         # gate and up projections fused into one matmul (rows in that order).
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gated_activation(self.gate_up_proj(x)))
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

@@ -35,8 +35,9 @@ Encoded = tuple[torch.Tensor, torch.Tensor]  # (image_embeds [tokens, hidden], d
 
 class GraphedTower:
     """encode_eager(images) -> Encoded: the tower's eager call, for what no graph covers; rotate:
-    the rotary embedding it runs (``encode_images``). capture=False runs each bucket's padded call eagerly instead of replaying it (the CPU tests
-    of the grouping and padding; the graphs themselves need CUDA)."""
+    the rotary embedding it runs (``encode_images``). capture=False runs each bucket's padded call
+    eagerly instead of replaying it (the CPU tests of the grouping and padding; the graphs
+    themselves need CUDA)."""
 
     def __init__(self, visual, encode_eager: Callable[[list[ImageInputs]], Encoded], rotate: Rotate = rotate_qk, *, capture: bool = True):
         self.visual, self.encode_eager, self.rotate, self.capture = visual, encode_eager, rotate, capture

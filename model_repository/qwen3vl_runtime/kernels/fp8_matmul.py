@@ -9,22 +9,20 @@ from __future__ import annotations
 
 import torch
 
-from .fused import fp8_rows, silu_mul
+from .fused import fp8_rows
 from .int8_matmul import DECODE_MAX_ROWS
 from .int8_matmul import int8_matmul as weight_only_matmul
 
 
-def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, gated: bool = False, bias: torch.Tensor | None = None) -> torch.Tensor:
+def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x: [..., K] (bf16/fp16) @ fp8 weight [N, K]^T, times scale [N] (+ bias [N]) -> [..., N] in x's dtype.
-    gated: x is [..., 2K] and the product's input silu(gate) * up (``int8_matmul``).
 
     Decode-sized products go to the weight-only kernels, whose tuner also measures ``w8a8_matmul``
     from 16 rows (below that cuBLASLt's 128-wide fp8 tiles mostly compute padding)."""
     shape = x.shape
     if x.numel() // shape[-1] <= DECODE_MAX_ROWS:
-        return weight_only_matmul(x, weight, scale, gated, bias)
-    x2 = x.reshape(-1, shape[-1])
-    out = w8a8_matmul(silu_mul(x2) if gated else x2, weight, scale)
+        return weight_only_matmul(x, weight, scale, bias)
+    out = w8a8_matmul(x.reshape(-1, shape[-1]), weight, scale)
     return (out if bias is None else out + bias.to(x.dtype)).reshape(*shape[:-1], weight.shape[0])
 
 

@@ -98,22 +98,16 @@ def qk_norm_rope_cache(qkv, q_norm_w, k_norm_w, eps, cos, sin, k_cache, v_cache,
     m = qkv.shape[0]
     head_dim = k_cache.shape[-1]
     q = torch.empty((m, heads, head_dim), device=qkv.device, dtype=qkv.dtype)
-    k, v = (torch.empty((m, kv_heads, head_dim), device=qkv.device, dtype=qkv.dtype) for _ in range(2)) if keep_kv else (None, None)
+    k = v = None
+    if keep_kv:
+        k, v = (torch.empty((m, kv_heads, head_dim), device=qkv.device, dtype=qkv.dtype) for _ in range(2))
     _qk_norm_rope_cache_kernel[(m, heads + 2 * kv_heads)](
-        qkv, q_norm_w, k_norm_w, cos, sin, q, k_cache, v_cache, slots, positions, k if keep_kv else q, v if keep_kv else q,
+        qkv, q_norm_w, k_norm_w, cos, sin, q, k_cache, v_cache, slots, positions,
+        *((k, v) if keep_kv else (q, q)),  # without keep_kv the kernel stores nothing there
         qkv.stride(0), cos.stride(0), q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         eps, HEADS=heads, KV_HEADS=kv_heads, HALF=head_dim // 2, KEEP_KV=keep_kv,
     )  # fmt: skip
     return q, k, v
-
-
-@triton.jit
-def silu_times(gate, up):
-    """silu(gate) * up, rounded to the inputs' dtype after the SiLU and after the product (as
-    transformers' MLP rounds). Also inlined into the 8-bit down projection (int8_matmul, GATED)."""
-    g = gate.to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
-    return (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
 
 
 @triton.jit
@@ -123,7 +117,9 @@ def _silu_mul_kernel(X, Out, stride_x, stride_o, N, BLOCK: tl.constexpr):
     mask = cols < N
     gate = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
     up = tl.load(X + row * stride_x + N + cols, mask=mask, other=0.0)
-    tl.store(Out + row * stride_o + cols, silu_times(gate, up), mask=mask)
+    g = gate.to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
+    tl.store(Out + row * stride_o + cols, (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype), mask=mask)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -5,25 +5,20 @@ decode step reads half the bytes of bf16 weights, which pays only where the kern
 the memory (on the H200 at one row, not yet at 4-64: docs/benchmarks.md, run 10). The scale
 multiplies the fp32 accumulator once per output.
 
-The down projection's input, silu(gate) * up, can be computed inside the few-rows product
-(GATED), one launch fewer per decoder layer of a decode step; the tuner decides per shape against
-the two launches. Measured on the H200 (run 12, scripts/bench_decode_matmul.py) it ties: 10.4
-against 10.5 us at one row (int8), and the two launches win at 4 rows; inside the tensor-core
-kernel every program recomputed the SiLU of all its rows (92-129 us against 16-21), so that form
-is not a candidate.
+Computing the down projection's input, silu(gate) * up, inside these kernels (one launch fewer
+per layer) was tried and taken out: on the H200 it tied the two launches in the few-rows kernel
+(10.4 against 10.5 us at one row) and lost in the tensor-core one (92-129 us against 16-21; run
+12, scripts/bench_decode_matmul.py at commit e25e97a).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
-
-from ..text_model import gated_activation
-from .fused import silu_mul, silu_times
 
 # Above this many rows (a prefill, an image's patches) the product is bound by the tensor cores,
 # not by reading W. On the H100 the tensor-core kernel below, even given 128-256-row tiles, took
@@ -76,15 +71,9 @@ def _int8_to_f16_ptx(w):
 
 
 @triton.jit
-def _load_rows(X, rm, kk, stride_xm, M, K, GATED: tl.constexpr):
-    """Rows rm, columns kk of the product's input x. GATED: X holds [gate | up] (K columns each)
-    and x is silu(gate) * up, computed here rather than by a kernel of its own: one launch fewer
-    per decoder layer (the down projection's input), the same rounding as ``fused.silu_mul``."""
-    mask = (rm[:, None] < M) & (kk[None, :] < K)
-    at = X + rm[:, None] * stride_xm + kk[None, :]
-    if GATED:
-        return silu_times(tl.load(at, mask=mask, other=0.0), tl.load(at + K, mask=mask, other=0.0))
-    return tl.load(at, mask=mask, other=0.0)
+def _load_rows(X, rm, kk, stride_xm, M, K):
+    """Rows rm, columns kk of the product's input x (zeros outside it)."""
+    return tl.load(X + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
 
 
 @triton.jit
@@ -106,14 +95,14 @@ def _tensor_core_kernel(
         amax = tl.zeros([BLOCK_M], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
-            x = _load_rows(X, rm, kk, stride_xm, M, K, False)
+            x = _load_rows(X, rm, kk, stride_xm, M, K)
             amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
         x_scale = tl.exp2(tl.ceil(tl.log2(tl.maximum(amax, 1e-30))))
         inv_scale = 1.0 / x_scale
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
-        x = _load_rows(X, rm, kk, stride_xm, M, K, False)
+        x = _load_rows(X, rm, kk, stride_xm, M, K)
         w_mask = (rn[:, None] < N) & (kk[None, :] < K)
         if CONVERT == "bf16":
             w = tl.load(W + rn[:, None] * stride_wn + kk[None, :], mask=w_mask)  # no `other`: fp8 has no literal
@@ -154,7 +143,7 @@ def _weight_major_kernel(
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
-        x = _load_rows(X, rm, kk, stride_xm, M, K, False)
+        x = _load_rows(X, rm, kk, stride_xm, M, K)
         w_mask = (rn[:, None] < N) & (kk[None, :] < K)
         w = tl.load(W + rn[:, None] * stride_wn + kk[None, :], mask=w_mask)  # no `other`: fp8 has no literal
         acc += tl.dot(tl.where(w_mask, w.to(x.dtype), 0.0), tl.trans(x))
@@ -168,7 +157,7 @@ def _few_rows_kernel(
     X, W, Scale, Out,
     M, N, K,
     stride_xm, stride_wn, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT8: tl.constexpr, GATED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT8: tl.constexpr,
 ):  # fmt: skip
     """At most BLOCK_M rows on the CUDA cores, no tensor-core tile: each weight element is converted
     once and multiplied into the BLOCK_M rows; the sums over K are reduced at the end. On the H200
@@ -187,7 +176,7 @@ def _few_rows_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
-        x = _load_rows(X, rm, kk, stride_xm, M, K, GATED)
+        x = _load_rows(X, rm, kk, stride_xm, M, K)
         w_mask = (rn[:, None] < N) & (kk[None, :] < K)
         if INT8:
             w = tl.load(W + rn[:, None] * stride_wn + kk[None, :], mask=w_mask, other=0)  # byte 0 is v = 0
@@ -216,8 +205,9 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 
     One pass, each weight read and written once: PyTorch's own int8 * bf16 with a broadcast scale
     (its generic mixed-type kernel) took 7.5 ms per one-prompt prefill on the H100 for the text
-    and vision weights (scripts/profile_prefill.py, run 7). This kernel's own time was not
-    profiled apart; the engine's int8 prefill at 64 streams went from 4.2 to 4.1 ms per step."""
+    and vision weights (scripts/profile_prefill.py, run 7). This kernel: 1.5 ms per one-prompt
+    int8 prefill, 2.1 ms per sixteen-prompt one, of 6.9 and 53 ms of kernels (H200, the same
+    script, run 12)."""
     n, k = weight.shape
     out = torch.empty((n, k), device=weight.device, dtype=dtype)
     block_k = min(triton.next_power_of_2(k), 4096)
@@ -229,29 +219,23 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 class Launch:
     """One way to compute a decode-sized product: a kernel and its tile."""
 
-    kernel: str  # "tensor_cores", "weight_major", "few_rows", "w8a8" (fp8 weights: cuBLASLt on fp8 activations),
-    # or "separate" (a gated product as two launches: fused.silu_mul, then the plain product's pick)
+    kernel: str  # "tensor_cores", "weight_major", "few_rows", "w8a8" (fp8 weights: cuBLASLt on fp8 activations)
     block_m: int = 16
     block_n: int = 32
     block_k: int = 256
     warps: int = 4
     stages: int = 4
     convert: str = "bf16"  # the tensor-core kernel's CONVERT
-    gated: bool = False  # x is [gate | up] and the product's input silu(gate) * up (GATED)
 
     @property
     def max_error(self) -> float:
         """Relative error allowed against the float32 product at tuning: bf16 outputs are ~1e-3
         off; W8A8 rounds the activations to fp8 too (2.6e-2 measured on random rows, run 10), within
-        tests/test_gpu.py's fp8 bound; "separate" runs whatever the plain product picked, W8A8 included."""
-        return 6e-2 if self.kernel in ("w8a8", "separate") else 2e-2
+        tests/test_gpu.py's fp8 bound."""
+        return 6e-2 if self.kernel == "w8a8" else 2e-2
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
         m, (n, k) = x.shape[0], weight.shape
-        if self.kernel == "separate":
-            act = silu_mul(x)
-            launch_for(act, weight, scale)(act, weight, scale, out)
-            return
         if self.kernel == "w8a8":
             from .fp8_matmul import w8a8_matmul
 
@@ -263,7 +247,7 @@ class Launch:
         grid = (triton.cdiv(n, self.block_n), triton.cdiv(m, self.block_m))
         meta = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k}
         if self.kernel == "few_rows":
-            kernel, meta["INT8"], meta["GATED"] = _few_rows_kernel, int8, self.gated
+            kernel, meta["INT8"] = _few_rows_kernel, int8
         elif self.kernel == "weight_major":
             kernel = _weight_major_kernel
         else:
@@ -276,16 +260,12 @@ def rows_bucket(m: int) -> int:
     return 1 << (m - 1).bit_length()  # 1, 2, 4, ..., 64
 
 
-def candidates(bucket: int, weight_dtype: torch.dtype, gated: bool = False) -> list[Launch]:
+def candidates(bucket: int, weight_dtype: torch.dtype) -> list[Launch]:
     """What the tuner measures for a product of ``bucket`` rows at most; the first is the default
     where nothing can be measured (the CPU, Triton's interpreter, inside a graph capture). The tiles
     are the fastest of a wider sweep on the H200 (run 9, scripts/bench_decode_matmul.py); the
     weight-major kernel's four (from 2 rows; 12 more compiles per weight dtype) are a first guess,
-    not swept. gated: the down projection's product of silu(gate) * up, as two launches (the default, what
-    ran before) or fused into the few-rows kernel (up to 4 rows; each one more compile)."""
-    if gated:
-        plain = candidates(bucket, weight_dtype)
-        return [Launch("separate"), *(replace(c, gated=True) for c in plain if c.kernel == "few_rows")]
+    not swept."""
     block_m = max(16, bucket)  # the tensor cores' smallest tile; padding rows are masked
     converts = ["bf16", "f16_ptx", "f16_bits"] if weight_dtype == torch.int8 else ["bf16"]
     tiles = [(32, 256, 4, 4), (16, 256, 4, 4), (16, 512, 4, 3), (64, 128, 4, 4), (128, 64, 4, 4)]
@@ -317,7 +297,7 @@ def _measurable(x: torch.Tensor) -> bool:
     return x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_current_stream_capturing()
 
 
-def tune(bucket: int, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, gated: bool = False) -> Tuning:
+def tune(bucket: int, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> Tuning:
     """Time every candidate for this weight's shape (CUDA-graph replays over copies of the weight
     that do not fit in L2: ``graph_timing``) on random rows; keep the fastest whose output agrees
     with a float32 reference. A candidate that fails to compile or disagrees is skipped, said why."""
@@ -325,13 +305,13 @@ def tune(bucket: int, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dt
 
     n, k = weight.shape
     generator = torch.Generator(device=weight.device).manual_seed(bucket)
-    x = torch.randn(bucket, 2 * k if gated else k, device=weight.device, dtype=dtype, generator=generator)
+    x = torch.randn(bucket, k, device=weight.device, dtype=dtype, generator=generator)
     cols = min(n, CHECK_ROWS)
-    reference = (gated_activation(x) if gated else x).float() @ (weight[:cols].float() * scale[:cols, None].float()).T
+    reference = x.float() @ (weight[:cols].float() * scale[:cols, None].float()).T
     out = torch.empty(bucket, n, device=weight.device, dtype=dtype)
     copies = rotating(weight)
     timings: list[tuple[Launch, float | None, str]] = []
-    for launch in candidates(bucket, weight.dtype, gated):
+    for launch in candidates(bucket, weight.dtype):
         try:
             out.fill_(float("nan"))
             launch(x, weight, scale, out)
@@ -351,9 +331,9 @@ def tune(bucket: int, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dt
     return Tuning(best=min(timed, key=lambda t: t[1])[0], timings=timings)
 
 
-def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, gated: bool = False, bias: torch.Tensor | None = None) -> torch.Tensor:
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x: [..., K] (bf16/fp16) @ 8-bit weight [N, K]^T, times scale [N] (+ bias [N]) -> [..., N] in
-    x's dtype. gated: x is [..., 2K], gate then up, and the product's input is silu(gate) * up.
+    x's dtype.
 
     Above DECODE_MAX_ROWS rows: dequantize, then cuBLAS, the bias added in its epilogue (added
     apart, it was 208 kernels and 7.5 of the 31.8 ms of sixteen images' int8 vision tower on the
@@ -364,23 +344,23 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, gate
     x2 = x.reshape(-1, shape[-1])
     m, n = x2.shape[0], weight.shape[0]
     if m > DECODE_MAX_ROWS and weight.numel() <= DEQUANTIZE_MAX_ELEMENTS:
-        x2, dense = (silu_mul(x2) if gated else x2), dequantize(weight, scale, x.dtype).T
+        dense = dequantize(weight, scale, x.dtype).T
         out = x2 @ dense if bias is None else torch.addmm(bias.to(x.dtype), x2, dense)
         return out.reshape(*shape[:-1], n)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    launch_for(x2, weight, scale, gated)(x2, weight, scale, out)
+    launch_for(x2, weight, scale)(x2, weight, scale, out)
     if bias is not None:
         out += bias.to(x.dtype)
     return out.reshape(*shape[:-1], n)
 
 
-def launch_for(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, gated: bool = False) -> Launch:
-    """The launch for rows x [M, K] (or [M, 2K] gated) of this weight: tuned on first use of its key."""
+def launch_for(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> Launch:
+    """The launch for rows x [M, K] of this weight: tuned on first use of its key."""
     bucket, (n, k) = rows_bucket(x.shape[0]), weight.shape
-    key = (bucket, n, k, weight.dtype, x.dtype, gated)
+    key = (bucket, n, k, weight.dtype, x.dtype)
     tuning = TUNED.get(key)
     if tuning is None and _measurable(x):
-        tuning = TUNED[key] = tune(bucket, weight, scale, x.dtype, gated)
-    return tuning.best if tuning is not None else candidates(bucket, weight.dtype, gated)[0]
+        tuning = TUNED[key] = tune(bucket, weight, scale, x.dtype)
+    return tuning.best if tuning is not None else candidates(bucket, weight.dtype)[0]

@@ -2,10 +2,10 @@
 
 transformers' ``apply_rotary_pos_emb_vision`` computes in float32: for each of q and k it casts up,
 multiplies by cos, builds ``rotate_half`` (a negation and a ``cat``), multiplies by sin, adds and
-casts back: fourteen elementwise kernels per layer over [patches, heads, head_dim] float32, which
-for sixteen 448 px images (12,544 patches) is ~1.4 GB of memory traffic per layer, 24 layers. Here
+casts back: fourteen elementwise kernels per layer over [patches, heads, head_dim] float32. Here
 q and k are read once from the fused qkv projection and written once, in the same float32 math
-rounded once to the tower's dtype, as transformers rounds.
+rounded once to the tower's dtype, as transformers rounds. Sixteen 448 px images' bf16 tower went
+from 36.1 to 24.1 ms on the H200 (scripts/profile_prefill.py --prompts 16, runs 9 and 12).
 """
 
 from __future__ import annotations
