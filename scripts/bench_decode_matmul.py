@@ -4,9 +4,9 @@
 
 For Qwen3-VL-2B's text weights (fused q/k/v, o, fused gate/up, down, the tied lm_head) and each
 row count of a decode batch, the 8-bit kernel's tuner (``kernels/int8_matmul.tune``) measures
-every candidate launch (kernel, tile, weight conversion) the way the engine runs it: replays of a
-CUDA graph over copies of the weight that do not fit in L2 (``graph_timing``), so neither Python's
-launch cost nor a cached weight shows. Prints, per shape: cuBLAS bf16, the tuner's pick, the best
+every candidate launch (kernel, tile, weight conversion, split of K) the way the engine runs it:
+replays of a CUDA graph over copies of the weight that do not fit in L2 (``graph_timing``), so
+neither Python's launch cost nor a cached weight shows. Prints, per shape: cuBLAS bf16, the tuner's pick, the best
 of each kernel/conversion family, the weight bandwidth of the pick; then per-token sums (28 layers
 + lm_head) and the candidates that did not run; writes every timing to JSON. GPU only.
 
@@ -38,7 +38,8 @@ LAYERS = 28
 
 
 def family(launch: kernels.Launch) -> str:
-    return launch.kernel if launch.kernel != "tensor_cores" else f"tc/{launch.convert}"
+    name = launch.kernel if launch.kernel != "tensor_cores" else f"tc/{launch.convert}"
+    return name + ("/split-k" if launch.split_k > 1 else "")
 
 
 def measure(name: str, n: int, k: int, m: int, mode: str) -> dict:
@@ -83,7 +84,7 @@ def main() -> int:
                 if "best" not in r:
                     continue
                 b = r["best"]
-                pick = f"{family(kernels.Launch(**b))} {b['block_n']}x{b['block_k']} w{b['warps']} s{b['stages']}"
+                pick = f"{family(kernels.Launch(**b))} {b['block_n']}x{b['block_k']} w{b['warps']} s{b['stages']} k/{b['split_k']}"
                 families = ", ".join(f"{f} {ms * 1e3:.1f}" for f, ms in sorted(r["best_by_family_ms"].items()))
                 print(
                     f"| {mode} | {name} | {m} | {r['bf16_ms'] * 1e3:.1f} | {r['best_ms'] * 1e3:.1f} | {pick} | "

@@ -5,6 +5,8 @@
 For each precision and batch size: the median time of one CUDA-graph replay of the fused decode
 step, the sum of its kernels' GPU time (torch.profiler), their count, and the ten most costly
 kernels. The floor is the weights' bytes over the copy bandwidth (~3 TB/s on an H100).
+``QWEN3VL_PDL=0`` in the environment profiles the kernels launched without programmatic dependent
+launch (``kernels/pdl.py``), for an A/B comparison.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from bench_engine import PRECISIONS  # noqa: E402
 from builder.decoder_export import write_decoder  # noqa: E402
 from model_repository.qwen3vl_runtime.decoder_weights import load_text_model  # noqa: E402
 from model_repository.qwen3vl_runtime.engine.runner import ModelRunner  # noqa: E402
+from model_repository.qwen3vl_runtime.kernels import pdl  # noqa: E402
 
 
 def replay_ms(graphed, batch: int, context: int, repeats: int = 50) -> float:
@@ -110,13 +113,13 @@ def profile(precision: str, args) -> list[dict]:
         rows.append({"precision": precision, "prefill_prompts": count, "prefill_ms": ms})
         print(f"{precision:5} prefill of {count} x 243-token prompts: {ms:.2f} ms", flush=True)
     for batch in args.batches:
-        row = {"precision": precision, "batch": batch, "weights_gb": weight_bytes / 1e9}
+        row = {"precision": precision, "batch": batch, "weights_gb": weight_bytes / 1e9, "pdl": pdl.enabled(torch.device("cuda"))}
         row["replay_ms"] = replay_ms(runner.graphed_decode, batch, args.context)
         lengths, slots = decode_inputs(batch, args.context)
         row.update(kernel_profile(lambda: runner.graphed_decode(lengths, slots, lengths)))
         rows.append(row)
         print(
-            f"{precision:5} b={batch:3}: replay {row['replay_ms']:.3f} ms, kernels {row['kernel_ms_per_step']:.3f} ms "
+            f"{precision:5} b={batch:3} (PDL {'on' if row['pdl'] else 'off'}): replay {row['replay_ms']:.3f} ms, kernels {row['kernel_ms_per_step']:.3f} ms "
             f"in {row['kernels_per_step']:.0f} launches, weights {row['weights_gb']:.2f} GB "
             f"(floor {row['weights_gb'] / 3.0:.3f} ms at 3 TB/s)",
             flush=True,

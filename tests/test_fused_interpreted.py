@@ -2,10 +2,11 @@
 
 CI has no GPU, so without this the batched prefill (prompts of one length attended as one batch,
 ragged ones grouped by length, grouped-query heads, deepstack rows), the int8 product of many
-rows (a dequantizing kernel, then a dense product), the decode-sized kernels and the vision
-tower's rotary kernel would only be tested on the GPU machine. TRITON_INTERPRET must be set
-before Triton compiles anything: the comparison runs in a child process (this file run as a
-script), and the test reads its verdict.
+rows (a dequantizing kernel, then a dense product), the decode-sized kernels (whole and split over
+K), the decode attention (whole and split over the keys) and the vision tower's rotary kernel
+would only be tested on the GPU machine. TRITON_INTERPRET must be set before Triton compiles
+anything: the comparison runs in a child process (this file run as a script), and the test reads
+its verdict.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def test_fused_prefill_and_int8_product_match_the_reference(tiny_checkpoint):
     assert out.returncode == 0, out.stderr[-4000:]
     errors = json.loads(out.stdout.strip().splitlines()[-1])
     fp16_operands = {name: e for name, e in errors.items() if "convert='f16" in name}
-    assert len(errors) == 1 + 5 + 3 + 2 + 5 + 1 and len(fp16_operands) == 1, errors
+    assert len(errors) == 1 + 5 + 3 + 2 + 2 * 5 + 2 + 1 and len(fp16_operands) == 2, errors
     # float32 activations rounded to fp16 operands: ~2^-11 relative; everything else float32 throughout
     assert max(fp16_operands.values()) < 2e-3, fp16_operands
     assert max(e for name, e in errors.items() if name not in fp16_operands) < 1e-5, errors
@@ -40,15 +41,18 @@ def _compare(checkpoint: Path) -> dict[str, float]:
     """Relative error of the fused prefill's logits (and first layer's keys) against the model's own
     one-prompt prefill: one prompt with image rows, five ragged prompts, three of one length."""
     import tempfile
+    from dataclasses import replace
 
     import torch
 
     from builder.decoder_export import write_decoder
     from model_repository.qwen3vl_runtime.decoder_weights import load_text_model
     from model_repository.qwen3vl_runtime.fused_forward import fused_prefill
+    from model_repository.qwen3vl_runtime.kernels.decode_attention import decode_attention
     from model_repository.qwen3vl_runtime.kernels.int8_matmul import DECODE_MAX_ROWS, candidates, int8_matmul, rows_bucket
     from model_repository.qwen3vl_runtime.kernels.vision_rope import vision_rope
     from model_repository.qwen3vl_runtime.quant import dequantize_weight, quantize_weight
+    from model_repository.qwen3vl_runtime.text_model import sdpa_decode_attention
     from model_repository.qwen3vl_runtime.vision_tower import rotate_qk
 
     def rel(a, b):
@@ -92,9 +96,20 @@ def _compare(checkpoint: Path) -> dict[str, float]:
         expected = x.double() @ dequantize_weight(q, scale, torch.float64).T
         for launch in candidates(rows_bucket(3), torch.int8):
             if launch.convert != "f16_ptx" and (launch.kernel, launch.block_n, launch.block_k) in INTERPRETED:
-                out = torch.empty(3, 96)
-                launch(x, q, scale, out)
-                errors[f"int8 {launch}"] = rel(out, expected)
+                # split over K too: two BLOCK_K = 128 steps of 128 and 32, or one BLOCK_K = 256 or
+                # 512 step and an empty second split (zeros)
+                for split in (launch, replace(launch, split_k=2)):
+                    out = torch.empty(3, 96)
+                    split(x, q, scale, out)
+                    errors[f"int8 {split}"] = rel(out, expected)
+        # Decode attention, whole and split over the keys (lengths 1-130: splits past a sequence's
+        # keys, one partly filled BLOCK_L step); grouped-query heads
+        k_cache, v_cache = torch.randn(5, 2, 160, 32), torch.randn(5, 2, 160, 32)
+        q_rows = torch.randn(4, 6, 32)
+        slots_, lengths_ = torch.tensor([3, 0, 4, 1]), torch.tensor([1, 64, 65, 130])
+        expected = sdpa_decode_attention(q_rows.double(), k_cache.double(), v_cache.double(), slots_, lengths_)
+        for splits in (1, 4):
+            errors[f"decode attention, {splits} splits"] = rel(decode_attention(q_rows, k_cache, v_cache, slots_, lengths_, splits), expected)
         # The tower's rotary embedding: 12 heads (not a power of two: masked head rows), head_dim 64;
         # cos/sin laid out as the tower's (two equal halves)
         qkv = torch.randn(50, 3, 12, 64)

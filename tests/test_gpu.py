@@ -16,8 +16,9 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+@pytest.mark.parametrize("splits", [1, None])  # None: as many key ranges as this GPU's SMs want (8 here)
 @pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_decode_attention_kernel_matches_sdpa(dtype, bound):
+def test_decode_attention_kernel_matches_sdpa(dtype, bound, splits):
     from model_repository.qwen3vl_runtime.kernels.decode_attention import decode_attention
     from model_repository.qwen3vl_runtime.text_model import sdpa_decode_attention
 
@@ -27,7 +28,7 @@ def test_decode_attention_kernel_matches_sdpa(dtype, bound):
     q = torch.randn(6, 16, 128, device="cuda", dtype=dtype)
     slots = torch.tensor([8, 0, 3, 5, 1, 2], device="cuda")
     lengths = torch.tensor([1, 63, 64, 65, 300, 700], device="cuda")
-    out = decode_attention(q, k, v, slots, lengths)
+    out = decode_attention(q, k, v, slots, lengths, splits)
     assert rel_error(out, sdpa_decode_attention(q.double(), k.double(), v.double(), slots, lengths)) < bound
 
 

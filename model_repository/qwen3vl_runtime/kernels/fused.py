@@ -12,9 +12,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_args, wait_for_previous
+
 
 @triton.jit
-def _add_rmsnorm_kernel(X, Delta, W, Out, Res, stride, N, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+def _add_rmsnorm_kernel(X, Delta, W, Out, Res, stride, N, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -36,7 +39,7 @@ def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
     residual = torch.empty_like(x) if delta is not None else x
     _add_rmsnorm_kernel[(m,)](
         x, delta if delta is not None else x, weight, out, residual, x.stride(0), n, eps,
-        HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(n),
+        HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(n), **launch_args(x),
     )  # fmt: skip
     return out, residual
 
@@ -45,8 +48,9 @@ def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
 def _qk_norm_rope_cache_kernel(
     QKV, QNormW, KNormW, Cos, Sin, Q, KCache, VCache, Slots, Positions, KOut, VOut,
     stride_qkv, stride_cos, stride_q, stride_ks, stride_kh, stride_kl,
-    eps, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr, KEEP_KV: tl.constexpr,
+    eps, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr, KEEP_KV: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_previous(PDL)
     row = tl.program_id(0)
     head = tl.program_id(1)
     d = tl.arange(0, HALF)
@@ -105,13 +109,14 @@ def qk_norm_rope_cache(qkv, q_norm_w, k_norm_w, eps, cos, sin, k_cache, v_cache,
         qkv, q_norm_w, k_norm_w, cos, sin, q, k_cache, v_cache, slots, positions,
         *((k, v) if keep_kv else (q, q)),  # without keep_kv the kernel stores nothing there
         qkv.stride(0), cos.stride(0), q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        eps, HEADS=heads, KV_HEADS=kv_heads, HALF=head_dim // 2, KEEP_KV=keep_kv,
+        eps, HEADS=heads, KV_HEADS=kv_heads, HALF=head_dim // 2, KEEP_KV=keep_kv, **launch_args(qkv),
     )  # fmt: skip
     return q, k, v
 
 
 @triton.jit
-def _silu_mul_kernel(X, Out, stride_x, stride_o, N, BLOCK: tl.constexpr):
+def _silu_mul_kernel(X, Out, stride_x, stride_o, N, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
@@ -128,12 +133,13 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     n = two_i // 2
     out = torch.empty((m, n), device=gate_up.device, dtype=gate_up.dtype)
     block = 1024
-    _silu_mul_kernel[(m, triton.cdiv(n, block))](gate_up, out, gate_up.stride(0), out.stride(0), n, BLOCK=block)
+    _silu_mul_kernel[(m, triton.cdiv(n, block))](gate_up, out, gate_up.stride(0), out.stride(0), n, BLOCK=block, **launch_args(gate_up))
     return out
 
 
 @triton.jit
-def _fp8_rows_kernel(X, Q, Scale, stride_x, stride_q, K, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
+def _fp8_rows_kernel(X, Q, Scale, stride_x, stride_q, K, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < K
@@ -148,5 +154,5 @@ def fp8_rows(x: torch.Tensor, fp8_max: float = 448.0) -> tuple[torch.Tensor, tor
     m, k = x.shape
     q = torch.empty((m, k), device=x.device, dtype=torch.float8_e4m3fn)
     scale = torch.empty((m, 1), device=x.device, dtype=torch.float32)
-    _fp8_rows_kernel[(m,)](x, q, scale, x.stride(0), q.stride(0), k, FP8_MAX=fp8_max, BLOCK=triton.next_power_of_2(k))
+    _fp8_rows_kernel[(m,)](x, q, scale, x.stride(0), q.stride(0), k, FP8_MAX=fp8_max, BLOCK=triton.next_power_of_2(k), **launch_args(x))
     return q, scale

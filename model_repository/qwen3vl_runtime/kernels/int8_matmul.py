@@ -14,11 +14,13 @@ per layer) was tried and taken out: on the H200 it tied the two launches in the 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
+
+from .pdl import launch_args, wait_for_previous
 
 # Above this many rows (a prefill, an image's patches) the product is bound by the tensor cores,
 # not by reading W. On the H100 the tensor-core kernel below, even given 128-256-row tiles, took
@@ -79,12 +81,13 @@ def _load_rows(X, rm, kk, stride_xm, M, K):
 @triton.jit
 def _tensor_core_kernel(
     X, W, Scale, Out,
-    M, N, K,
-    stride_xm, stride_wn, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CONVERT: tl.constexpr,
+    M, N, K, K_CHUNK,
+    stride_xm, stride_wn, stride_om, stride_os,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CONVERT: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """A tile of BLOCK_M rows (padding rows masked) on the tensor cores; W [N, K] 8-bit, K contiguous
     (int8 viewed as uint8 for "f16_bits" and "f16_ptx"), dequantized in registers."""
+    wait_for_previous(PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -100,7 +103,8 @@ def _tensor_core_kernel(
         x_scale = tl.exp2(tl.ceil(tl.log2(tl.maximum(amax, 1e-30))))
         inv_scale = 1.0 / x_scale
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_lo = tl.program_id(2) * K_CHUNK
+    for k0 in range(k_lo, tl.minimum(k_lo + K_CHUNK, K), BLOCK_K):
         kk = k0 + rk
         x = _load_rows(X, rm, kk, stride_xm, M, K)
         w_mask = (rn[:, None] < N) & (kk[None, :] < K)
@@ -119,15 +123,15 @@ def _tensor_core_kernel(
     out = acc * scale[None, :]
     if CONVERT != "bf16":
         out = out * x_scale[:, None]
-    tl.store(Out + rm[:, None] * stride_om + rn[None, :], out.to(Out.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+    tl.store(Out + tl.program_id(2) * stride_os + rm[:, None] * stride_om + rn[None, :], out.to(Out.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 @triton.jit
 def _weight_major_kernel(
     X, W, Scale, Out,
-    M, N, K,
-    stride_xm, stride_wn, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    M, N, K, K_CHUNK,
+    stride_xm, stride_wn, stride_om, stride_os,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """out^T = W x^T on the tensor cores: the BLOCK_N weight rows take the MMA's wide side (Hopper's
     warpgroup MMA is 64 wide there), the few activation rows its narrow side (16-64). Computed as
@@ -135,13 +139,15 @@ def _weight_major_kernel(
     64, and the converted weights are the MMA's shared-memory operand; here they can stay in
     registers. The usual shape of weight-only kernels for small batches; written after run 12, not
     yet timed on a GPU: the tuner measures it beside the others."""
+    wait_for_previous(PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_lo = tl.program_id(2) * K_CHUNK
+    for k0 in range(k_lo, tl.minimum(k_lo + K_CHUNK, K), BLOCK_K):
         kk = k0 + rk
         x = _load_rows(X, rm, kk, stride_xm, M, K)
         w_mask = (rn[:, None] < N) & (kk[None, :] < K)
@@ -149,15 +155,15 @@ def _weight_major_kernel(
         acc += tl.dot(tl.where(w_mask, w.to(x.dtype), 0.0), tl.trans(x))
     scale = tl.load(Scale + rn, mask=rn < N, other=0.0)
     out = acc * scale[:, None]
-    tl.store(Out + rm[None, :] * stride_om + rn[:, None], out.to(Out.dtype.element_ty), mask=(rm[None, :] < M) & (rn[:, None] < N))
+    tl.store(Out + tl.program_id(2) * stride_os + rm[None, :] * stride_om + rn[:, None], out.to(Out.dtype.element_ty), mask=(rm[None, :] < M) & (rn[:, None] < N))
 
 
 @triton.jit
 def _few_rows_kernel(
     X, W, Scale, Out,
-    M, N, K,
-    stride_xm, stride_wn, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT8: tl.constexpr,
+    M, N, K, K_CHUNK,
+    stride_xm, stride_wn, stride_om, stride_os,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT8: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """At most BLOCK_M rows on the CUDA cores, no tensor-core tile: each weight element is converted
     once and multiplied into the BLOCK_M rows; the sums over K are reduced at the end. On the H200
@@ -168,13 +174,15 @@ def _few_rows_kernel(
     byte b = v mod 256 of v, xored with 0x80, is v + 128 in [0, 256); put in the low mantissa bits
     of 2^23 it reads as 2^23 + v + 128, exactly.
     """
+    wait_for_previous(PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_lo = tl.program_id(2) * K_CHUNK
+    for k0 in range(k_lo, tl.minimum(k_lo + K_CHUNK, K), BLOCK_K):
         kk = k0 + rk
         x = _load_rows(X, rm, kk, stride_xm, M, K)
         w_mask = (rn[:, None] < N) & (kk[None, :] < K)
@@ -187,7 +195,20 @@ def _few_rows_kernel(
         acc += x.to(tl.float32)[:, None, :] * wf[None, :, :]
     scale = tl.load(Scale + rn, mask=rn < N, other=0.0)
     out = tl.sum(acc, axis=2) * scale[None, :]
-    tl.store(Out + rm[:, None] * stride_om + rn[None, :], out.to(Out.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+    tl.store(Out + tl.program_id(2) * stride_os + rm[:, None] * stride_om + rn[None, :], out.to(Out.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def _sum_splits_kernel(Partial, Out, M, N, stride_om, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """Out = the sum of SPLIT_K float32 partial products [SPLIT_K, M, N], added in split order (the
+    same answer at every run, unlike atomic adds)."""
+    wait_for_previous(PDL)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    acc = tl.zeros([BLOCK], tl.float32)
+    for split in tl.static_range(SPLIT_K):
+        acc += tl.load(Partial + split * M * N + offs, mask=mask, other=0.0)
+    tl.store(Out + (offs // N) * stride_om + offs % N, acc.to(Out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -217,7 +238,8 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 
 @dataclass(frozen=True)
 class Launch:
-    """One way to compute a decode-sized product: a kernel and its tile."""
+    """One way to compute a decode-sized product: a kernel, its tile, and how many programs share
+    each tile's K (``split_k``: float32 partial products, then ``_sum_splits_kernel``)."""
 
     kernel: str  # "tensor_cores", "weight_major", "few_rows", "w8a8" (fp8 weights: cuBLASLt on fp8 activations)
     block_m: int = 16
@@ -226,6 +248,7 @@ class Launch:
     warps: int = 4
     stages: int = 4
     convert: str = "bf16"  # the tensor-core kernel's CONVERT
+    split_k: int = 1
 
     @property
     def max_error(self) -> float:
@@ -244,38 +267,61 @@ class Launch:
         int8 = weight.dtype == torch.int8
         if int8 and (self.kernel == "few_rows" or self.convert.startswith("f16_")):
             weight = weight.view(torch.uint8)
-        grid = (triton.cdiv(n, self.block_n), triton.cdiv(m, self.block_m))
-        meta = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k}
+        grid = (triton.cdiv(n, self.block_n), triton.cdiv(m, self.block_m), self.split_k)
+        meta = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k, **launch_args(x)}
         if self.kernel == "few_rows":
             kernel, meta["INT8"] = _few_rows_kernel, int8
         elif self.kernel == "weight_major":
             kernel = _weight_major_kernel
         else:
             kernel, meta["CONVERT"] = _tensor_core_kernel, self.convert
-        kernel[grid](x, weight, scale, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0), **meta,
-                     num_warps=self.warps, num_stages=self.stages)  # fmt: skip
+        # Each split's K range is whole BLOCK_K steps; a last split past K computes zeros.
+        k_chunk = triton.cdiv(triton.cdiv(k, self.split_k), self.block_k) * self.block_k
+        target = out if self.split_k == 1 else torch.empty((self.split_k, m, n), device=x.device, dtype=torch.float32)
+        kernel[grid](x, weight, scale, target, m, n, k, k_chunk, x.stride(0), weight.stride(0), target.stride(-2),
+                     target.stride(0) if self.split_k > 1 else 0, **meta, num_warps=self.warps, num_stages=self.stages)  # fmt: skip
+        if self.split_k > 1:
+            block = 1024
+            _sum_splits_kernel[(triton.cdiv(m * n, block),)](target, out, m, n, out.stride(0), SPLIT_K=self.split_k, BLOCK=block, **launch_args(x))
 
 
 def rows_bucket(m: int) -> int:
     return 1 << (m - 1).bit_length()  # 1, 2, 4, ..., 64
 
 
-def candidates(bucket: int, weight_dtype: torch.dtype) -> list[Launch]:
-    """What the tuner measures for a product of ``bucket`` rows at most; the first is the default
-    where nothing can be measured (the CPU, Triton's interpreter, inside a graph capture). The tiles
-    are the fastest of a wider sweep on the H200 (run 9, scripts/bench_decode_matmul.py); the
-    weight-major kernel's four (from 2 rows; 12 more compiles per weight dtype) are a first guess,
-    not swept."""
+def split_to_fill(programs: int, k: int, block_k: int, sms: int) -> int:
+    """How many ways to split K so a grid of ``programs`` tiles has two programs per SM, each split
+    keeping at least two BLOCK_K steps. N = 2,048 weights (o, down) give 16-64 tiles of 32-128
+    weight rows: a quarter to a half of an H200's 132 SMs, each streaming all of K alone."""
+    split = 1
+    while programs * split < 2 * sms and k >= 4 * split * block_k:
+        split *= 2
+    return split
+
+
+def candidates(bucket: int, weight_dtype: torch.dtype, n: int = 0, k: int = 0, sms: int = 0) -> list[Launch]:
+    """What the tuner measures for a product of ``bucket`` rows at most of an [n, k] weight on a GPU
+    of ``sms`` SMs; the first is the default where nothing can be measured (the CPU, Triton's
+    interpreter, inside a graph capture). The tiles are the fastest of a wider sweep on the H200
+    (run 9, scripts/bench_decode_matmul.py); the weight-major kernel's four (from 2 rows) are a first
+    guess, not swept. Each tile of the bf16 conversion whose grid leaves SMs idle is also measured
+    split over K (``split_to_fill``; none without a shape or SM count). The fp16 conversions only
+    ever won for lm_head and gate/up (run 10), whose grids fill the GPU."""
     block_m = max(16, bucket)  # the tensor cores' smallest tile; padding rows are masked
     converts = ["bf16", "f16_ptx", "f16_bits"] if weight_dtype == torch.int8 else ["bf16"]
     tiles = [(32, 256, 4, 4), (16, 256, 4, 4), (16, 512, 4, 3), (64, 128, 4, 4), (128, 64, 4, 4)]
-    out = [Launch("tensor_cores", block_m, n, k, w, s, c) for c in converts for n, k, w, s in tiles]
+    out = [Launch("tensor_cores", block_m, n_, k_, w, s, c) for c in converts for n_, k_, w, s in tiles]
     if bucket >= 2:
         major = [(64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4)]
-        out += [Launch("weight_major", block_m, n, k, w, s) for n, k, w, s in major]
+        out += [Launch("weight_major", block_m, n_, k_, w, s) for n_, k_, w, s in major]
     if bucket <= 4:
         few = [(4, 512, 4, 3), (4, 1024, 4, 1), (8, 512, 4, 3), (32, 128, 4, 3)]
-        out += [Launch("few_rows", bucket, n, k, w, s) for n, k, w, s in few]
+        out += [Launch("few_rows", bucket, n_, k_, w, s) for n_, k_, w, s in few]
+    if n and sms:
+        for launch in [launch for launch in out if launch.convert == "bf16"]:
+            split = split_to_fill(triton.cdiv(n, launch.block_n), k, launch.block_k, sms)
+            if split > 1:
+                out.append(replace(launch, split_k=split))
     if weight_dtype == torch.float8_e4m3fn and bucket >= 16:
         out.append(Launch("w8a8"))
     return out
@@ -311,7 +357,8 @@ def tune(bucket: int, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dt
     out = torch.empty(bucket, n, device=weight.device, dtype=dtype)
     copies = rotating(weight)
     timings: list[tuple[Launch, float | None, str]] = []
-    for launch in candidates(bucket, weight.dtype):
+    sms = torch.cuda.get_device_properties(weight.device).multi_processor_count
+    for launch in candidates(bucket, weight.dtype, n, k, sms):
         try:
             out.fill_(float("nan"))
             launch(x, weight, scale, out)

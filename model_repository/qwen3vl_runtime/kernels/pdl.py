@@ -1,0 +1,55 @@
+"""Programmatic dependent launch (Hopper and later): a kernel's programs start while the one
+before it in the stream is finishing, and wait inside for its results.
+
+A one-row decode step is ~240 kernels of 2-100 us each (scripts/profile_decode.py); without this
+each kernel's programs are scheduled only once the previous kernel has completed and its memory
+is flushed, and the GPU idles through every one of those handoffs and through each kernel's last,
+partly filled wave. With it a kernel's programs become resident as the previous kernel's last
+programs run, and block in ``wait_for_previous`` until that kernel is done.
+
+The rule that keeps this correct: every kernel launched with ``launch_pdl`` waits before it reads
+or writes anything (so when a kernel has finished, everything before it has finished too, even
+kernels that do not use the programmatic launch, like cuBLAS's). CUDA graphs capture the
+programmatic edges as they are. ``QWEN3VL_PDL=0`` turns it off (an A/B switch for measurements).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def wait_for_previous(PDL: tl.constexpr):
+    """The first statement of a kernel that may be launched with ``launch_args``: wait for the
+    previous kernel's results, then let the next kernel's programs launch."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@functools.lru_cache(maxsize=None)
+def _enabled(device_index: int) -> bool:
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    return (
+        os.environ.get("QWEN3VL_PDL", "1") != "0"
+        and os.environ.get("TRITON_INTERPRET") != "1"
+        and "launch_pdl" in CUDAOptions.__dataclass_fields__
+        and torch.cuda.get_device_capability(device_index)[0] >= 9
+    )
+
+
+def enabled(device: torch.device) -> bool:
+    """Whether kernels on ``device`` are launched programmatically dependent."""
+    return device.type == "cuda" and _enabled(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def launch_args(tensor: torch.Tensor) -> dict:
+    """Keyword arguments for a launch whose kernel starts with ``wait_for_previous``: the PDL
+    constexpr and, where it is ``enabled``, Triton's ``launch_pdl`` option."""
+    return {"PDL": True, "launch_pdl": True} if enabled(tensor.device) else {"PDL": False}
