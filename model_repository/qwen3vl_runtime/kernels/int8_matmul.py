@@ -2,8 +2,9 @@
 
 W stays 8-bit in memory (int8 or float8_e4m3fn, [out, in], one float32 scale per output row): a
 decode step reads half the bytes of bf16 weights, which pays only where the kernel keeps up with
-the memory (on the H200 at one row, not yet at 4-64: docs/benchmarks.md, run 10). The scale
-multiplies the fp32 accumulator once per output.
+the memory. On the H200 the int8 products of a token take 1.11 / 1.21 / 1.80 ms at 1 / 4 / 64
+rows against cuBLAS bf16's 1.37 / 1.39 / 1.41 (run 13, scripts/bench_decode_matmul.py): faster
+up to 4 rows, not yet at 64. The scale multiplies the fp32 accumulator once per output.
 
 Computing the down projection's input, silu(gate) * up, inside these kernels (one launch fewer
 per layer) was tried and taken out: on the H200 it tied the two launches in the few-rows kernel
@@ -375,7 +376,25 @@ def tune(bucket: int, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dt
     timed = [(launch, ms) for launch, ms, _ in timings if ms is not None]
     if not timed:
         raise RuntimeError(f"no 8-bit matmul kernel ran for a {n} x {k} weight: {timings}")
-    return Tuning(best=min(timed, key=lambda t: t[1])[0], timings=timings)
+    return Tuning(best=pick(timed), timings=timings)
+
+
+# A split launch (two kernels) must beat the best whole-K one by this much. Run 13 (H200, the same
+# code in two processes): where the one-row tuning picked two split products a layer that tie the
+# whole ones in isolation (down: 9.5 against 9.5 us), the step's graph replay took 1.549 ms; with
+# whole ones, 1.349 (scripts/profile_decode.py). The splits this keeps at 4 rows won by 8-27%, at
+# 64 rows gate/up's by 5% (scripts/bench_decode_matmul.py).
+MIN_SPLIT_GAIN = 0.05
+
+
+def pick(timed: list[tuple[Launch, float]]) -> Launch:
+    """The fastest launch, a split one only where it beats every whole-K launch by MIN_SPLIT_GAIN."""
+    best = min(timed, key=lambda t: t[1])
+    whole = [t for t in timed if t[0].split_k == 1]
+    if best[0].split_k == 1 or not whole:
+        return best[0]
+    best_whole = min(whole, key=lambda t: t[1])
+    return best[0] if best[1] < (1 - MIN_SPLIT_GAIN) * best_whole[1] else best_whole[0]
 
 
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
