@@ -1,7 +1,7 @@
 """The GPU benchmark of record: transformers, the engine alone and the whole Triton path, one run.
 
     python scripts/bench_gpu.py --checkpoint DIR --repository int8=REPO [--repository bf16=REPO ...]
-        [--perf-analyzer PATH] [--skip-transformers] [--out bench_gpu.json]
+        [--perf-analyzer PATH] [--skip-transformers] [--out bench_gpu.json] [--assemble]
 
 Runs, one after the other on the same GPU and the same inputs (448 px image + ~40 text tokens,
 128 new tokens, concurrency 1, 4, 8, 64): bench_engine.py (transformers `generate` eager bf16,
@@ -11,7 +11,9 @@ alone in each precision of the repositories), then bench_triton.py on each repos
 process, so one's GPU memory is gone before the next starts. Prints one table and writes one JSON
 with machine, date, command and, per (system, precision, concurrency), ttft_p50_ms, ttft_p99_ms,
 tpot_p50_ms, output_tok_per_s, gpu_mem_gib; with matplotlib, a PNG of throughput against
-concurrency beside the JSON.
+concurrency beside the JSON. ``--assemble`` runs nothing: it writes the report from the parts'
+JSON a run left beside --out (each part is kept as it finishes; a part rerun alone by hand, with the
+arguments this script gives it, can take its place).
 """
 
 from __future__ import annotations
@@ -65,34 +67,39 @@ def main() -> int:
     p.add_argument("--vision-in-engine", action="store_true", help="engine rows encode the image too (--vision-backend decoder)")
     p.add_argument("--device", default="cuda", help="cpu: a slow smoke test of the whole run")
     p.add_argument("--out", type=Path, default=Path("bench_gpu.json"))
+    p.add_argument("--assemble", action="store_true", help="run nothing: report from the parts' JSON beside --out")
     args = p.parse_args()
     repositories = dict(item.split("=", 1) for item in args.repository)
     # The engine rows replay the prefill from graphs as the repositories do (build-repo --graphed-prefill).
-    graphed = any(json.loads((Path(r) / "manifest.json").read_text())["options"].get("graphed_prefill") for r in repositories.values())
+    graphed = not args.assemble and any(json.loads((Path(r) / "manifest.json").read_text())["options"].get("graphed_prefill") for r in repositories.values())
     # Each part's own JSON is kept beside --out (a run cut short keeps what it measured).
     parts = args.out.parent
     parts.mkdir(parents=True, exist_ok=True)
     engine_json = parts / f"{args.out.stem}.engine.json"
     engine_args = ["--checkpoint", str(args.checkpoint), "--out", str(engine_json), "--precisions", *repositories]
-    run("bench_engine.py", *engine_args, "--concurrency", *args.concurrency,
-        "--device", args.device, *(["--skip-transformers"] if args.skip_transformers else []),
-        *(["--transformers-static"] if args.transformers_static else []),
-        *(["--vision-in-engine"] if args.vision_in_engine else []), *(["--graphed-prefill"] if graphed else []))  # fmt: skip
+    if not args.assemble:
+        run("bench_engine.py", *engine_args, "--concurrency", *args.concurrency,
+            "--device", args.device, *(["--skip-transformers"] if args.skip_transformers else []),
+            *(["--transformers-static"] if args.transformers_static else []),
+            *(["--vision-in-engine"] if args.vision_in_engine else []), *(["--graphed-prefill"] if graphed else []))  # fmt: skip
     engine = json.loads(engine_json.read_text())
-    rows, manifests, breakdowns = list(engine["results"]), {}, {}
+    rows, manifests, breakdowns, commands = list(engine["results"]), {}, {}, [engine["command"]]
     for precision, repository in repositories.items():
         out = parts / f"{args.out.stem}.triton-{precision}.json"
         extra = ["--perf-analyzer", args.perf_analyzer] if args.perf_analyzer else []
-        run("bench_triton.py", "--repository", repository, "--precision", precision, "--out", str(out),
-            "--concurrency", *args.concurrency, *extra)  # fmt: skip
+        if not args.assemble:
+            run("bench_triton.py", "--repository", repository, "--precision", precision, "--out", str(out),
+                "--concurrency", *args.concurrency, *extra)  # fmt: skip
         triton = json.loads(out.read_text())
         rows += triton["results"]
         manifests[precision] = triton["repository_manifest_options"]
+        commands.append(triton["command"])
         breakdowns[precision] = triton["ttft_breakdown_c1"]
     report = {
         "machine": engine["machine"],
-        "date": datetime.date.today().isoformat(),
+        "date": engine["date"] if args.assemble else datetime.date.today().isoformat(),
         "command": " ".join(sys.argv),
+        "part_commands": commands,
         "torch": engine["torch"],
         "prompt_tokens": engine["prompt_tokens"],
         "new_tokens": engine["new_tokens"],

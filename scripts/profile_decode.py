@@ -106,9 +106,12 @@ def profile(precision: str, args) -> list[dict]:
         write_decoder(args.checkpoint, Path(folder), quantization=PRECISIONS[precision], dtype="bfloat16")
         model = load_text_model(Path(folder), "cuda")
     weight_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    runner = ModelRunner(model, num_slots=max(args.batches), max_len=2048, image_token_id=151655)
+    prefill_counts = (1, 8)
+    # a slot per prompt of the prefills too: with fewer, the 8-prompt prefill wrote past the KV pool
+    # (`--batches 1` failed in cuDNN's attention, run 13)
+    runner = ModelRunner(model, num_slots=max(*args.batches, *prefill_counts), max_len=2048, image_token_id=151655)
     rows = []
-    for count in (1, 8):
+    for count in prefill_counts:
         ms = prefill_ms(runner, count)
         rows.append({"precision": precision, "prefill_prompts": count, "prefill_ms": ms})
         print(f"{precision:5} prefill of {count} x 243-token prompts: {ms:.2f} ms", flush=True)

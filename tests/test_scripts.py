@@ -56,6 +56,24 @@ def test_bench_detokenizer(tmp_path):
     assert report["tokens"] > 100 and all(us > 0 for us in report["us_per_token"].values())
 
 
+def test_bench_gpu_assembles_the_report_from_the_parts_a_run_left(tmp_path):
+    """``--assemble`` runs nothing: the report comes from the parts' JSON beside --out (a run cut
+    short at its Triton part, that part then run by hand: run 13). The parts here are written by
+    the test, in the shape bench_engine.py and bench_triton.py write them."""
+    row = {"ttft_p50_ms": 9.0, "ttft_p99_ms": 9.5, "tpot_p50_ms": 1.3, "output_tok_per_s": 700.0, "gpu_mem_gib": 16.6, "concurrency": 1}
+    engine = {"machine": "GPU", "date": "2026-12-02", "command": "bench_engine.py ...", "torch": "2", "prompt_tokens": 243,
+              "new_tokens": 128, "vision_ms_transformers_bf16": 16.0, "results": [{**row, "system": "engine+vision", "precision": "int8"}]}  # fmt: skip
+    triton = {"command": "bench_triton.py --precision int8 ...", "repository_manifest_options": {"quant": "int8"},
+              "ttft_breakdown_c1": {"requests": 8}, "results": [{**row, "system": "triton-grpc", "precision": "int8"}]}  # fmt: skip
+    (tmp_path / "gpu.engine.json").write_text(json.dumps(engine))
+    (tmp_path / "gpu.triton-int8.json").write_text(json.dumps(triton))
+    run("bench_gpu.py", "--checkpoint", "unused", "--repository", "int8=unused", "--assemble", "--out", str(tmp_path / "gpu.json"))
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    assert [r["system"] for r in report["results"]] == ["engine+vision", "triton-grpc"]
+    assert report["date"] == "2026-12-02" and report["part_commands"] == [engine["command"], triton["command"]]
+    assert report["repositories"] == {"int8": {"quant": "int8"}} and report["triton_ttft_breakdown_c1"] == {"int8": {"requests": 8}}
+
+
 @pytest.mark.parametrize("script", ["bench_matmul.py", "bench_decode_matmul.py", "profile_prefill.py", "profile_decode.py"])
 def test_gpu_only_scripts_import_and_parse_their_arguments(script):
     """They run on the GPU machine only; here at least their imports and argument parsers."""
