@@ -146,7 +146,7 @@ class Engine:
         self._detok[seq] = IncrementalDetokenizer(self.tokenizer, seq.params.stop)
         generator = None
         if not seq.params.greedy:
-            generator = torch.Generator(device=self.runner.device)
+            generator = torch.Generator()  # on the host: the sampler draws each step's uniform there
             if seq.params.seed is not None:
                 generator.manual_seed(seq.params.seed)
             else:

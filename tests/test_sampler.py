@@ -1,0 +1,74 @@
+"""The engine's batched sampler against transformers' logits warpers, and its draw."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from model_repository.qwen3vl_runtime.engine.request import SamplingParams
+from model_repository.qwen3vl_runtime.engine.sampler import draw, filter_logits, sample
+
+VOCAB = 1000
+# Every combination the batch must keep apart: the generation config's default, temperature only,
+# top-k only, top-p only, a top-k over the vocabulary, both cuts loose
+ROWS = [
+    SamplingParams(temperature=0.7, top_k=20, top_p=0.8),
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=1.3, top_k=5),
+    SamplingParams(temperature=0.5, top_p=0.5),
+    SamplingParams(temperature=1.0, top_k=2 * VOCAB, top_p=0.95),
+    SamplingParams(temperature=0.9, top_k=VOCAB),
+]
+
+
+def transformers_filtered(row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    scores = TemperatureLogitsWarper(params.temperature)(None, row[None])
+    if params.top_k:
+        scores = TopKLogitsWarper(params.top_k)(None, scores)
+    if params.top_p < 1:
+        scores = TopPLogitsWarper(params.top_p)(None, scores)
+    return scores[0]
+
+
+def bf16_logits(rows: int, seed: int = 0) -> torch.Tensor:
+    """Random logits rounded through bf16 as the model's are: many exact ties near the top."""
+    return (torch.randn(rows, VOCAB, generator=torch.Generator().manual_seed(seed)) * 3).bfloat16().float()
+
+
+def test_batched_filter_keeps_what_transformers_warpers_keep():
+    logits = bf16_logits(len(ROWS))
+    batched = filter_logits(logits, ROWS)
+    for row, params in enumerate(ROWS):
+        expected = transformers_filtered(logits[row], params)
+        kept = torch.isfinite(expected)
+        assert torch.equal(torch.isfinite(batched[row]), kept), (row, params)
+        assert torch.equal(batched[row][kept], expected[kept]), (row, params)
+    # ties at the k-th logit are all kept (bf16 logits tie often): row 2 keeps at least its 5
+    assert torch.isfinite(batched[2]).sum() >= 5 and torch.isfinite(batched[1]).all() and torch.isfinite(batched[5]).all()
+
+
+def test_draw_follows_the_probabilities_and_never_picks_a_dropped_token():
+    probs = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0]] * 4)
+    edges = draw(probs, torch.tensor([0.0, 0.2499, 0.25, 1.0 - 1e-7]))
+    assert edges.tolist() == [1, 1, 3, 3]
+    probs = torch.tensor([0.1, 0.0, 0.2, 0.3, 0.4, 0.0])
+    uniforms = torch.rand(100_000, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(draw(probs.expand(len(uniforms), -1), uniforms), minlength=6).double() / len(uniforms)
+    assert counts[1] == 0 and counts[5] == 0
+    assert torch.allclose(counts, probs.double(), atol=0.005), counts
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sample_mixes_greedy_and_seeded_rows(seed):
+    logits = bf16_logits(4, seed=seed)
+    params = [SamplingParams(), ROWS[0], SamplingParams(temperature=0.8, top_k=1), ROWS[3]]  # greedy, sampled, greedy (k=1), sampled
+
+    def generators():
+        return [None if p.greedy else torch.Generator().manual_seed(100 + i) for i, p in enumerate(params)]
+
+    first, again = sample(logits, params, generators()), sample(logits, params, generators())
+    assert torch.equal(first, again)  # the same seeds, the same tokens
+    assert first[0] == logits[0].argmax() and first[2] == logits[2].argmax()
+    for row in (1, 3):  # a sampled token is one the row's filter kept
+        assert torch.isfinite(transformers_filtered(logits[row], params[row])[first[row]])
