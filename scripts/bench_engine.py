@@ -134,8 +134,8 @@ def bench_transformers(model, inputs: dict, concurrency: int, device: str, stati
 class ClosedLoop:
     """`concurrency` streams, each submitting its next request as soon as one finishes."""
 
-    def __init__(self, engine: Engine, prompt: PromptInputs, prompt_len: int, rope_delta: int):
-        self.engine, self.prompt, self.prompt_len, self.rope_delta = engine, prompt, prompt_len, rope_delta
+    def __init__(self, engine: Engine, prompt: PromptInputs, prompt_len: int, rope_delta: int, params: SamplingParams):
+        self.engine, self.prompt, self.prompt_len, self.rope_delta, self.params = engine, prompt, prompt_len, rope_delta, params
 
     def run(self, concurrency: int, requests: int) -> dict:
         records, lock, done = [], threading.Lock(), threading.Event()
@@ -159,8 +159,7 @@ class ClosedLoop:
                             done.set()
                     submit()
 
-            params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
-            self.engine.submit(Sequence(str(submitted[0]), self.prompt, self.prompt_len, self.rope_delta, params, emit))
+            self.engine.submit(Sequence(str(submitted[0]), self.prompt, self.prompt_len, self.rope_delta, self.params, emit))
 
         start = time.perf_counter()
         for _ in range(concurrency):
@@ -176,6 +175,16 @@ class ClosedLoop:
             "tpot_p50_ms": percentile(tpot, 50),
             "output_tok_per_s": sum(len(r["times"]) for r in records) / wall,
         }
+
+
+def request_params(checkpoint: Path, sampled: bool) -> SamplingParams:
+    """Greedy, or the checkpoint's generation-config sampling (what a request gets by default from
+    the server: temperature 0.7, top-k 20, top-p 0.8 for Qwen3-VL-2B-Instruct); EOS ignored."""
+    if not sampled:
+        return SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
+    config = json.loads((checkpoint / "generation_config.json").read_text())
+    return SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True, temperature=float(config["temperature"]),
+                          top_p=float(config.get("top_p", 1.0)), top_k=int(config.get("top_k", 0)))  # fmt: skip
 
 
 def bench_engine(checkpoint: Path, precision: str, prompt: PromptInputs, inputs: dict, args) -> list[dict]:
@@ -199,7 +208,7 @@ def bench_engine(checkpoint: Path, precision: str, prompt: PromptInputs, inputs:
     )  # fmt: skip
     startup = time.perf_counter() - start
     engine = Engine(runner, AutoTokenizer.from_pretrained(checkpoint), eos_token_ids={151645}, num_slots=slots).start()
-    loop = ClosedLoop(engine, prompt, len(inputs["input_ids"]), int(inputs["rope_delta"][0]))
+    loop = ClosedLoop(engine, prompt, len(inputs["input_ids"]), int(inputs["rope_delta"][0]), request_params(checkpoint, args.sampled))
     loop.run(2, 4)  # warm-up
     rows = []
     try:
@@ -214,7 +223,7 @@ def bench_engine(checkpoint: Path, precision: str, prompt: PromptInputs, inputs:
             result.update(first_wave_ttft_p99_ms=first_wave["ttft_p99_ms"], first_wave_tok_per_s=first_wave["output_tok_per_s"])
             result.update(engine_phases(engine, steps_before, phases_before))
             system = "engine+vision" if args.vision_in_engine else "engine"
-            result.update(system=system, precision=precision, concurrency=c, startup_s=startup)
+            result.update(system=system, precision=precision, concurrency=c, startup_s=startup, sampled=args.sampled)
             result["gpu_mem_gib"] = peak_gib()
             rows.append(result)
             print(_row(result), flush=True)
@@ -257,6 +266,7 @@ def main() -> int:
     p.add_argument("--device", default="cuda", help="cpu runs the same code slowly (a smoke test)")
     p.add_argument("--graphed-prefill", action="store_true", help="replay short prompts' prefill from CUDA graphs")
     p.add_argument("--vision-in-engine", action="store_true", help="the engine encodes the image (--vision-backend decoder)")
+    p.add_argument("--sampled", action="store_true", help="the engine's requests sample as the generation config says (default: greedy)")
     args = p.parse_args()
 
     inputs = workload(args.checkpoint)

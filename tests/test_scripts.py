@@ -24,9 +24,9 @@ def test_bench_engine_with_the_vision_tower_in_the_engine(tiny_checkpoint, tmp_p
     out = tmp_path / "engine.json"
     run("bench_engine.py", "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--precisions", "int8",
         "--concurrency", "1", "--skip-transformers", "--slots", "2", "--max-len", "512", "--vision-in-engine",
-        "--out", str(out))  # fmt: skip
+        "--sampled", "--out", str(out))  # fmt: skip
     (row,) = json.loads(out.read_text())["results"]
-    assert row["system"] == "engine+vision" and row["output_tok_per_s"] > 0 and row["ttft_p50_ms"] > 0
+    assert row["system"] == "engine+vision" and row["output_tok_per_s"] > 0 and row["ttft_p50_ms"] > 0 and row["sampled"]
     # 8 requests x 128 tokens, one at a time: a step per token, and every phase timed
     assert row["steps"] >= 8 * 128 and set(row["phase_ms_per_step"]) == {"schedule", "prefill", "decode", "wait", "output"}
 
