@@ -328,3 +328,19 @@ def test_graphed_vision_tower_equals_eager(well_conditioned_checkpoint, tmp_path
             assert g.shape == e.shape
             assert rel_error(g, e) < 1e-5
     assert len(encoder._encode.graphs) >= 2  # the calls above replayed graphs, not the eager fallback
+
+
+def test_batched_sampler_on_the_gpu_keeps_transformers_filter_and_its_seeds():
+    """The sampler's CUDA path (host generators, queued copies, one sort for all rows)."""
+    from model_repository.qwen3vl_runtime.engine.sampler import filter_logits, sample
+    from tests.test_sampler import ROWS, bf16_logits, transformers_filtered
+
+    logits = bf16_logits(len(ROWS))
+    on_gpu = filter_logits(logits.cuda(), ROWS).cpu()
+    for row, params in enumerate(ROWS):
+        expected = transformers_filtered(logits[row], params)
+        assert torch.equal(torch.isfinite(on_gpu[row]), torch.isfinite(expected)), row
+    generators = lambda: [torch.Generator().manual_seed(i) for i in range(len(ROWS))]  # noqa: E731
+    first, again = sample(logits.cuda(), ROWS, generators()), sample(logits.cuda(), ROWS, generators())
+    assert first.is_cuda and torch.equal(first, again)
+    assert all(torch.isfinite(transformers_filtered(logits[r], p)[first[r].item()]) for r, p in enumerate(ROWS))
