@@ -48,6 +48,35 @@ def test_batched_filter_keeps_what_transformers_warpers_keep():
     assert torch.isfinite(batched[2]).sum() >= 5 and torch.isfinite(batched[1]).all() and torch.isfinite(batched[5]).all()
 
 
+def kept_values(row: torch.Tensor) -> list[float]:
+    return sorted(row[torch.isfinite(row)].tolist())
+
+
+def test_nucleus_among_the_top_k_keeps_as_many_tied_logits_as_a_sort_would():
+    """Ties straddling the nucleus's edge: which of the tied logits stay is the sort's (or
+    transformers') arbitrary choice, how many is not: kept values are compared as multisets. Where
+    top_p times the ties is a whole number (rows 0 and 2) the count is the exact sum's; a float
+    cumulative sum (transformers', the sort's) may keep one more there."""
+    logits = bf16_logits(4, seed=1)
+    logits[0, 100:130] = 50.0  # 30 logits tied at the top: more than top_k, all kept by top-k
+    logits[1, 200:203] = 40.0  # three tied at the top, then a tie group straddling top_p
+    logits[1, 300:310] = 39.0
+    logits[2, :] = 0.0  # a flat row: every logit tied with the k-th
+    params = [SamplingParams(temperature=1.0, top_k=20, top_p=0.5), SamplingParams(temperature=1.0, top_k=20, top_p=0.6),
+              SamplingParams(temperature=1.0, top_k=20, top_p=0.3), ROWS[0]]  # fmt: skip
+    batched = filter_logits(logits, params)
+    for row in (1, 3):
+        assert kept_values(batched[row]) == kept_values(transformers_filtered(logits[row], params[row])), row
+    assert torch.isfinite(batched[0]).sum() == 15 and torch.isfinite(batched[2]).sum() == 0.3 * VOCAB
+    # the same rows next to one without a top-k cut take the sort's way: the same kept values
+    # (within one tie at the whole-number edges)
+    sorted_way = filter_logits(torch.cat([logits, logits[:1]]), [*params, SamplingParams(temperature=1.0, top_p=0.9)])
+    for row in (1, 3):
+        assert kept_values(sorted_way[row]) == kept_values(batched[row]), row
+    for row in (0, 2):
+        assert 0 <= torch.isfinite(sorted_way[row]).sum() - torch.isfinite(batched[row]).sum() <= 1, row
+
+
 def test_draw_follows_the_probabilities_and_never_picks_a_dropped_token():
     probs = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0]] * 4)
     edges = draw(probs, torch.tensor([0.0, 0.2499, 0.25, 1.0 - 1e-7]))
