@@ -169,34 +169,43 @@ def _few_rows_kernel(
     """At most BLOCK_M rows on the CUDA cores, no tensor-core tile: each weight element is converted
     once and multiplied into the BLOCK_M rows; the sums over K are reduced at the end. On the H200
     the fastest for the smaller weights at one row (o, down: 4.3 and 8.9 us against 7.2 and 16.9
-    for the best tensor-core tile; run 10, scripts/bench_decode_matmul.py).
-
-    INT8: W is the int8 weight viewed as uint8, converted without an int-to-float instruction: the
-    byte b = v mod 256 of v, xored with 0x80, is v + 128 in [0, 256); put in the low mantissa bits
-    of 2^23 it reads as 2^23 + v + 128, exactly.
+    for the best tensor-core tile; run 10, scripts/bench_decode_matmul.py). INT8: W is viewed as
+    uint8 (``_weight_tile``).
     """
-    wait_for_previous(PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
     k_lo = tl.program_id(2) * K_CHUNK
-    for k0 in range(k_lo, tl.minimum(k_lo + K_CHUNK, K), BLOCK_K):
+    # The first step's weights and the scales do not come from an earlier kernel: with programmatic
+    # launch their loads are in flight while the previous kernel (the input's) finishes.
+    w = _weight_tile(W, rn, k_lo + rk, stride_wn, N, K, INT8)
+    scale = tl.load(Scale + rn, mask=rn < N, other=0.0)
+    wait_for_previous(PDL)
+    acc = _load_rows(X, rm, k_lo + rk, stride_xm, M, K).to(tl.float32)[:, None, :] * w[None, :, :]
+    for k0 in range(k_lo + BLOCK_K, tl.minimum(k_lo + K_CHUNK, K), BLOCK_K):
         kk = k0 + rk
         x = _load_rows(X, rm, kk, stride_xm, M, K)
-        w_mask = (rn[:, None] < N) & (kk[None, :] < K)
-        if INT8:
-            w = tl.load(W + rn[:, None] * stride_wn + kk[None, :], mask=w_mask, other=0)  # byte 0 is v = 0
-            wf = ((w.to(tl.int32) ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
-        else:  # float8_e4m3fn: no literal for `other`, so the masked lanes are zeroed after the load
-            w = tl.load(W + rn[:, None] * stride_wn + kk[None, :], mask=w_mask)
-            wf = tl.where(w_mask, w.to(tl.float32), 0.0)
-        acc += x.to(tl.float32)[:, None, :] * wf[None, :, :]
-    scale = tl.load(Scale + rn, mask=rn < N, other=0.0)
+        acc += x.to(tl.float32)[:, None, :] * _weight_tile(W, rn, kk, stride_wn, N, K, INT8)[None, :, :]
     out = tl.sum(acc, axis=2) * scale[None, :]
     tl.store(Out + tl.program_id(2) * stride_os + rm[:, None] * stride_om + rn[None, :], out.to(Out.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def _weight_tile(W, rn, kk, stride_wn, N, K, INT8: tl.constexpr):
+    """Rows rn, columns kk of an 8-bit W as float32 (zeros outside it). INT8: W is the int8 weight
+    viewed as uint8, converted without an int-to-float instruction: the byte b = v mod 256 of v,
+    xored with 0x80, is v + 128 in [0, 256); put in the low mantissa bits of 2^23 it reads as
+    2^23 + v + 128, exactly."""
+    w_mask = (rn[:, None] < N) & (kk[None, :] < K)
+    if INT8:
+        w = tl.load(W + rn[:, None] * stride_wn + kk[None, :], mask=w_mask, other=0)  # byte 0 is v = 0
+        wf = ((w.to(tl.int32) ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+    else:  # float8_e4m3fn: no literal for `other`, so the masked lanes are zeroed after the load
+        w = tl.load(W + rn[:, None] * stride_wn + kk[None, :], mask=w_mask)
+        wf = tl.where(w_mask, w.to(tl.float32), 0.0)
+    return wf
 
 
 @triton.jit

@@ -8,9 +8,11 @@ kernel's programs become resident as the previous kernel's last ones run, and bl
 scripts/profile_decode.py with QWEN3VL_PDL=0 and 1, the same kernels picked): the int8 decode
 step's graph replay 1.544 -> 1.349 ms at one row, 3.083 -> 2.974 at 64.
 
-The rule that keeps this correct: every kernel launched with ``launch_pdl`` waits before it reads
-or writes anything (so when a kernel has finished, everything before it has finished too, even
-kernels that do not use the programmatic launch, like cuBLAS's). CUDA graphs capture the
+The rule that keeps this correct: every kernel launched with ``launch_pdl`` waits before it writes
+anything or reads what a kernel may have written (so when a kernel has finished, everything before
+it has finished too, even kernels that do not use the programmatic launch, like cuBLAS's). Only
+weights and their scales, written once when the model loads, are read before the wait (the
+few-rows product's first step). CUDA graphs capture the
 programmatic edges as they are. ``QWEN3VL_PDL=0`` turns it off (an A/B switch for measurements).
 """
 
