@@ -12,8 +12,8 @@ The rule that keeps this correct: every kernel launched with ``launch_pdl`` wait
 anything or reads what a kernel may have written (so when a kernel has finished, everything before
 it has finished too, even kernels that do not use the programmatic launch, like cuBLAS's). Only
 weights and their scales, written once when the model loads, are read before the wait (the
-few-rows product's first step). CUDA graphs capture the
-programmatic edges as they are. ``QWEN3VL_PDL=0`` turns it off (an A/B switch for measurements).
+few-rows product's first step). CUDA graphs capture the programmatic edges as they are.
+``QWEN3VL_PDL=0`` turns it off (an A/B switch for measurements).
 """
 
 from __future__ import annotations
