@@ -17,6 +17,7 @@ its JSON lists them. The tuner's candidates are that sweep's winners plus the fp
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -34,6 +35,7 @@ from model_repository.qwen3vl_runtime.kernels.graph_timing import graph_ms, rota
 from model_repository.qwen3vl_runtime.quant import quantize_weight  # noqa: E402
 
 TEXT = {name: shape for name, shape in SHAPES.items() if name.startswith("text.")}
+os.environ["QWEN3VL_TUNING_CACHE"] = ""  # every candidate timed here, none taken from an earlier start
 LAYERS = 28
 
 

@@ -344,3 +344,20 @@ def test_batched_sampler_on_the_gpu_keeps_transformers_filter_and_its_seeds():
     first, again = sample(logits.cuda(), ROWS, generators()), sample(logits.cuda(), ROWS, generators())
     assert first.is_cuda and torch.equal(first, again)
     assert all(torch.isfinite(transformers_filtered(logits[r], p)[first[r].item()]) for r, p in enumerate(ROWS))
+
+
+def test_decode_tuning_is_kept_for_the_next_start(tmp_path, monkeypatch):
+    """kernels/tuning_cache.py: a second start takes the first one's pick, checked, not re-timed."""
+    from model_repository.qwen3vl_runtime.kernels import int8_matmul, tuning_cache
+    from model_repository.qwen3vl_runtime.quant import quantize_weight
+
+    monkeypatch.setenv(tuning_cache.ENV, str(tmp_path / "tuning.json"))
+    q, scale = quantize_weight(torch.randn(512, 256, device="cuda"), "int8")
+    x = torch.randn(3, 256, device="cuda", dtype=torch.bfloat16)
+    key = (4, 512, 256, torch.int8, torch.bfloat16)
+    monkeypatch.setattr(int8_matmul, "TUNED", {})
+    first = int8_matmul.launch_for(x, q, scale)
+    assert len(int8_matmul.TUNED[key].timings) > 1  # timed
+    monkeypatch.setattr(int8_matmul, "TUNED", {})  # a new process
+    assert int8_matmul.launch_for(x, q, scale) == first
+    assert int8_matmul.TUNED[key].timings == [(first, None, "from the tuning cache")]

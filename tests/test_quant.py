@@ -259,3 +259,26 @@ def test_decode_tuner_splits_k_only_to_fill_the_gpu_and_only_where_it_clearly_wi
     assert pick([(whole, 9.5), (split, 9.5)]) is whole  # a tie: the launch fewer wins
     assert pick([(whole, 10.0), (split, 10.0 * (1 - MIN_SPLIT_GAIN) + 0.01)]) is whole
     assert pick([(whole, 10.0), (split, 8.0)]) is split
+
+
+def test_tuning_cache_keeps_picks_per_fingerprint(tmp_path, monkeypatch):
+    """kernels/tuning_cache.py on its own (the GPU path that fills it needs CUDA)."""
+    from model_repository.qwen3vl_runtime.kernels import tuning_cache
+    from model_repository.qwen3vl_runtime.kernels.int8_matmul import Launch
+
+    path = tmp_path / "cache" / "tuning.json"
+    monkeypatch.setenv(tuning_cache.ENV, str(path))
+    key = (4, 2048, 6144, torch.int8, torch.bfloat16)
+    launch = Launch("weight_major", 16, 64, 256, 4, 3, split_k=8)
+    assert tuning_cache.lookup("gpu-a", key) is None  # no file yet
+    tuning_cache.store("gpu-a", key, launch)
+    assert Launch(**tuning_cache.lookup("gpu-a", key)) == launch
+    assert tuning_cache.lookup("gpu-b", key) is None  # another GPU or other kernel code
+    tuning_cache.store("gpu-b", key, launch)  # replaces the file: gpu-a's entries go
+    assert tuning_cache.lookup("gpu-a", key) is None and tuning_cache.lookup("gpu-b", key) is not None
+    path.write_text("{not json")  # a broken file is skipped, then rewritten
+    assert tuning_cache.lookup("gpu-b", key) is None
+    tuning_cache.store("gpu-b", key, launch)
+    assert tuning_cache.lookup("gpu-b", key) is not None
+    monkeypatch.setenv(tuning_cache.ENV, "")  # off
+    assert tuning_cache.cache_path() is None and tuning_cache.lookup("gpu-b", key) is None

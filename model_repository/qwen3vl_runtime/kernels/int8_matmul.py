@@ -15,6 +15,7 @@ per layer) was tried and taken out: on the H200 it tied the two launches in the 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, replace
 
 import torch
@@ -353,6 +354,26 @@ def _measurable(x: torch.Tensor) -> bool:
     return x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_current_stream_capturing()
 
 
+def _probe(bucket: int, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
+    """Random rows for a key (seeded by its bucket), an output buffer, and a check of a launch's
+    output against the float32 product (on the first CHECK_ROWS output columns)."""
+    n, k = weight.shape
+    generator = torch.Generator(device=weight.device).manual_seed(bucket)
+    x = torch.randn(bucket, k, device=weight.device, dtype=dtype, generator=generator)
+    cols = min(n, CHECK_ROWS)
+    reference = x.float() @ (weight[:cols].float() * scale[:cols, None].float()).T
+    out = torch.empty(bucket, n, device=weight.device, dtype=dtype)
+
+    def check(launch: Launch) -> None:
+        out.fill_(float("nan"))
+        launch(x, weight, scale, out)
+        error = float((out[:, :cols].float() - reference).norm() / reference.norm())
+        if not error < launch.max_error:  # NaN too: an unwritten output
+            raise ValueError(f"relative error {error:.2e}")
+
+    return x, out, check
+
+
 def tune(bucket: int, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> Tuning:
     """Time every candidate for this weight's shape (CUDA-graph replays over copies of the weight
     that do not fit in L2: ``graph_timing``) on random rows; keep the fastest whose output agrees
@@ -360,21 +381,13 @@ def tune(bucket: int, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dt
     from .graph_timing import graph_ms, rotating
 
     n, k = weight.shape
-    generator = torch.Generator(device=weight.device).manual_seed(bucket)
-    x = torch.randn(bucket, k, device=weight.device, dtype=dtype, generator=generator)
-    cols = min(n, CHECK_ROWS)
-    reference = x.float() @ (weight[:cols].float() * scale[:cols, None].float()).T
-    out = torch.empty(bucket, n, device=weight.device, dtype=dtype)
+    x, out, check = _probe(bucket, weight, scale, dtype)
     copies = rotating(weight)
     timings: list[tuple[Launch, float | None, str]] = []
     sms = torch.cuda.get_device_properties(weight.device).multi_processor_count
     for launch in candidates(bucket, weight.dtype, n, k, sms):
         try:
-            out.fill_(float("nan"))
-            launch(x, weight, scale, out)
-            error = float((out[:, :cols].float() - reference).norm() / reference.norm())
-            if not error < launch.max_error:  # NaN too: an unwritten output
-                raise ValueError(f"relative error {error:.2e}")
+            check(launch)
             timings.append((launch, graph_ms([lambda w=w: launch(x, w, scale, out) for w in copies]), ""))
         except Exception as problem:  # noqa: BLE001 - a tile over the registers, PTX the driver refuses, ...
             timings.append((launch, None, (str(problem).splitlines() or [type(problem).__name__])[0][:160]))
@@ -386,6 +399,26 @@ def tune(bucket: int, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dt
     if not timed:
         raise RuntimeError(f"no 8-bit matmul kernel ran for a {n} x {k} weight: {timings}")
     return Tuning(best=pick(timed), timings=timings)
+
+
+def cached_or_tuned(key: tuple, weight: torch.Tensor, scale: torch.Tensor) -> Tuning:
+    """The pick kept from an earlier start (``tuning_cache``), checked again, else ``tune``'s (kept
+    for the next start)."""
+    from . import tuning_cache
+
+    bucket, dtype = key[0], key[4]
+    print_ = tuning_cache.fingerprint(weight.device)
+    fields = tuning_cache.lookup(print_, key)
+    if fields is not None:
+        try:
+            launch = Launch(**fields)
+            _probe(bucket, weight, scale, dtype)[2](launch)
+            return Tuning(best=launch, timings=[(launch, None, "from the tuning cache")])
+        except Exception as problem:  # noqa: BLE001 - an entry of other fields, a launch that no longer agrees
+            print(f"qwen3vl: cached decode launch for {key} not used ({problem}); tuning anew", file=sys.stderr)
+    tuning = tune(bucket, weight, scale, dtype)
+    tuning_cache.store(print_, key, tuning.best)
+    return tuning
 
 
 # A split launch (two kernels) must beat the best whole-K one by this much. Run 13 (H200, the same
@@ -432,10 +465,11 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
 
 
 def launch_for(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> Launch:
-    """The launch for rows x [M, K] of this weight: tuned on first use of its key."""
+    """The launch for rows x [M, K] of this weight: tuned (or taken from the tuning cache) on first
+    use of its key."""
     bucket, (n, k) = rows_bucket(x.shape[0]), weight.shape
     key = (bucket, n, k, weight.dtype, x.dtype)
     tuning = TUNED.get(key)
     if tuning is None and _measurable(x):
-        tuning = TUNED[key] = tune(bucket, weight, scale, x.dtype)
+        tuning = TUNED[key] = cached_or_tuned(key, weight, scale)
     return tuning.best if tuning is not None else candidates(bucket, weight.dtype)[0]
