@@ -139,8 +139,10 @@ def _weight_major_kernel(
     warpgroup MMA is 64 wide there), the few activation rows its narrow side (16-64). Computed as
     x W^T (``_tensor_core_kernel``), a decode batch of 2-16 rows fills a 16-row tile the MMA pads to
     64, and the converted weights are the MMA's shared-memory operand; here they can stay in
-    registers. The usual shape of weight-only kernels for small batches; written after run 12, not
-    yet timed on a GPU: the tuner measures it beside the others."""
+    registers. The usual shape of weight-only kernels for small batches. On the H200 it pays only
+    split over K (its grids are 16-192 tiles): then the pick for qkv, gate/up and down at 4 rows
+    and down at 64; unsplit it was the pick nowhere (run 13,
+    scripts/bench_decode_matmul.py)."""
     wait_for_previous(PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
