@@ -6,9 +6,9 @@ Sampling is what a request gets by default: Qwen3-VL's generation config asks fo
 cut, the top-p nucleus, a softmax, an inverse-CDF draw), a fixed number of kernels whatever the
 batch; row by row it was about twelve kernels and a sort of the 151,936 logits per sampled row
 and step. Where every nucleus row also has a top-k cut (the default) the nucleus is found among
-the top k without sorting the vocabulary; otherwise one sort of all rows. Each sequence keeps its own generator (a seed makes its tokens
-reproducible), on the host: its uniform draw per step travels with the other inputs, no kernel
-launched per row.
+the top k without sorting the vocabulary; otherwise one sort of all rows. Each sequence keeps its
+own generator (a seed makes its tokens reproducible), on the host: its uniform draw per step
+travels with the other inputs, no kernel launched per row.
 """
 
 from __future__ import annotations
