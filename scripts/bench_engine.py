@@ -182,9 +182,8 @@ def request_params(checkpoint: Path, sampled: bool) -> SamplingParams:
     the server: temperature 0.7, top-k 20, top-p 0.8 for Qwen3-VL-2B-Instruct); EOS ignored."""
     if not sampled:
         return SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
-    config = json.loads((checkpoint / "generation_config.json").read_text())
-    return SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True, temperature=float(config["temperature"]),
-                          top_p=float(config.get("top_p", 1.0)), top_k=int(config.get("top_k", 0)))  # fmt: skip
+    generation = json.loads((checkpoint / "generation_config.json").read_text())
+    return SamplingParams.from_generation_config(generation, max_tokens=NEW_TOKENS, ignore_eos=True)
 
 
 def bench_engine(checkpoint: Path, precision: str, prompt: PromptInputs, inputs: dict, args) -> list[dict]:

@@ -56,6 +56,12 @@ def test_bench_detokenizer(tmp_path):
     assert report["tokens"] > 100 and all(us > 0 for us in report["us_per_token"].values())
 
 
+def test_bench_sampler(tmp_path):
+    out = tmp_path / "sampler.json"
+    run("bench_sampler.py", "--rows", "2", "--repeat", "1", "--out", str(out))
+    assert json.loads(out.read_text())["median_ms"]["sample(), 2 rows, ms"] > 0
+
+
 def test_bench_gpu_assembles_the_report_from_the_parts_a_run_left(tmp_path):
     """``--assemble`` runs nothing: the report comes from the parts' JSON beside --out (a run cut
     short at its Triton part, that part then run by hand: run 13). The parts here are written by

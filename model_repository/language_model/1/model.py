@@ -59,12 +59,7 @@ class TritonPythonModel:
         config = json.loads((DECODER_DIR / "config.json").read_text())
         generation = json.loads((DECODER_DIR / "generation_config.json").read_text())
         eos = generation.get("eos_token_id", config["text_config"].get("eos_token_id"))
-        self.defaults = SamplingParams(
-            max_tokens=int(settings["default_max_tokens"]),
-            temperature=float(generation.get("temperature", 1.0)) if generation.get("do_sample") else 0.0,
-            top_p=float(generation.get("top_p", 1.0)),
-            top_k=int(generation.get("top_k", 0)),
-        )
+        self.defaults = SamplingParams.from_generation_config(generation, max_tokens=int(settings["default_max_tokens"]))
         num_slots = int(settings["kv_cache_slots"])
         # With --vision-backend decoder the tower runs here and requests carry image patches.
         visual = load_vision_tower(DECODER_DIR, device)

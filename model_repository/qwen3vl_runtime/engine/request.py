@@ -44,6 +44,16 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
     @classmethod
+    def from_generation_config(cls, generation: dict[str, Any], **overrides: Any) -> "SamplingParams":
+        """A checkpoint's generation_config.json as sampling settings (greedy unless do_sample)."""
+        return cls(**{
+            "temperature": float(generation.get("temperature", 1.0)) if generation.get("do_sample") else 0.0,
+            "top_p": float(generation.get("top_p", 1.0)),
+            "top_k": int(generation.get("top_k", 0)),
+            **overrides,
+        })  # fmt: skip
+
+    @classmethod
     def from_parameters(cls, parameters: dict[str, Any], defaults: "SamplingParams") -> "SamplingParams":
         """From request parameters (Triton gives strings, numbers and booleans); unknown keys pass."""
         values = {}

@@ -24,22 +24,23 @@ def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
     to -inf, as transformers' warpers do: top-k keeps every logit tied with the k-th; top-p keeps
     the fewest top logits whose probabilities reach top_p, always the first (of logits tied at the
     boundary, as many as that needs)."""
-    device, vocab = logits.device, logits.shape[-1]
-    temperature = to_device(torch.tensor([p.temperature for p in params], dtype=torch.float32), device)
+    vocab = logits.shape[-1]
+    top_k = [min(p.top_k, vocab) if p.top_k else vocab for p in params]  # vocab: no cut
+    # The rows' settings in one copy to the device (this runs every step).
+    settings = to_device(torch.tensor([[p.temperature, k, p.top_p] for p, k in zip(params, top_k)], dtype=torch.float32), logits.device)
+    temperature, k_row, top_p = settings.unbind(1)
     scaled = logits / temperature[:, None]
-    top_k = [min(p.top_k, vocab) if p.top_k else vocab for p in params]
-    cut = [k < vocab for k in top_k]  # rows without a cut keep everything
-    kth = None
+    cut = [k < vocab for k in top_k]
+    largest = kth = None
     if any(cut):
         largest = torch.topk(scaled, max(k for k, c in zip(top_k, cut) if c), dim=-1)  # [S, k], descending
-        index = to_device(torch.tensor([k - 1 if c else 0 for k, c in zip(top_k, cut)]), device)
-        kth = torch.where(to_device(torch.tensor(cut), device), largest.values.gather(1, index[:, None]).squeeze(1), float("-inf"))
+        index = (k_row.long() - 1).clamp_(max=largest.values.shape[1] - 1)
+        kth = torch.where(k_row < vocab, largest.values.gather(1, index[:, None]).squeeze(1), float("-inf"))
         scaled = scaled.masked_fill(scaled < kth[:, None], float("-inf"))
     nucleus = [p.top_p < 1 for p in params]
     if any(nucleus):
-        top_p = to_device(torch.tensor([p.top_p for p in params], dtype=torch.float32), device)
         if all(c for c, n in zip(cut, nucleus) if n):  # the generation config's case: no sort
-            keep = _nucleus_of_top_k(scaled, largest.indices, kth, top_p)
+            keep = _nucleus_of_top_k(scaled, largest, kth, top_p)
         else:
             keep = _nucleus_by_sort(scaled, top_p)
         scaled = scaled.masked_fill(~keep & (top_p < 1)[:, None], float("-inf"))
@@ -54,22 +55,22 @@ def _nucleus_by_sort(scaled: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(keep).scatter_(1, order, keep)
 
 
-def _nucleus_of_top_k(scaled: torch.Tensor, top: torch.Tensor, kth: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def _nucleus_of_top_k(scaled: torch.Tensor, top, kth: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """The same keep mask without sorting the vocabulary, for rows already cut to their top k.
 
-    Every logit above the k-th is among ``top`` (the indices of the k_max largest, descending),
-    where a running sum decides as the sort would. The logits tied with the k-th (possibly more
+    Every logit above the k-th is among ``top`` (``torch.topk``'s k_max largest, descending), where
+    a running sum decides as the sort would. The logits tied with the k-th (possibly more
     than k_max of them) all have one probability, so the sum reaches top_p after a number of them
     that is computed, not walked: that many stay, the first in vocabulary order. A row where no
     logit is above the k-th keeps at least its first tie."""
     log_total = scaled.logsumexp(-1, keepdim=True)
     above = (scaled > kth[:, None]).sum(-1, keepdim=True)  # [S, 1]: all of them are in `top`
-    top_probs = (scaled.gather(1, top) - log_total).exp()
-    position = torch.arange(top.shape[1], device=scaled.device)[None, :]
+    top_probs = (top.values - log_total).exp()  # past `above` not needed, and masked next
+    position = torch.arange(top.values.shape[1], device=scaled.device)[None, :]
     top_probs = top_probs.masked_fill(position >= above, 0.0)  # only the logits above the k-th
     before = top_probs.cumsum(-1) - top_probs
     keep_top = (before < top_p[:, None]) & (position < above)
-    keep = torch.zeros_like(scaled, dtype=torch.bool).scatter_(1, top, keep_top)
+    keep = torch.zeros_like(scaled, dtype=torch.bool).scatter_(1, top.indices, keep_top)
     mass_above = top_probs.sum(-1)
     tie_prob = (kth - log_total[:, 0]).exp()
     # The r-th tie stays while mass_above + r * tie_prob < top_p. A quotient within 1e-3 of a whole

@@ -81,6 +81,22 @@ def _load_rows(X, rm, kk, stride_xm, M, K):
 
 
 @triton.jit
+def _program_tile(K, K_CHUNK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's rows (grid axis 1), output columns (axis 0), the K offsets of one step, and
+    its range of K [k_lo, k_hi) (axis 2: the split of K; one split is all of K)."""
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_lo = tl.program_id(2) * K_CHUNK
+    return rm, rn, tl.arange(0, BLOCK_K), k_lo, tl.minimum(k_lo + K_CHUNK, K)
+
+
+@triton.jit
+def _store_rows(Out, out, rm, rn, stride_om, stride_os, M, N):
+    """out [rows, columns] into Out, or into this split's partial product (stride_os apart)."""
+    tl.store(Out + tl.program_id(2) * stride_os + rm[:, None] * stride_om + rn[None, :], out.to(Out.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
 def _tensor_core_kernel(
     X, W, Scale, Out,
     M, N, K, K_CHUNK,
@@ -90,11 +106,7 @@ def _tensor_core_kernel(
     """A tile of BLOCK_M rows (padding rows masked) on the tensor cores; W [N, K] 8-bit, K contiguous
     (int8 viewed as uint8 for "f16_bits" and "f16_ptx"), dequantized in registers."""
     wait_for_previous(PDL)
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
+    rm, rn, rk, k_lo, k_hi = _program_tile(K, K_CHUNK, BLOCK_M, BLOCK_N, BLOCK_K)
     if CONVERT != "bf16":
         # fp16 holds 65,504 at most: each row is scaled by a power of two into [-1, 1] first.
         amax = tl.zeros([BLOCK_M], tl.float32)
@@ -105,8 +117,7 @@ def _tensor_core_kernel(
         x_scale = tl.exp2(tl.ceil(tl.log2(tl.maximum(amax, 1e-30))))
         inv_scale = 1.0 / x_scale
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    k_lo = tl.program_id(2) * K_CHUNK
-    for k0 in range(k_lo, tl.minimum(k_lo + K_CHUNK, K), BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + rk
         x = _load_rows(X, rm, kk, stride_xm, M, K)
         w_mask = (rn[:, None] < N) & (kk[None, :] < K)
@@ -125,7 +136,7 @@ def _tensor_core_kernel(
     out = acc * scale[None, :]
     if CONVERT != "bf16":
         out = out * x_scale[:, None]
-    tl.store(Out + tl.program_id(2) * stride_os + rm[:, None] * stride_om + rn[None, :], out.to(Out.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+    _store_rows(Out, out, rm, rn, stride_om, stride_os, M, N)
 
 
 @triton.jit
@@ -144,14 +155,9 @@ def _weight_major_kernel(
     and down at 64; unsplit it was the pick nowhere (run 13,
     scripts/bench_decode_matmul.py)."""
     wait_for_previous(PDL)
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
+    rm, rn, rk, k_lo, k_hi = _program_tile(K, K_CHUNK, BLOCK_M, BLOCK_N, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    k_lo = tl.program_id(2) * K_CHUNK
-    for k0 in range(k_lo, tl.minimum(k_lo + K_CHUNK, K), BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + rk
         x = _load_rows(X, rm, kk, stride_xm, M, K)
         w_mask = (rn[:, None] < N) & (kk[None, :] < K)
@@ -175,24 +181,19 @@ def _few_rows_kernel(
     for the best tensor-core tile; run 10, scripts/bench_decode_matmul.py). INT8: W is viewed as
     uint8 (``_weight_tile``).
     """
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    k_lo = tl.program_id(2) * K_CHUNK
+    rm, rn, rk, k_lo, k_hi = _program_tile(K, K_CHUNK, BLOCK_M, BLOCK_N, BLOCK_K)
     # The first step's weights and the scales do not come from an earlier kernel: with programmatic
     # launch their loads are in flight while the previous kernel (the input's) finishes.
     w = _weight_tile(W, rn, k_lo + rk, stride_wn, N, K, INT8)
     scale = tl.load(Scale + rn, mask=rn < N, other=0.0)
     wait_for_previous(PDL)
     acc = _load_rows(X, rm, k_lo + rk, stride_xm, M, K).to(tl.float32)[:, None, :] * w[None, :, :]
-    for k0 in range(k_lo + BLOCK_K, tl.minimum(k_lo + K_CHUNK, K), BLOCK_K):
+    for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
         kk = k0 + rk
         x = _load_rows(X, rm, kk, stride_xm, M, K)
         acc += x.to(tl.float32)[:, None, :] * _weight_tile(W, rn, kk, stride_wn, N, K, INT8)[None, :, :]
     out = tl.sum(acc, axis=2) * scale[None, :]
-    tl.store(Out + tl.program_id(2) * stride_os + rm[:, None] * stride_om + rn[None, :], out.to(Out.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+    _store_rows(Out, out, rm, rn, stride_om, stride_os, M, N)
 
 
 @triton.jit

@@ -1,0 +1,54 @@
+"""Time of the engine's sampler for one step, with the generation config's default settings.
+
+    python scripts/bench_sampler.py [--device cpu] [--rows 1 8 64] [--repeat 5] [--out bench_sampler.json]
+
+``engine.sampler.sample`` over bf16 logits of Qwen3-VL's vocabulary (151,936) for 1 / 8 / 64 rows
+sampled as a request is by default (temperature 0.7, top-k 20, top-p 0.8), each row with its own
+seeded generator, as the engine calls it once per step. On CUDA the time includes a synchronize.
+Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from workload import median_ms, write_table  # noqa: E402
+
+from model_repository.qwen3vl_runtime.engine.request import SamplingParams  # noqa: E402
+from model_repository.qwen3vl_runtime.engine.sampler import sample  # noqa: E402
+
+VOCAB = 151936
+DEFAULT = SamplingParams(temperature=0.7, top_k=20, top_p=0.8)  # Qwen3-VL-2B-Instruct's generation_config.json
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--rows", nargs="+", type=int, default=[1, 8, 64])
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--out", type=Path, default=Path("bench_sampler.json"))
+    args = p.parse_args()
+    device = torch.device(args.device)
+    rows = {}
+    for count in args.rows:
+        logits = torch.randn(count, VOCAB, generator=torch.Generator().manual_seed(count)).bfloat16().to(device)
+        generators = [torch.Generator().manual_seed(i) for i in range(count)]
+
+        def step():
+            sample(logits, [DEFAULT] * count, generators)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        rows[f"sample(), {count} rows, ms"] = round(median_ms(step, args.repeat), 2)
+    write_table(args.out, ("step", "median ms"), "median_ms", rows, device=str(device), threads=torch.get_num_threads())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
