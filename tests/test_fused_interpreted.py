@@ -38,8 +38,9 @@ INTERPRETED = {("tensor_cores", 32, 256), ("weight_major", 64, 128), ("few_rows"
 
 
 def _compare(checkpoint: Path) -> dict[str, float]:
-    """Relative error of the fused prefill's logits (and first layer's keys) against the model's own
-    one-prompt prefill: one prompt with image rows, five ragged prompts, three of one length."""
+    """Relative error of the fused prefill's logits (and first layer's keys and values) against the
+    model's own one-prompt prefill: one prompt with image rows, five ragged prompts (86 rows: the
+    kernel that takes every head of a row at once), three of one length."""
     import tempfile
     from dataclasses import replace
 
@@ -84,8 +85,8 @@ def _compare(checkpoint: Path) -> dict[str, float]:
             batched = fused_prefill(model, kv_batch, model.embed(torch.cat(prompts)), torch.cat(positions, 1), slots, lengths)
             for row, (slot, prompt, position) in enumerate(zip(slots, prompts, positions)):
                 single = model.prefill(model.embed(prompt), position, kv_single, slot)
-                keys = rel(kv_batch[0][0][slot, :, : len(prompt)], kv_single[0][0][slot, :, : len(prompt)])
-                errors[f"{name} {row}"] = max(rel(batched[row], single), keys)
+                keys, values = (rel(kv_batch[0][kv][slot, :, : len(prompt)], kv_single[0][kv][slot, :, : len(prompt)]) for kv in (0, 1))
+                errors[f"{name} {row}"] = max(rel(batched[row], single), keys, values)
         q, scale = quantize_weight(torch.randn(96, 160), "int8")
         x = torch.randn(DECODE_MAX_ROWS + 36, 160)
         errors["int8 product, many rows"] = rel(int8_matmul(x, q, scale), x.double() @ dequantize_weight(q, scale, torch.float64).T)

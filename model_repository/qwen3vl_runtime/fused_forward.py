@@ -17,7 +17,8 @@ from .text_model import TextModel
 
 def _layers(model: TextModel, x, cos, sin, kv, slots, cache_positions, attend, after_layer=None, keep_kv=False) -> torch.Tensor:
     """x: [M, hidden] embeddings -> final normed hidden [M, hidden]. attend(i, q, k, v) -> [M, H, D],
-    k and v this step's keys and values [M, Hkv, D] with keep_kv (else None; they are in the cache)."""
+    k and v this step's keys and values with keep_kv, repeated per query head, [M, H, D] (else
+    None; they are in the cache)."""
     c = model.config
     delta = None
     for i, layer in enumerate(model.layers):
@@ -73,7 +74,7 @@ def fused_prefill(model: TextModel, kv, embeds, positions, slots: list[int], len
     token_slots, cache_positions, last_rows = prompt_rows(slots, lengths, device)
     segments = SegmentAttention(lengths, device, causal=True)
 
-    def attend(i, q, k, v):  # [T, H or kv heads, D]; each prompt causal over its own keys, prompts of one length batched
+    def attend(i, q, k, v):  # [T, H, D]; each prompt causal over its own keys, prompts of one length batched
         return segments(q, k, v)
 
     def add_deepstack(i, x, delta):

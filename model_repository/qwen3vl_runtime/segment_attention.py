@@ -3,8 +3,8 @@
 Segments of equal length are gathered into one [segments, heads, length, head_dim] batch: one
 SDPA call per distinct length (flash attention on the GPU), whatever the number of segments. The
 vision tower attends within each image this way; the decoder's batched prefill within each prompt
-(causal, fewer key/value heads than query heads). On the H100 a prefill of 16 prompts attending one
-by one made ~450 SDPA calls and most of its 375 ms were launch overhead (scripts/profile_prefill.py).
+(causal). On the H100 a prefill of 16 prompts attending one by one made ~450 SDPA calls and most
+of its 375 ms were launch overhead (scripts/profile_prefill.py).
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ class SegmentAttention:
             self.groups = [to_device(torch.tensor(first)[:, None] + torch.arange(n), device) for n, first in starts.items()]
 
     def __call__(self, q, k, v, scale: float | None = None) -> torch.Tensor:
-        """q: [rows, heads, head_dim]; k, v: [rows, kv heads, head_dim] (kv heads divide heads)."""
+        """q, k, v: [rows, heads, head_dim]. Grouped-query keys and values come repeated per query
+        head (``qk_norm_rope_cache(keep_kv=True)`` writes them so): SDPA's enable_gqa has no flash
+        kernel on the GPU machine's torch."""
         if self.shape is not None:
             return self._attend(q, k, v, scale, self.shape).reshape(q.shape)
         out = torch.empty_like(q)
@@ -46,6 +48,4 @@ class SegmentAttention:
     def _attend(self, q, k, v, scale, shape) -> torch.Tensor:
         segments, n = shape
         q, k, v = (t.reshape(segments, n, *t.shape[-2:]).transpose(1, 2) for t in (q, k, v))  # [S, H, n, hd]
-        if k.shape[1] != q.shape[1]:  # grouped-query attention: SDPA's enable_gqa has no flash kernel here
-            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
         return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=self.causal).transpose(1, 2)  # [S, n, H, hd]

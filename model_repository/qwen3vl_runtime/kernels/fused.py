@@ -48,68 +48,82 @@ def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
 def _qk_norm_rope_cache_kernel(
     QKV, QNormW, KNormW, Cos, Sin, Q, KCache, VCache, Slots, Positions, KOut, VOut,
     stride_qkv, stride_cos, stride_q, stride_ks, stride_kh, stride_kl,
-    eps, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr, KEEP_KV: tl.constexpr, PDL: tl.constexpr,
+    eps, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+    KEEP_KV: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    """BLOCK_H heads of one row (query heads, then key heads, then value heads), each two halves of
+    HALF: the first and second halves of rotate_half."""
     wait_for_previous(PDL)
     row = tl.program_id(0)
-    head = tl.program_id(1)
-    d = tl.arange(0, HALF)
+    head = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]  # [BLOCK_H, 1]
+    d = tl.arange(0, HALF)[None, :]  # [1, HALF]
+    is_q = head < HEADS
+    is_k = (head >= HEADS) & (head < HEADS + KV_HEADS)
+    is_v = (head >= HEADS + KV_HEADS) & (head < HEADS + 2 * KV_HEADS)
     base = QKV + row * stride_qkv + head * 2 * HALF
-    x1 = tl.load(base + d)
-    x2 = tl.load(base + HALF + d)
+    x1 = tl.load(base + d, mask=is_q | is_k | is_v, other=0.0)
+    x2 = tl.load(base + HALF + d, mask=is_q | is_k | is_v, other=0.0)
     slot = tl.load(Slots + row).to(tl.int64)
     position = tl.load(Positions + row).to(tl.int64)
-    if head >= HEADS + KV_HEADS:  # a value head: straight into the cache
-        out = VCache + slot * stride_ks + (head - HEADS - KV_HEADS) * stride_kh + position * stride_kl
-        tl.store(out + d, x1)
-        tl.store(out + HALF + d, x2)
-        if KEEP_KV:
-            kept = VOut + (row * KV_HEADS + head - HEADS - KV_HEADS) * 2 * HALF
-            tl.store(kept + d, x1)
-            tl.store(kept + HALF + d, x2)
-    else:
-        if head < HEADS:
-            norm_w = QNormW
-            out = Q + row * stride_q + head * 2 * HALF
-        else:
-            norm_w = KNormW
-            out = KCache + slot * stride_ks + (head - HEADS) * stride_kh + position * stride_kl
-        f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
-        inv = tl.rsqrt((tl.sum(f1 * f1, 0) + tl.sum(f2 * f2, 0)) / (2 * HALF) + eps)
-        w1 = tl.load(norm_w + d).to(tl.float32)
-        w2 = tl.load(norm_w + HALF + d).to(tl.float32)
-        n1 = (w1 * (f1 * inv).to(x1.dtype).to(tl.float32)).to(x1.dtype).to(tl.float32)
-        n2 = (w2 * (f2 * inv).to(x1.dtype).to(tl.float32)).to(x1.dtype).to(tl.float32)
-        cos = tl.load(Cos + row * stride_cos + d).to(tl.float32)  # both halves of cos/sin are equal
-        sin = tl.load(Sin + row * stride_cos + d).to(tl.float32)
-        # rotate_half(x) = (-x2, x1); products rounded like transformers' q * cos + rotate_half(q) * sin
-        r1 = (n1 * cos).to(x1.dtype).to(tl.float32) + (-n2 * sin).to(x1.dtype).to(tl.float32)
-        r2 = (n2 * cos).to(x1.dtype).to(tl.float32) + (n1 * sin).to(x1.dtype).to(tl.float32)
-        tl.store(out + d, r1.to(x1.dtype))
-        tl.store(out + HALF + d, r2.to(x1.dtype))
-        if KEEP_KV and head >= HEADS:
-            kept = KOut + (row * KV_HEADS + head - HEADS) * 2 * HALF
-            tl.store(kept + d, r1.to(x1.dtype))
-            tl.store(kept + HALF + d, r2.to(x1.dtype))
+    kv_head = head - HEADS  # key heads: 0..KV_HEADS-1; value heads: KV_HEADS..
+    cache = slot * stride_ks + position * stride_kl
+    # Value heads go straight into the cache.
+    tl.store(VCache + cache + (kv_head - KV_HEADS) * stride_kh + d, x1, mask=is_v)
+    tl.store(VCache + cache + (kv_head - KV_HEADS) * stride_kh + HALF + d, x2, mask=is_v)
+    # Query and key heads: RMSNorm over the head, then the rotary embedding.
+    f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+    inv = tl.rsqrt((tl.sum(f1 * f1, 1) + tl.sum(f2 * f2, 1))[:, None] / (2 * HALF) + eps)
+    w1 = tl.where(is_q, tl.load(QNormW + d).to(tl.float32), tl.load(KNormW + d).to(tl.float32))
+    w2 = tl.where(is_q, tl.load(QNormW + HALF + d).to(tl.float32), tl.load(KNormW + HALF + d).to(tl.float32))
+    n1 = (w1 * (f1 * inv).to(x1.dtype).to(tl.float32)).to(x1.dtype).to(tl.float32)
+    n2 = (w2 * (f2 * inv).to(x1.dtype).to(tl.float32)).to(x1.dtype).to(tl.float32)
+    cos = tl.load(Cos + row * stride_cos + d).to(tl.float32)  # both halves of cos/sin are equal
+    sin = tl.load(Sin + row * stride_cos + d).to(tl.float32)
+    # rotate_half(x) = (-x2, x1); products rounded like transformers' q * cos + rotate_half(q) * sin
+    r1 = ((n1 * cos).to(x1.dtype).to(tl.float32) + (-n2 * sin).to(x1.dtype).to(tl.float32)).to(x1.dtype)
+    r2 = ((n2 * cos).to(x1.dtype).to(tl.float32) + (n1 * sin).to(x1.dtype).to(tl.float32)).to(x1.dtype)
+    out = Q + row * stride_q + head * 2 * HALF
+    tl.store(out + d, r1, mask=is_q)
+    tl.store(out + HALF + d, r2, mask=is_q)
+    tl.store(KCache + cache + kv_head * stride_kh + d, r1, mask=is_k)
+    tl.store(KCache + cache + kv_head * stride_kh + HALF + d, r2, mask=is_k)
+    if KEEP_KV:  # each key and value head once per query head of its group: [rows, HEADS, 2 * HALF]
+        group = HEADS // KV_HEADS
+        for g in tl.static_range(HEADS // KV_HEADS):
+            kept_k = KOut + (row * HEADS + kv_head * group + g) * 2 * HALF
+            tl.store(kept_k + d, r1, mask=is_k)
+            tl.store(kept_k + HALF + d, r2, mask=is_k)
+            kept_v = VOut + (row * HEADS + (kv_head - KV_HEADS) * group + g) * 2 * HALF
+            tl.store(kept_v + d, x1, mask=is_v)
+            tl.store(kept_v + HALF + d, x2, mask=is_v)
+
+
+# Rows above this (a prefill) take every head of a row in one program. One program per (row, head)
+# was 151 us a layer for a sixteen-prompt prefill of 3,888 rows on the H200 (124k programs of 128
+# values each; scripts/profile_prefill.py, run 13); decode steps keep that grid.
+ONE_HEAD_MAX_ROWS = 64
 
 
 def qk_norm_rope_cache(qkv, q_norm_w, k_norm_w, eps, cos, sin, k_cache, v_cache, slots, positions, heads, kv_heads, keep_kv=False):
     """qkv: [M, (H + 2 Hkv) * D] -> (q, k, v): q [M, H, D] normed and rotated; k (normed, rotated)
     and v go straight into the cache at (slots[i], head, positions[i]). cos, sin: [M, D].
-    keep_kv: also return this step's k and v, [M, Hkv, D] each (else None): a prefill attends
-    over them without gathering them back from the cache (56 gathers of 1.4 ms in a 16-prompt
-    prefill on the H200, scripts/profile_prefill.py, run 12)."""
+    keep_kv: also return this step's k and v, each head repeated for the query heads of its group,
+    [M, H, D] each (else None): a prefill attends over them without gathering them back from the
+    cache (56 gathers, 1.4 ms of a 16-prompt prefill on the H200, run 12) or repeating them for
+    grouped-query attention (56 copies, 1.44 ms, run 13; scripts/profile_prefill.py)."""
     m = qkv.shape[0]
     head_dim = k_cache.shape[-1]
     q = torch.empty((m, heads, head_dim), device=qkv.device, dtype=qkv.dtype)
     k = v = None
     if keep_kv:
-        k, v = (torch.empty((m, kv_heads, head_dim), device=qkv.device, dtype=qkv.dtype) for _ in range(2))
-    _qk_norm_rope_cache_kernel[(m, heads + 2 * kv_heads)](
+        k, v = (torch.empty((m, heads, head_dim), device=qkv.device, dtype=qkv.dtype) for _ in range(2))
+    all_heads = heads + 2 * kv_heads
+    block_h = 1 if m <= ONE_HEAD_MAX_ROWS else triton.next_power_of_2(all_heads)
+    _qk_norm_rope_cache_kernel[(m, triton.cdiv(all_heads, block_h))](
         qkv, q_norm_w, k_norm_w, cos, sin, q, k_cache, v_cache, slots, positions,
         *((k, v) if keep_kv else (q, q)),  # without keep_kv the kernel stores nothing there
         qkv.stride(0), cos.stride(0), q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        eps, HEADS=heads, KV_HEADS=kv_heads, HALF=head_dim // 2, KEEP_KV=keep_kv, **launch_args(qkv),
+        eps, HEADS=heads, KV_HEADS=kv_heads, HALF=head_dim // 2, BLOCK_H=block_h, KEEP_KV=keep_kv, **launch_args(qkv),
     )  # fmt: skip
     return q, k, v
 
