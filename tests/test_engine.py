@@ -260,7 +260,8 @@ def engine_parts(tiny_checkpoint, tokenizer, tmp_path_factory):
 def _run(engine_parts, requests: list[tuple[list[int], SamplingParams]], *, slots: int, max_len: int = 64, cancel=None):
     model, tokenizer = engine_parts
     runner = ModelRunner(model, num_slots=slots, max_len=max_len, image_token_id=151655)
-    engine = Engine(runner, tokenizer, eos_token_ids={151645}, num_slots=slots).start()
+    # The watcher asks every millisecond: a cancellation is seen within a step or two.
+    engine = Engine(runner, tokenizer, eos_token_ids={151645}, num_slots=slots, cancel_check_interval_s=0.001).start()
     outputs = {i: [] for i in range(len(requests))}
     finished, all_done = set(), threading.Event()
 
@@ -304,7 +305,8 @@ def test_answers_do_not_depend_on_batching(engine_parts):
 def test_cancelled_request_frees_its_slot(engine_parts):
     requests = [([101, 202], SamplingParams(max_tokens=40)), ([103, 204], SamplingParams(max_tokens=3))]
     outputs, engine = _run(engine_parts, requests, slots=2, cancel=lambda i, out: i == 0 and len(out) >= 2)
-    assert outputs[0][-1].finish_reason == FinishReason.CANCELLED and len(outputs[0]) == 3
+    # cancelled once it has two outputs, seen by the watcher's next ask: before its 40 tokens
+    assert outputs[0][-1].finish_reason == FinishReason.CANCELLED and 3 <= len(outputs[0]) < 40
     assert outputs[1][-1].finish_reason == FinishReason.LENGTH
     assert engine.scheduler.slots.num_free == 2
 
@@ -382,34 +384,35 @@ def test_engine_serves_queued_vip_before_free_within_caps_and_times_out(engine_p
     assert counters["vip"].tokens == 9 and counters["vip"].ttft_count == 3
 
 
-def test_cancellation_is_asked_at_most_once_per_interval(engine_parts):
-    """Each is_cancelled is an IPC round trip under Triton: the engine asks on an interval, and a
-    cancelled sequence is finished (its slot freed) at the first step once the interval is up."""
+def test_cancellation_is_asked_off_the_loop_and_ends_the_sequence_at_the_next_step(engine_parts):
+    """Each is_cancelled is an IPC round trip under Triton: the engine's steps never ask; its
+    watcher asks every live sequence once per poll (a thread, on an interval), and a sequence it
+    found cancelled is finished (its slot freed) at the next step. Finished ones are not asked."""
     model, tokenizer = engine_parts
-    clock = FakeClock()
-    runner = ModelRunner(model, num_slots=1, max_len=64, image_token_id=151655)
-    engine = Engine(runner, tokenizer, eos_token_ids=set(), num_slots=1, clock=clock, cancel_check_interval_s=0.05)
-    asked, cancelled, outputs = [], [False], []
+    runner = ModelRunner(model, num_slots=2, max_len=64, image_token_id=151655)
+    engine = Engine(runner, tokenizer, eos_token_ids=set(), num_slots=2, clock=FakeClock())
+    asked, cancelled, outputs = [], {"a": False, "b": False}, {"a": [], "b": []}
 
-    def is_cancelled():
-        asked.append(clock.now)
-        return cancelled[0]
+    def sequence(name, max_tokens):
+        prompt = PromptInputs(torch.tensor([100, 200, 300]), torch.arange(3).expand(3, -1))
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        return Sequence(name, prompt, 3, 0, params, outputs[name].append, is_cancelled=lambda: asked.append(name) or cancelled[name])
 
-    prompt = PromptInputs(torch.tensor([100, 200, 300]), torch.arange(3).expand(3, -1))
-    params = SamplingParams(max_tokens=40, ignore_eos=True)
-    engine.submit(Sequence("a", prompt, 3, 0, params, outputs.append, is_cancelled=is_cancelled))
-    for now in (0.0, 0.01, 0.02, 0.04):
-        clock.now = now
+    engine.submit(sequence("a", 40))
+    engine.submit(sequence("b", 2))
+    for _ in range(4):
         engine.step()
-    assert asked == [0.0]
-    cancelled[0] = True
-    clock.now = 0.049
+    assert asked == [] and outputs["b"][-1].finish_reason == FinishReason.LENGTH
+    engine.watcher.poll()
+    assert asked == ["a"]  # b finished: not asked
+    cancelled["a"] = True
+    engine.watcher.poll()
+    assert outputs["a"][-1].finish_reason is None  # flagged: ends at the next step
     engine.step()
-    assert outputs[-1].finish_reason is None  # not asked yet: still decoding
-    clock.now = 0.05
-    engine.step()
-    assert asked == [0.0, 0.05] and outputs[-1].finish_reason == FinishReason.CANCELLED
-    assert engine.scheduler.slots.num_free == 1
+    assert asked == ["a", "a"] and outputs["a"][-1].finish_reason == FinishReason.CANCELLED
+    assert engine.scheduler.slots.num_free == 2
+    engine.watcher.poll()
+    assert asked == ["a", "a"]  # no longer live
 
 
 def test_cancel_by_request_id_ends_a_running_sequence_and_one_not_yet_seen(engine_parts):

@@ -9,6 +9,7 @@ import traceback
 import torch
 
 from ..tiers import TierTable
+from .cancellation import CancellationWatcher
 from .detokenizer import IncrementalDetokenizer
 from .metrics import EngineMetrics
 from .request import FinishReason, Sequence, StepOutput
@@ -22,10 +23,8 @@ from .slots import SlotPool
 class Engine:
     """tiers: who is admitted first and the per-tier caps and timeouts (default: none).
     clock: seconds, monotonic; tests pass a fake one to make queue timeouts deterministic.
-    cancel_check_interval_s: how often every sequence's ``is_cancelled`` is asked (0: each step).
-    Under Triton each ask is an IPC round trip to the server (56-84 us on the CPU machine:
-    scripts/probe_response_path.py), so asking 64 streams every step would cost the decode loop
-    milliseconds per token.
+    cancel_check_interval_s: how often every live sequence's ``is_cancelled`` is asked, by a
+    thread of its own (``CancellationWatcher``): under Triton each ask is an IPC round trip.
     server_counts: the server's other engines' running requests, so that tier caps hold for the
     whole server (several GPUs); None: this engine is the server's only one."""
 
@@ -38,7 +37,7 @@ class Engine:
         num_slots: int,
         tiers: TierTable = UNLIMITED,
         clock=time.monotonic,
-        cancel_check_interval_s: float = 0.0,
+        cancel_check_interval_s: float = 0.05,
         server_counts: ServerTierCounts | None = None,
         log=print,
     ):
@@ -48,8 +47,6 @@ class Engine:
         self.max_len = runner.max_len
         self.tiers = tiers
         self.clock = clock
-        self.cancel_check_interval_s = cancel_check_interval_s
-        self._last_cancel_check = float("-inf")
         self.scheduler = Scheduler(SlotPool(num_slots), tiers, clock=clock, server=server_counts)
         self.metrics = EngineMetrics(tiers)
         self.log = log
@@ -60,6 +57,9 @@ class Engine:
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="decoder-engine", daemon=True)
+        # Submitted and not finished (guarded by _wake): what the watcher asks about.
+        self._live: set[Sequence] = set()
+        self.watcher = CancellationWatcher(self._live_sequences, cancel_check_interval_s, log)
         # Per-sequence helpers, kept here so Sequence stays free of torch and tokenizers.
         self._detok: dict[Sequence, IncrementalDetokenizer] = {}
         self._generators: dict[Sequence, torch.Generator | None] = {}
@@ -68,6 +68,7 @@ class Engine:
 
     def start(self) -> "Engine":
         self._thread.start()
+        self.watcher.start()
         return self
 
     def submit(self, seq: Sequence) -> None:
@@ -98,6 +99,7 @@ class Engine:
                     raise QueueFull(f"the {seq.tier.name} tier's queue is full ({waiting} waiting); retry later")
                 seq.submitted_at = self.clock()
                 self._inbox.append(seq)
+                self._live.add(seq)
                 self._wake.notify()
         except (ValueError, RuntimeError):
             self.metrics.add(seq.tier.name, "rejected")
@@ -119,11 +121,16 @@ class Engine:
             self._stopping = True
             self._wake.notify()
         self._thread.join(timeout=30)
+        self.watcher.stop()
         for seq in self._all_waiting() + list(self.scheduler.running) + self._inbox:
             self._fail(seq, "the decoder is shutting down")
 
     def _all_waiting(self) -> list[Sequence]:
         return [seq for queue in self.scheduler.waiting.values() for seq in queue]
+
+    def _live_sequences(self) -> list[Sequence]:
+        with self._wake:
+            return list(self._live)
 
     # --- the loop -------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -159,10 +166,11 @@ class Engine:
             self._fail(seq, str(exc))
 
     def step(self) -> None:
-        """One engine step: take in submitted sequences, drop cancelled and timed-out ones, launch
-        the prefill of newcomers (highest tier first) and one decode step of the rest, then read
-        and stream the tokens of the step before, while the GPU computes this one. The loop
-        thread calls it; tests may call it directly on an engine that was not started.
+        """One engine step: take in submitted sequences, end cancelled ones (flagged by the watcher
+        or named by ``cancel``) and timed-out ones, launch the prefill of newcomers (highest tier
+        first) and one decode step of the rest, then read and stream the tokens of the step before,
+        while the GPU computes this one. The loop thread calls it; tests may call it directly on an
+        engine that was not started.
 
         Launching before reading hides the host's work (detokenizing, sending) behind the GPU's.
         The price: a sequence that stops on an end token or a stop string is decoded one step
@@ -177,15 +185,11 @@ class Engine:
             named = dict(self._cancelled_ids) if self._cancelled_ids else {}
         for seq in inbox:
             self._start_sequence(seq)
-        asked = self.clock() - self._last_cancel_check >= self.cancel_check_interval_s
-        if asked:
-            self._last_cancel_check = self.clock()
-        if asked or named:
-            for seq in self._all_waiting() + list(self.scheduler.running):
-                if seq.request_id in named or (asked and seq.is_cancelled()):
-                    self.metrics.add(seq.tier.name, "cancelled")
-                    self._finish(seq, StepOutput("", (), FinishReason.CANCELLED))
-                    named.pop(seq.request_id, None)
+        for seq in self._all_waiting() + list(self.scheduler.running):
+            if seq.cancel_requested or seq.request_id in named:
+                self.metrics.add(seq.tier.name, "cancelled")
+                self._finish(seq, StepOutput("", (), FinishReason.CANCELLED))
+                if named.pop(seq.request_id, None) is not None:
                     with self._wake:
                         self._cancelled_ids.pop(seq.request_id, None)
         if named:
@@ -255,6 +259,8 @@ class Engine:
 
     def _finish(self, seq: Sequence, output: StepOutput) -> None:
         self.scheduler.retire(seq)
+        with self._wake:
+            self._live.discard(seq)
         self._detok.pop(seq, None)
         self._generators.pop(seq, None)
         self._send(seq, output)
