@@ -4,8 +4,9 @@
 
 ``engine.sampler.sample`` over bf16 logits of Qwen3-VL's vocabulary (151,936) for 1 / 8 / 64 rows
 sampled as a request is by default (temperature 0.7, top-k 20, top-p 0.8), each row with its own
-seeded generator, as the engine calls it once per step. On CUDA the time includes a synchronize.
-Prints a table and writes JSON.
+seeded generator, as the engine calls it once per step; on CUDA also the graphed sampler that a
+graphed decode step's rows take (``engine.cuda_graphs.GraphedSampler``). On CUDA the time includes
+a synchronize. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -46,6 +47,16 @@ def main() -> int:
                 torch.cuda.synchronize()
 
         rows[f"sample(), {count} rows, ms"] = round(median_ms(step, args.repeat), 2)
+        if device.type == "cuda":
+            from model_repository.qwen3vl_runtime.engine.cuda_graphs import GraphedSampler
+
+            graphed = GraphedSampler({count: logits})
+
+            def graphed_step():
+                graphed(count, [DEFAULT] * count, generators)
+                torch.cuda.synchronize()
+
+            rows[f"graphed sampler, {count} rows, ms"] = round(median_ms(graphed_step, args.repeat), 3)
     write_table(args.out, ("step", "median ms"), "median_ms", rows, device=str(device), threads=torch.get_num_threads())
     return 0
 

@@ -346,6 +346,26 @@ def test_batched_sampler_on_the_gpu_keeps_transformers_filter_and_its_seeds():
     assert all(torch.isfinite(transformers_filtered(logits[r], p)[first[r].item()]) for r, p in enumerate(ROWS))
 
 
+def test_graphed_sampler_replays_what_the_batched_sampler_draws():
+    """engine/cuda_graphs.GraphedSampler: three steps of five rows (bucket 8; greedy and sampled
+    rows, the generation config's default among them) give the eager sampler's tokens, each row's
+    generator advancing the same way. float32 logits: no ties to order differently."""
+    from model_repository.qwen3vl_runtime.engine import SamplingParams
+    from model_repository.qwen3vl_runtime.engine.cuda_graphs import GraphedSampler
+    from model_repository.qwen3vl_runtime.engine.sampler import sample
+    from tests.test_sampler import ROWS
+
+    vocab = 151936
+    buffers = {b: torch.zeros(b, vocab, device="cuda") for b in (1, 4, 8)}
+    sampler = GraphedSampler(buffers)
+    params = [ROWS[0], SamplingParams(), ROWS[2], ROWS[0], ROWS[5]]
+    graph_gens, eager_gens = ([None if p.greedy else torch.Generator().manual_seed(i) for i, p in enumerate(params)] for _ in range(2))
+    for step in range(3):
+        buffers[8].copy_(torch.randn(8, vocab, generator=torch.Generator().manual_seed(step)).mul(3))
+        graphed = sampler(8, params, graph_gens).clone()
+        assert torch.equal(graphed, sample(buffers[8][: len(params)], params, eager_gens)), step
+
+
 def test_decode_tuning_is_kept_for_the_next_start(tmp_path, monkeypatch):
     """kernels/tuning_cache.py: a second start takes the first one's pick, checked, not re-timed."""
     from model_repository.qwen3vl_runtime.kernels import int8_matmul, tuning_cache

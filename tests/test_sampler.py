@@ -7,7 +7,18 @@ import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from model_repository.qwen3vl_runtime.engine.request import SamplingParams
-from model_repository.qwen3vl_runtime.engine.sampler import draw, filter_logits, sample
+from model_repository.qwen3vl_runtime.engine.sampler import (
+    GRAPH_TOP_K,
+    PADDING_ROW,
+    SETTINGS,
+    draw,
+    filter_logits,
+    filter_rows,
+    graph_settings,
+    graphable,
+    sample,
+    sample_graphed,
+)
 
 VOCAB = 1000
 # Every combination the batch must keep apart: the generation config's default, temperature only,
@@ -101,3 +112,28 @@ def test_sample_mixes_greedy_and_seeded_rows(seed):
     assert first[0] == logits[0].argmax() and first[2] == logits[2].argmax()
     for row in (1, 3):  # a sampled token is one the row's filter kept
         assert torch.isfinite(transformers_filtered(logits[row], params[row])[first[row]])
+
+
+def test_the_graphed_sampler_body_samples_as_the_batched_sampler_does():
+    """``sample_graphed`` (what a decode step's CUDA graph replays: every row, fixed shapes, the
+    settings and uniforms from the host in one tensor) against ``sample`` on graphable rows; float32
+    logits, so no ties make the two top-k orders differ. Padding rows are greedy."""
+    vocab = VOCAB
+    logits = torch.randn(8, vocab, generator=torch.Generator().manual_seed(3)) * 3
+    params = [ROWS[0], SamplingParams(), ROWS[1], ROWS[2], ROWS[5], SamplingParams(temperature=0.6, top_k=GRAPH_TOP_K, top_p=0.9)]
+    assert graphable(params) and not graphable([ROWS[3]]) and not graphable([ROWS[4]])
+
+    def generators():
+        return [None if p.greedy else torch.Generator().manual_seed(7 + i) for i, p in enumerate(params)]
+
+    settings = graph_settings(params, generators(), len(logits), vocab)
+    assert settings.shape == (8, SETTINGS) and settings[len(params):].tolist() == [list(PADDING_ROW)] * 2
+    graphed = sample_graphed(logits, settings)
+    assert torch.equal(graphed[: len(params)], sample(logits[: len(params)], params, generators()))
+    assert torch.equal(graphed[len(params):], logits[len(params):].argmax(-1))
+    # bf16 logits tie: the kept values of each graphable row are those of its own filter
+    ties = bf16_logits(len(params))
+    kept = filter_rows(ties, graph_settings(params, generators(), len(params), vocab), GRAPH_TOP_K, "top_k")
+    for row, p in enumerate(params):
+        if not p.greedy:
+            assert kept_values(kept[row]) == kept_values(filter_logits(ties[row : row + 1], [p])[0]), row

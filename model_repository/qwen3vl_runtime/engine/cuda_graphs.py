@@ -12,7 +12,10 @@ from collections.abc import Callable
 import torch
 
 from ..fused_forward import fused_decode, prompt_rows, static_prefill
+from ..host_to_device import pinned_cat
 from ..text_model import TextModel
+from .request import SamplingParams
+from .sampler import PADDING_ROW, SETTINGS, graph_settings, sample_graphed
 
 BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128)
 
@@ -62,6 +65,7 @@ class GraphedDecodeStep:
         self.slots = torch.full((max_batch,), scratch_slot, dtype=torch.long, device=device)
         self.lengths = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.graphs, self.logits = capture_buckets(self.buckets, self._step)
+        self.last_bucket: int | None = None  # the bucket of the last replay (GraphedSampler reads its logits)
 
     def _step(self, b: int) -> torch.Tensor:
         slots = self.slots[:b]
@@ -78,8 +82,39 @@ class GraphedDecodeStep:
         if b > n:  # padding rows: write into the scratch slot, attend to one key
             self.slots[n:b].fill_(self.scratch_slot)
             self.lengths[n:b].zero_()
+        self.last_bucket = b
         self.graphs[b].replay()
         return self.logits[b][:n]
+
+
+class GraphedSampler:
+    """Sampling of a graphed decode step's logits, replayed from one CUDA graph per batch bucket.
+
+    Eager, ``sampler.sample`` is about 40 small launches per step: on the H200, 1.2 ms of host
+    time at one row (scripts/bench_sampler.py --device cuda), which made a sampled stream's decode
+    step host-bound: 2.18 ms per token against 1.34 greedy (bench_engine.py --sampled, run 14).
+    Each bucket's graph reads that bucket's decode logits in place; the rows' settings and uniform
+    draws cross in one copy per step. Greedy-only steps skip it (one argmax)."""
+
+    def __init__(self, logits_by_bucket: dict[int, torch.Tensor]):
+        self.logits = logits_by_bucket
+        self.vocab = next(iter(logits_by_bucket.values())).shape[-1]
+        device = next(iter(logits_by_bucket.values())).device
+        top = max(logits_by_bucket)
+        self.settings = torch.zeros(top, SETTINGS, dtype=torch.float32, device=device)
+        self.graphs, self.tokens = capture_buckets(logits_by_bucket, self._sample, prepare=self._greedy)
+
+    def _greedy(self, b: int) -> None:
+        self.settings[:b] = torch.tensor(PADDING_ROW)
+
+    def _sample(self, b: int) -> torch.Tensor:
+        return sample_graphed(self.logits[b], self.settings[:b])
+
+    def __call__(self, bucket: int, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
+        """Tokens [len(params)] for the rows of ``bucket``'s last decode (``sampler.graphable`` params)."""
+        self.settings[:bucket].copy_(pinned_cat([graph_settings(params, generators, bucket, self.vocab)], self.settings.device), non_blocking=True)
+        self.graphs[bucket].replay()
+        return self.tokens[bucket][: len(params)]
 
 
 class GraphedPrefill:

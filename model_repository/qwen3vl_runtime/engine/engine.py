@@ -14,7 +14,6 @@ from .detokenizer import IncrementalDetokenizer
 from .metrics import EngineMetrics
 from .request import FinishReason, Sequence, StepOutput
 from .runner import ModelRunner, TokensToHost
-from .sampler import sample
 from .scheduler import UNLIMITED, QueueFull, Scheduler
 from .server_caps import ServerTierCounts
 from .slots import SlotPool
@@ -209,7 +208,7 @@ class Engine:
         launched = []
         for phase, seqs, run in (("prefill", admitted, self.runner.prefill), ("decode", decoding, self.runner.decode)):
             if seqs:
-                tokens = sample(run(seqs), [s.params for s in seqs], [self._generators[s] for s in seqs])
+                tokens = self.runner.sample(run(seqs), [s.params for s in seqs], [self._generators[s] for s in seqs])
                 self.runner.feed(tokens)
                 for seq in seqs:
                     seq.launched += 1

@@ -9,7 +9,8 @@ import torch
 
 from ..host_to_device import pinned_cat, to_device
 from ..text_model import TextModel
-from .request import Sequence
+from .request import SamplingParams, Sequence
+from .sampler import graphable, sample
 from .vision import ImageEncoder, ImageInputs
 
 
@@ -59,12 +60,13 @@ class ModelRunner:
         # ``feed`` so that a step can be launched before the host has read the previous one's tokens.
         self.tokens_by_slot = torch.zeros(num_slots + on_gpu, dtype=torch.long, device=self.device)
         self._launched_slots: torch.Tensor | None = None  # the last prefill's or decode's slots, on the device
-        self.graphed_decode = None
+        self.graphed_decode = self.graphed_sampler = None
+        self._graphed_bucket: int | None = None  # set by a graphed decode, taken by ``sample``
         self._prefill = self._prefill_one_by_one
         if on_gpu:
             from ..fused_forward import fused_prefill
             from ..gpu import use_gpu_kernels
-            from .cuda_graphs import GraphedDecodeStep, GraphedPrefill
+            from .cuda_graphs import GraphedDecodeStep, GraphedPrefill, GraphedSampler
 
             use_gpu_kernels(model)
             # Decode positions are < max_len (Engine.submit bounds rope_delta): one lookup per step.
@@ -76,6 +78,7 @@ class ModelRunner:
             self._warm_up_prefill(scratch_slot=num_slots)
             if cuda_graphs:
                 self.graphed_decode = GraphedDecodeStep(model, self.kv, self.tokens_by_slot, max_batch=num_slots, scratch_slot=num_slots)
+                self.graphed_sampler = GraphedSampler(self.graphed_decode.logits)
                 if graphed_prefill:
                     prefill_graphs = GraphedPrefill(model, self.kv, scratch_slot=num_slots)
                     self._prefill = partial(self._graphed_or_eager_prefill, prefill_graphs)
@@ -117,6 +120,7 @@ class ModelRunner:
         indices) is computed from the host's copy of the prompts and queued to the GPU behind the
         step before, never read back: a prefill can be launched while that step still runs.
         """
+        self._graphed_bucket = None
         prompts: list[PromptInputs] = [s.prompt for s in seqs]
         ids = torch.cat([p.input_ids for p in prompts])
         embeds = self.model.embed(to_device(ids, self.device))
@@ -169,10 +173,22 @@ class ModelRunner:
             logits = self.graphed_decode(*pinned_cat([rows], self.device))
             # Its static slots buffer: read in stream order, before the next step overwrites it.
             self._launched_slots = self.graphed_decode.slots[: len(seqs)]
+            self._graphed_bucket = self.graphed_decode.last_bucket
             return logits
         positions, slots, lengths = to_device(rows, self.device)
         self._launched_slots = slots
         return self.model.decode(self.tokens_by_slot[slots], positions, self.kv, slots, lengths)
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
+        """One token per row of the logits ``prefill`` or ``decode`` just returned (``sampler.sample``);
+        a graphed decode step's sampled rows are replayed from the sampler's graph where their
+        settings allow (``sampler.graphable``). Its tokens are a static buffer: fed and copied to
+        the host in stream order, before the next step's replay."""
+        bucket, self._graphed_bucket = self._graphed_bucket, None
+        if bucket is not None and not all(p.greedy for p in params) and graphable(params):
+            return self.graphed_sampler(bucket, params, generators)
+        return sample(logits, params, generators)
 
     @torch.inference_mode()
     def feed(self, tokens: torch.Tensor) -> None:

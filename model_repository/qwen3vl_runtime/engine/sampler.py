@@ -28,21 +28,32 @@ def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
     top_k = [min(p.top_k, vocab) if p.top_k else vocab for p in params]  # vocab: no cut
     # The rows' settings in one copy to the device (this runs every step).
     settings = to_device(torch.tensor([[p.temperature, k, p.top_p] for p, k in zip(params, top_k)], dtype=torch.float32), logits.device)
-    temperature, k_row, top_p = settings.unbind(1)
-    scaled = logits / temperature[:, None]
     cut = [k < vocab for k in top_k]
+    nucleus = [p.top_p < 1 for p in params]
+    k_max = max((k for k, c in zip(top_k, cut) if c), default=0)
+    mode = None
+    if any(nucleus):  # the generation config's case (every nucleus row cut to its top k): no sort
+        mode = "top_k" if all(c for c, n in zip(cut, nucleus) if n) else "sort"
+    return filter_rows(logits, settings, k_max, mode)
+
+
+def filter_rows(logits: torch.Tensor, settings: torch.Tensor, k_max: int, nucleus: str | None) -> torch.Tensor:
+    """``filter_logits`` from device tensors alone (no host read: a CUDA graph can hold it).
+
+    settings: [S, 3+] float32 per row: temperature, top_k (the vocabulary: no cut), top_p (1: no
+    nucleus). k_max >= every row's top_k below the vocabulary (0: no row is cut). nucleus: "top_k"
+    where every row with top_p < 1 is cut, "sort" otherwise, None where no row has top_p < 1."""
+    vocab = logits.shape[-1]
+    temperature, k_row, top_p = settings[:, 0], settings[:, 1], settings[:, 2]
+    scaled = logits / temperature[:, None]
     largest = kth = None
-    if any(cut):
-        largest = torch.topk(scaled, max(k for k, c in zip(top_k, cut) if c), dim=-1)  # [S, k], descending
-        index = (k_row.long() - 1).clamp_(max=largest.values.shape[1] - 1)
+    if k_max:
+        largest = torch.topk(scaled, k_max, dim=-1)  # [S, k_max], descending
+        index = (k_row.long() - 1).clamp_(max=k_max - 1)
         kth = torch.where(k_row < vocab, largest.values.gather(1, index[:, None]).squeeze(1), float("-inf"))
         scaled = scaled.masked_fill(scaled < kth[:, None], float("-inf"))
-    nucleus = [p.top_p < 1 for p in params]
-    if any(nucleus):
-        if all(c for c, n in zip(cut, nucleus) if n):  # the generation config's case: no sort
-            keep = _nucleus_of_top_k(scaled, largest, kth, top_p)
-        else:
-            keep = _nucleus_by_sort(scaled, top_p)
+    if nucleus is not None:
+        keep = _nucleus_of_top_k(scaled, largest, kth, top_p) if nucleus == "top_k" else _nucleus_by_sort(scaled, top_p)
         scaled = scaled.masked_fill(~keep & (top_p < 1)[:, None], float("-inf"))
     return scaled
 
@@ -102,3 +113,35 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         probs = filter_logits(logits[rows].float(), [params[i] for i in sampled]).softmax(-1)
         tokens[rows] = draw(probs, to_device(uniforms, logits.device))
     return tokens
+
+
+# Rows a graph samples: greedy, or top_k in 1..GRAPH_TOP_K, or no nucleus (top_p 1). The
+# generation config's top_k is 20.
+GRAPH_TOP_K = 64
+# The host's row of a decode step's sampling inputs: temperature, top_k, top_p, uniform, greedy.
+SETTINGS = 5
+PADDING_ROW = (1.0, 1.0, 1.0, 0.0, 1.0)  # a padding row of a graph's bucket: greedy
+
+
+def graphable(params: list[SamplingParams]) -> bool:
+    """Whether ``sample_graphed`` samples every row as ``sample`` would."""
+    return all(p.greedy or 1 <= p.top_k <= GRAPH_TOP_K or p.top_p == 1 for p in params)
+
+
+def graph_settings(params: list[SamplingParams], generators: list[torch.Generator | None], rows: int, vocab: int) -> torch.Tensor:
+    """[rows, SETTINGS] float32 on the host for ``sample_graphed``: the params' rows (each sampled
+    row's uniform drawn from its generator, as ``sample`` draws it), then padding rows."""
+    out = torch.tensor([PADDING_ROW], dtype=torch.float32).repeat(rows, 1)
+    for row, (p, generator) in enumerate(zip(params, generators)):
+        if not p.greedy:
+            top_k = min(p.top_k, vocab) if p.top_k else vocab
+            out[row] = torch.tensor((p.temperature, top_k, p.top_p, float(torch.rand((), generator=generator)), 0.0))
+    return out
+
+
+def sample_graphed(logits: torch.Tensor, settings: torch.Tensor) -> torch.Tensor:
+    """Every row of logits [B, vocab] sampled from device settings [B, SETTINGS] with fixed shapes
+    and no host read (the graphed sampler's body): greedy rows by argmax, the others as
+    ``sample`` samples them (``graphable`` rows)."""
+    probs = filter_rows(logits.float(), settings, GRAPH_TOP_K, "top_k").softmax(-1)
+    return torch.where(settings[:, 4] > 0, logits.argmax(-1), draw(probs, settings[:, 3]))
