@@ -356,9 +356,10 @@ def test_graphed_sampler_replays_what_the_batched_sampler_draws():
     from tests.test_sampler import ROWS
 
     vocab = 151936
-    buffers = {b: torch.zeros(b, vocab, device="cuda") for b in (1, 4, 8)}
+    buffers = {b: torch.zeros(b, vocab, device="cuda") for b in (1, 4, 8, 16)}
     sampler = GraphedSampler(buffers)
-    params = [ROWS[0], SamplingParams(), ROWS[2], ROWS[0], ROWS[5]]
+    assert sorted(sampler.graphs) == [1, 4, 8]  # above GRAPH_MAX_ROWS the eager sampler measured faster
+    params = [ROWS[0], SamplingParams(), ROWS[2], ROWS[0], SamplingParams(temperature=0.9)]
     graph_gens, eager_gens = ([None if p.greedy else torch.Generator().manual_seed(i) for i, p in enumerate(params)] for _ in range(2))
     for step in range(3):
         buffers[8].copy_(torch.randn(8, vocab, generator=torch.Generator().manual_seed(step)).mul(3))

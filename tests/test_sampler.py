@@ -120,8 +120,10 @@ def test_the_graphed_sampler_body_samples_as_the_batched_sampler_does():
     logits, so no ties make the two top-k orders differ. Padding rows are greedy."""
     vocab = VOCAB
     logits = torch.randn(8, vocab, generator=torch.Generator().manual_seed(3)) * 3
-    params = [ROWS[0], SamplingParams(), ROWS[1], ROWS[2], ROWS[5], SamplingParams(temperature=0.6, top_k=GRAPH_TOP_K, top_p=0.9)]
-    assert graphable(params) and not graphable([ROWS[3]]) and not graphable([ROWS[4]])
+    params = [ROWS[0], SamplingParams(), ROWS[1], ROWS[2], SamplingParams(temperature=0.9, top_p=0.7, top_k=3),
+              SamplingParams(temperature=0.6, top_k=GRAPH_TOP_K, top_p=0.9)]  # fmt: skip
+    # a nucleus without a top-k cut, or a cut above GRAPH_TOP_K (with or without one): the eager way
+    assert graphable(params) and not any(graphable([ROWS[r]]) for r in (3, 4, 5))
 
     def generators():
         return [None if p.greedy else torch.Generator().manual_seed(7 + i) for i, p in enumerate(params)]

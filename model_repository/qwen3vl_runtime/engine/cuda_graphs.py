@@ -15,7 +15,7 @@ from ..fused_forward import fused_decode, prompt_rows, static_prefill
 from ..host_to_device import pinned_cat
 from ..text_model import TextModel
 from .request import SamplingParams
-from .sampler import PADDING_ROW, SETTINGS, graph_settings, sample_graphed
+from .sampler import GRAPH_MAX_ROWS, PADDING_ROW, SETTINGS, graph_settings, sample_graphed
 
 BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128)
 
@@ -92,11 +92,13 @@ class GraphedSampler:
 
     Eager, ``sampler.sample`` is about 40 small launches per step: on the H200, 1.2 ms of host
     time at one row (scripts/bench_sampler.py --device cuda), which made a sampled stream's decode
-    step host-bound: 2.18 ms per token against 1.34 greedy (bench_engine.py --sampled, run 14).
-    Each bucket's graph reads that bucket's decode logits in place; the rows' settings and uniform
-    draws cross in one copy per step. Greedy-only steps skip it (one argmax)."""
+    step host-bound: 2.18 ms per token against 1.34 greedy (bench_engine.py --sampled, run 14;
+    graphed, 1.61). Each bucket's graph reads that bucket's decode logits in place; the rows'
+    settings and uniform draws cross in one copy per step. Greedy-only steps skip it (one argmax),
+    and so do buckets above ``sampler.GRAPH_MAX_ROWS``, where the graph measured slower."""
 
     def __init__(self, logits_by_bucket: dict[int, torch.Tensor]):
+        logits_by_bucket = {b: t for b, t in logits_by_bucket.items() if b <= GRAPH_MAX_ROWS}
         self.logits = logits_by_bucket
         self.vocab = next(iter(logits_by_bucket.values())).shape[-1]
         device = next(iter(logits_by_bucket.values())).device

@@ -183,10 +183,11 @@ class ModelRunner:
     def sample(self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
         """One token per row of the logits ``prefill`` or ``decode`` just returned (``sampler.sample``);
         a graphed decode step's sampled rows are replayed from the sampler's graph where their
-        settings allow (``sampler.graphable``). Its tokens are a static buffer: fed and copied to
-        the host in stream order, before the next step's replay."""
+        settings allow (``sampler.graphable``) and their bucket has one. Those tokens are a static
+        buffer: fed and copied to the host in stream order, before the next step's replay."""
         bucket, self._graphed_bucket = self._graphed_bucket, None
-        if bucket is not None and not all(p.greedy for p in params) and graphable(params):
+        graphed = self.graphed_sampler is not None and bucket in self.graphed_sampler.graphs
+        if graphed and not all(p.greedy for p in params) and graphable(params):
             return self.graphed_sampler(bucket, params, generators)
         return sample(logits, params, generators)
 

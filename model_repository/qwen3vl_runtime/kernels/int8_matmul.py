@@ -329,10 +329,9 @@ def candidates(bucket: int, weight_dtype: torch.dtype, n: int = 0, k: int = 0, s
         major = [(64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4)]
         out += [Launch("weight_major", block_m, n_, k_, w, s) for n_, k_, w, s in major]
     if bucket <= 4:
-        # The last four are first guesses, not yet run: all of K = 2,048 in one step (every weight
-        # load of a program issued at once), and smaller tiles for 2-4 rows, whose [rows, N, K]
-        # float32 products fill the registers.
-        few = [(4, 512, 4, 3), (4, 1024, 4, 1), (8, 512, 4, 3), (32, 128, 4, 3), (2, 2048, 4, 1), (4, 2048, 8, 1), (8, 256, 4, 3), (16, 128, 4, 3)]
+        # Also measured and never picked (H200, run 14, bench_decode_matmul.py at 1-4 rows): all of
+        # K in one step (2x2048, 4x2048 with 8 warps) and smaller tiles (8x256, 16x128).
+        few = [(4, 512, 4, 3), (4, 1024, 4, 1), (8, 512, 4, 3), (32, 128, 4, 3)]
         out += [Launch("few_rows", bucket, n_, k_, w, s) for n_, k_, w, s in few]
     if n and sms:
         for launch in [launch for launch in out if launch.convert == "bf16"]:
