@@ -6,9 +6,9 @@ the stub's IPC, which the per-token path must not wait on. Imported only inside 
 
 from __future__ import annotations
 
-import threading
-
 import triton_python_backend_utils as pb_utils
+
+from .periodic import Periodic
 
 PREFIX = "qwen3vl"
 COUNTERS = {  # TierCounters field -> (metric name, help)
@@ -22,13 +22,13 @@ COUNTERS = {  # TierCounters field -> (metric name, help)
 }
 
 
-class EngineMetricsPublisher:
+class EngineMetricsPublisher(Periodic):
     """engine_name: the ``engine`` label of every metric (the model instance): with one engine per
     GPU each publishes its own series, which dashboards sum by tier."""
 
     def __init__(self, engine, engine_name: str, interval_s: float = 0.5):
+        super().__init__("engine-metrics", interval_s, self._publish_or_stop)
         self.engine = engine
-        self.interval_s = interval_s
         tiers = [t.name for t in engine.tiers.tiers]
         # Triton deletes a family's metrics with it: keep every family alive as long as this object.
         self._families = []
@@ -52,24 +52,14 @@ class EngineMetricsPublisher:
         self._engine_labels = engine_only
         self.phase_metrics = {}  # phase -> its counter, made when the engine first reports the phase
         self._published = {}  # counter key -> the total already added to the Prometheus counter
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="engine-metrics", daemon=True)
 
-    def start(self) -> "EngineMetricsPublisher":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.publish()
-            except Exception as exc:  # metrics must never take the model down; say it once
-                pb_utils.Logger.log_error(f"engine metrics stopped: {exc}")
-                return
+    def _publish_or_stop(self) -> bool:
+        try:
+            self.publish()
+            return True
+        except Exception as exc:  # metrics must never take the model down; say it once
+            pb_utils.Logger.log_error(f"engine metrics stopped: {exc}")
+            return False
 
     def _increment_to(self, metric, key, value: float) -> None:
         """Bring a Prometheus counter up to the engine's running total ``value``."""
