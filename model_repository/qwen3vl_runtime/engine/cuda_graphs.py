@@ -95,10 +95,11 @@ class GraphedSampler:
     step host-bound: 2.18 ms per token against 1.34 greedy (bench_engine.py --sampled, run 14;
     graphed, 1.61). Each bucket's graph reads that bucket's decode logits in place; the rows'
     settings and uniform draws cross in one copy per step. Greedy-only steps skip it (one argmax),
-    and so do buckets above ``sampler.GRAPH_MAX_ROWS``, where the graph measured slower."""
+    and so do buckets above ``max_rows`` (``sampler.GRAPH_MAX_ROWS``), where the graph measured
+    slower."""
 
-    def __init__(self, logits_by_bucket: dict[int, torch.Tensor]):
-        logits_by_bucket = {b: t for b, t in logits_by_bucket.items() if b <= GRAPH_MAX_ROWS}
+    def __init__(self, logits_by_bucket: dict[int, torch.Tensor], max_rows: int = GRAPH_MAX_ROWS):
+        logits_by_bucket = {b: t for b, t in logits_by_bucket.items() if b <= max_rows}
         self.logits = logits_by_bucket
         self.vocab = next(iter(logits_by_bucket.values())).shape[-1]
         device = next(iter(logits_by_bucket.values())).device
