@@ -39,11 +39,6 @@ os.environ["QWEN3VL_TUNING_CACHE"] = ""  # every candidate timed here, none take
 LAYERS = 28
 
 
-def family(launch: kernels.Launch) -> str:
-    name = launch.kernel if launch.kernel != "tensor_cores" else f"tc/{launch.convert}"
-    return name + ("/split-k" if launch.split_k > 1 else "")
-
-
 def measure(name: str, n: int, k: int, m: int, mode: str) -> dict:
     torch.manual_seed(0)
     weight = torch.randn(n, k, device="cuda") / k**0.5
@@ -62,7 +57,7 @@ def measure(name: str, n: int, k: int, m: int, mode: str) -> dict:
     families: dict[str, float] = {}
     for launch, ms, _ in tuning.timings:
         if ms is not None:
-            families[family(launch)] = min(ms, families.get(family(launch), ms))
+            families[launch.family] = min(ms, families.get(launch.family, ms))
     row["best_by_family_ms"] = families
     return row
 
@@ -85,8 +80,7 @@ def main() -> int:
                 results.append(r)
                 if "best" not in r:
                     continue
-                b = r["best"]
-                pick = f"{family(kernels.Launch(**b))} {b['block_n']}x{b['block_k']} w{b['warps']} s{b['stages']} k/{b['split_k']}"
+                pick = kernels.Launch(**r["best"]).label
                 families = ", ".join(f"{f} {ms * 1e3:.1f}" for f, ms in sorted(r["best_by_family_ms"].items()))
                 print(
                     f"| {mode} | {name} | {m} | {r['bf16_ms'] * 1e3:.1f} | {r['best_ms'] * 1e3:.1f} | {pick} | "

@@ -256,6 +256,7 @@ def test_decode_tuner_splits_k_only_to_fill_the_gpu_and_only_where_it_clearly_wi
     assert not [c for c in candidates(4, torch.int8, 151936, 2048, 132) if c.split_k > 1]
     assert all(c.split_k == 1 for c in candidates(4, torch.int8))
     whole, split = Launch("few_rows", 1, 4, 1024), Launch("few_rows", 1, 4, 1024, split_k=2)
+    assert (whole.label, split.family) == ("few_rows 4x1024 w4 s4 k/1", "few_rows/split-k")  # the tuner's log line, bench tables
     assert pick([(whole, 9.5), (split, 9.5)]) is whole  # a tie: the launch fewer wins
     assert pick([(whole, 10.0), (split, 10.0 * (1 - MIN_SPLIT_GAIN) + 0.01)]) is whole
     assert pick([(whole, 10.0), (split, 8.0)]) is split

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -265,6 +266,16 @@ class Launch:
     split_k: int = 1
 
     @property
+    def family(self) -> str:
+        """The kernel and how it runs, without the tile: "tc/bf16", "weight_major/split-k", ..."""
+        name = self.kernel if self.kernel != "tensor_cores" else f"tc/{self.convert}"
+        return name + ("/split-k" if self.split_k > 1 else "")
+
+    @property
+    def label(self) -> str:
+        return f"{self.family} {self.block_n}x{self.block_k} w{self.warps} s{self.stages} k/{self.split_k}"
+
+    @property
     def max_error(self) -> float:
         """Relative error allowed against the float32 product at tuning: bf16 outputs are ~1e-3
         off; W8A8 rounds the activations to fp8 too (2.6e-2 measured on random rows, run 10), within
@@ -421,8 +432,15 @@ def cached_or_tuned(key: tuple, weight: torch.Tensor, scale: torch.Tensor) -> Tu
             return Tuning(best=launch, timings=[(launch, None, "from the tuning cache")])
         except Exception as problem:  # noqa: BLE001 - an entry of other fields, a launch that no longer agrees
             print(f"qwen3vl: cached decode launch for {key} not used ({problem}); tuning anew", file=sys.stderr)
+    started = time.perf_counter()
     tuning = tune(bucket, weight, scale, dtype)
     tuning_cache.store(print_, key, tuning.best)
+    # A first start on a GPU tunes every key (105.6 s for the int8 engine on a fresh H200, with
+    # Triton compiling each candidate: run 14): one line each, so the wait shows where it goes.
+    best_ms = next(ms for launch, ms, _ in tuning.timings if launch == tuning.best)
+    print(f"qwen3vl: tuned the {weight.shape[0]} x {weight.shape[1]} {str(weight.dtype).replace('torch.', '')} product for up to "
+          f"{bucket} rows: {tuning.best.label}, {best_ms * 1e3:.1f} us ({len(tuning.timings)} launches in "
+          f"{time.perf_counter() - started:.1f} s)", file=sys.stderr, flush=True)  # fmt: skip
     return tuning
 
 

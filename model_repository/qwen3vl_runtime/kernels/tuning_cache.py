@@ -5,7 +5,8 @@ int8 engine started in 15.2 s on the H200 against bf16's 1.6, which has nothing 
 bench_engine.py's startup_s; the tuning's share not timed apart). And two processes of the same
 code could pick differently where candidates time within noise: in run 13 that moved the one-row
 step between 1.349 and 1.549 ms (docs/benchmarks.md). With the picks kept, a restart skips the
-timing (its start not yet measured) and serves the same kernels.
+timing and serves the same kernels: 2.97 s (run 14, picks from the same run's earlier processes;
+on a fresh machine, with Triton's compile cache empty too, 105.6 s).
 An entry is used only where everything it depends on is unchanged (``fingerprint``: this module's
 kernels, Triton, PyTorch, the GPU and whether programmatic launch is on), and its launch is checked
 against the float32 reference before it is served (``int8_matmul.launch_for``).
