@@ -187,13 +187,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: TextConfig):
         super().__init__()
-        self.intermediate_size = config.intermediate_size
         # gate and up projections fused into one matmul (rows in that order).
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

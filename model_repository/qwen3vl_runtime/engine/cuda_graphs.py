@@ -65,7 +65,10 @@ class GraphedDecodeStep:
         self.slots = torch.full((max_batch,), scratch_slot, dtype=torch.long, device=device)
         self.lengths = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.graphs, self.logits = capture_buckets(self.buckets, self._step)
-        self.last_bucket: int | None = None  # the bucket of the last replay (GraphedSampler reads its logits)
+
+    def bucket_for(self, n: int) -> int:
+        """The graph a step of n rows replays (its logits are what GraphedSampler reads)."""
+        return next(size for size in self.buckets if size >= n)
 
     def _step(self, b: int) -> torch.Tensor:
         slots = self.slots[:b]
@@ -75,14 +78,13 @@ class GraphedDecodeStep:
         """``TextModel.decode`` of each slot's newest token, for n <= max_batch rows (host tensors
         in pinned memory, or device tensors) -> logits [n, vocab]."""
         n = len(slots)
-        b = next(size for size in self.buckets if size >= n)
+        b = self.bucket_for(n)
         self.positions[:n].copy_(positions, non_blocking=True)
         self.slots[:n].copy_(slots, non_blocking=True)
         self.lengths[:n].copy_(lengths, non_blocking=True)
         if b > n:  # padding rows: write into the scratch slot, attend to one key
             self.slots[n:b].fill_(self.scratch_slot)
             self.lengths[n:b].zero_()
-        self.last_bucket = b
         self.graphs[b].replay()
         return self.logits[b][:n]
 
@@ -90,8 +92,8 @@ class GraphedDecodeStep:
 class GraphedSampler:
     """Sampling of a graphed decode step's logits, replayed from one CUDA graph per batch bucket.
 
-    Eager, ``sampler.sample`` is about 40 small launches per step: on the H200, 1.2 ms of host
-    time at one row (scripts/bench_sampler.py --device cuda), which made a sampled stream's decode
+    Eager, ``sampler.sample`` is a few dozen small launches per step (not counted): on the H200,
+    1.2 ms at one row (scripts/bench_sampler.py --device cuda), which made a sampled stream's decode
     step host-bound: 2.18 ms per token against 1.34 greedy (bench_engine.py --sampled, run 14;
     graphed, 1.61). Each bucket's graph reads that bucket's decode logits in place; the rows'
     settings and uniform draws cross in one copy per step. Greedy-only steps skip it (one argmax),

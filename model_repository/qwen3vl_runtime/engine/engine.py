@@ -56,9 +56,11 @@ class Engine:
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="decoder-engine", daemon=True)
-        # Submitted and not finished (guarded by _wake): what the watcher asks about.
+        # Submitted and not finished: what the watcher asks about; those it found cancelled (both
+        # guarded by _wake).
         self._live: set[Sequence] = set()
-        self.watcher = CancellationWatcher(self._live_sequences, cancel_check_interval_s, log)
+        self._client_cancelled: list[Sequence] = []
+        self.watcher = CancellationWatcher(self._live_sequences, self._hand_over_cancelled, cancel_check_interval_s, log)
         # Per-sequence helpers, kept here so Sequence stays free of torch and tokenizers.
         self._detok: dict[Sequence, IncrementalDetokenizer] = {}
         self._generators: dict[Sequence, torch.Generator | None] = {}
@@ -131,6 +133,11 @@ class Engine:
         with self._wake:
             return list(self._live)
 
+    def _hand_over_cancelled(self, seq: Sequence) -> None:
+        with self._wake:
+            self._client_cancelled.append(seq)
+            self._wake.notify()
+
     # --- the loop -------------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
@@ -165,8 +172,8 @@ class Engine:
             self._fail(seq, str(exc))
 
     def step(self) -> None:
-        """One engine step: take in submitted sequences, end cancelled ones (flagged by the watcher
-        or named by ``cancel``) and timed-out ones, launch the prefill of newcomers (highest tier
+        """One engine step: take in submitted sequences, end cancelled ones (handed over by the
+        watcher or named by ``cancel``) and timed-out ones, launch the prefill of newcomers (highest tier
         first) and one decode step of the rest, then read and stream the tokens of the step before,
         while the GPU computes this one. The loop thread calls it; tests may call it directly on an
         engine that was not started.
@@ -181,14 +188,18 @@ class Engine:
         started = time.perf_counter()
         with self._wake:
             inbox, self._inbox = self._inbox, []
+            client_cancelled, self._client_cancelled = self._client_cancelled, []
             named = dict(self._cancelled_ids) if self._cancelled_ids else {}
         for seq in inbox:
             self._start_sequence(seq)
-        for seq in self._all_waiting() + list(self.scheduler.running):
-            if seq.cancel_requested or seq.request_id in named:
-                self.metrics.add(seq.tier.name, "cancelled")
-                self._finish(seq, StepOutput("", (), FinishReason.CANCELLED))
-                if named.pop(seq.request_id, None) is not None:
+        for seq in client_cancelled:
+            if not seq.finished:  # a sequence may be handed over twice, or end meanwhile
+                self._cancel(seq)
+        if named:
+            for seq in self._all_waiting() + list(self.scheduler.running):
+                if seq.request_id in named:
+                    self._cancel(seq)
+                    named.pop(seq.request_id)
                     with self._wake:
                         self._cancelled_ids.pop(seq.request_id, None)
         if named:
@@ -255,6 +266,10 @@ class Engine:
             self.log(f"request {seq.request_id}: sending a response failed:\n{traceback.format_exc()}")
             if output.finish_reason is None and output.error is None:
                 self._finish(seq, StepOutput("", (), FinishReason.CANCELLED))
+
+    def _cancel(self, seq: Sequence) -> None:
+        self.metrics.add(seq.tier.name, "cancelled")
+        self._finish(seq, StepOutput("", (), FinishReason.CANCELLED))
 
     def _finish(self, seq: Sequence, output: StepOutput) -> None:
         self.scheduler.retire(seq)

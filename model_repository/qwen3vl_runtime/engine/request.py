@@ -114,8 +114,8 @@ class Sequence:
 
     prompt: the runner's prefill inputs (token ids, positions, image rows; opaque here).
     emit: called on the engine thread with each StepOutput; the last one has a finish_reason.
-    is_cancelled: asked on an interval by the engine's ``CancellationWatcher``, which sets
-    cancel_requested; the engine then ends the sequence and frees its slot.
+    is_cancelled: asked on an interval by the engine's ``CancellationWatcher``; a cancelled sequence
+    is ended at the engine's next step and its slot freed.
     """
 
     request_id: str
@@ -130,7 +130,6 @@ class Sequence:
     launched: int = 0  # output tokens whose computation is queued on the device (>= len(output_ids))
     slot: int | None = None
     finished: bool = False
-    cancel_requested: bool = False  # set from the watcher's thread, read by the engine's
     tier: Any = None  # the resolved Tier, set by the engine
     enqueued_at: float = 0.0
     submitted_at: float = 0.0

@@ -173,7 +173,7 @@ class ModelRunner:
             logits = self.graphed_decode(*pinned_cat([rows], self.device))
             # Its static slots buffer: read in stream order, before the next step overwrites it.
             self._launched_slots = self.graphed_decode.slots[: len(seqs)]
-            self._graphed_bucket = self.graphed_decode.last_bucket
+            self._graphed_bucket = self.graphed_decode.bucket_for(len(seqs))
             return logits
         positions, slots, lengths = to_device(rows, self.device)
         self._launched_slots = slots

@@ -25,7 +25,7 @@ def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
     the fewest top logits whose probabilities reach top_p, always the first (of logits tied at the
     boundary, as many as that needs)."""
     vocab = logits.shape[-1]
-    top_k = [min(p.top_k, vocab) if p.top_k else vocab for p in params]  # vocab: no cut
+    top_k = [_cut(p, vocab) for p in params]
     # The rows' settings in one copy to the device (this runs every step).
     settings = to_device(torch.tensor([[p.temperature, k, p.top_p] for p, k in zip(params, top_k)], dtype=torch.float32), logits.device)
     cut = [k < vocab for k in top_k]
@@ -35,6 +35,11 @@ def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
     if any(nucleus):  # the generation config's case (every nucleus row cut to its top k): no sort
         mode = "top_k" if all(c for c, n in zip(cut, nucleus) if n) else "sort"
     return filter_rows(logits, settings, k_max, mode)
+
+
+def _cut(params: SamplingParams, vocab: int) -> int:
+    """The row's top-k as the filters read it: the vocabulary where there is no cut."""
+    return min(params.top_k, vocab) if params.top_k else vocab
 
 
 def filter_rows(logits: torch.Tensor, settings: torch.Tensor, k_max: int, nucleus: str | None) -> torch.Tensor:
@@ -137,12 +142,9 @@ def graphable(params: list[SamplingParams]) -> bool:
 def graph_settings(params: list[SamplingParams], generators: list[torch.Generator | None], rows: int, vocab: int) -> torch.Tensor:
     """[rows, SETTINGS] float32 on the host for ``sample_graphed``: the params' rows (each sampled
     row's uniform drawn from its generator, as ``sample`` draws it), then padding rows."""
-    out = torch.tensor([PADDING_ROW], dtype=torch.float32).repeat(rows, 1)
-    for row, (p, generator) in enumerate(zip(params, generators)):
-        if not p.greedy:
-            top_k = min(p.top_k, vocab) if p.top_k else vocab
-            out[row] = torch.tensor((p.temperature, top_k, p.top_p, float(torch.rand((), generator=generator)), 0.0))
-    return out
+    settings = [PADDING_ROW if p.greedy else (p.temperature, _cut(p, vocab), p.top_p, float(torch.rand((), generator=g)), 0.0)
+                for p, g in zip(params, generators)]  # fmt: skip
+    return torch.tensor(settings + [PADDING_ROW] * (rows - len(settings)), dtype=torch.float32)
 
 
 def sample_graphed(logits: torch.Tensor, settings: torch.Tensor) -> torch.Tensor:
