@@ -3,7 +3,7 @@
 CI has no GPU, so without this the batched prefill (prompts of one length attended as one batch,
 ragged ones grouped by length, grouped-query heads, deepstack rows), the int8 product of many
 rows (a dequantizing kernel, then a dense product), the decode-sized kernels (whole and split over
-K), the decode attention (whole and split over the keys) and the vision tower's rotary kernel
+K; x prescaled into fp16), the decode attention (whole and split over the keys) and the vision tower's rotary kernel
 would only be tested on the GPU machine. TRITON_INTERPRET must be set before Triton compiles
 anything: the comparison runs in a child process (this file run as a script), and the test reads
 its verdict.
@@ -26,7 +26,7 @@ def test_fused_prefill_and_int8_product_match_the_reference(tiny_checkpoint):
     assert out.returncode == 0, out.stderr[-4000:]
     errors = json.loads(out.stdout.strip().splitlines()[-1])
     fp16_operands = {name: e for name, e in errors.items() if "convert='f16" in name}
-    assert len(errors) == 1 + 5 + 3 + 2 + 2 * 5 + 2 + 1 and len(fp16_operands) == 2, errors
+    assert len(errors) == 1 + 5 + 3 + 2 + 2 * 5 + 2 + 2 + 1 and len(fp16_operands) == 4, errors
     # float32 activations rounded to fp16 operands: ~2^-11 relative; everything else float32 throughout
     assert max(fp16_operands.values()) < 2e-3, fp16_operands
     assert max(e for name, e in errors.items() if name not in fp16_operands) < 1e-5, errors
@@ -50,7 +50,7 @@ def _compare(checkpoint: Path) -> dict[str, float]:
     from model_repository.qwen3vl_runtime.decoder_weights import load_text_model
     from model_repository.qwen3vl_runtime.fused_forward import fused_prefill
     from model_repository.qwen3vl_runtime.kernels.decode_attention import decode_attention
-    from model_repository.qwen3vl_runtime.kernels.int8_matmul import DECODE_MAX_ROWS, candidates, int8_matmul, rows_bucket
+    from model_repository.qwen3vl_runtime.kernels.int8_matmul import DECODE_MAX_ROWS, Launch, candidates, int8_matmul, rows_bucket
     from model_repository.qwen3vl_runtime.kernels.vision_rope import vision_rope
     from model_repository.qwen3vl_runtime.quant import dequantize_weight, quantize_weight
     from model_repository.qwen3vl_runtime.text_model import sdpa_decode_attention
@@ -103,6 +103,14 @@ def _compare(checkpoint: Path) -> dict[str, float]:
                     out = torch.empty(3, 96)
                     split(x, q, scale, out)
                     errors[f"int8 {split}"] = rel(out, expected)
+        # x scaled into fp16 by its own kernel: rows far past fp16's 65,504, 20 of a 32-row tile
+        x = torch.randn(20, 160) * 1e6
+        expected = x.double() @ dequantize_weight(q, scale, torch.float64).T
+        prescaled = Launch("tensor_cores", 32, 32, 256, convert="f16_bits", prescale=True)
+        for split in (prescaled, replace(prescaled, split_k=2)):
+            out = torch.empty(20, 96)
+            split(x, q, scale, out)
+            errors[f"int8 {split}"] = rel(out, expected)
         # Decode attention, whole and split over the keys (lengths 1-130: splits past a sequence's
         # keys, one partly filled BLOCK_L step); grouped-query heads
         k_cache, v_cache = torch.randn(5, 2, 160, 32), torch.randn(5, 2, 160, 32)
