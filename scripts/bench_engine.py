@@ -217,16 +217,17 @@ def bench_engine(checkpoint: Path, precision: str, prompt: PromptInputs, inputs:
             # first_wave_*). Without it, run 13's rows at 4-64 streams had first-token p99s of
             # 323-434 ms against p50s of 44-93 (the capture's share not measured apart).
             first_wave = loop.run(c, c)
-            steps_before, phases_before = engine.metrics.phases_snapshot()
+            totals = engine.metrics.step_totals()
             result = loop.run(c, max(3 * c, 8))
             result.update(first_wave_ttft_p99_ms=first_wave["ttft_p99_ms"], first_wave_tok_per_s=first_wave["output_tok_per_s"])
-            result.update(engine_phases(engine, steps_before, phases_before))
+            result.update(engine.metrics.step_totals().since(totals))
             system = "engine+vision" if args.vision_in_engine else "engine"
             result.update(system=system, precision=precision, concurrency=c, startup_s=startup, sampled=args.sampled)
             result["gpu_mem_gib"] = peak_gib()
             rows.append(result)
             print(_row(result), flush=True)
-            print(f"|   steps {result['steps']}, ms per step: {result['phase_ms_per_step']}", flush=True)
+            print(f"|   steps {result['steps']}, ms per step: {result['phase_ms_per_step']}; {result['prefill_steps']} prefills of "
+                  f"{result['prompts_per_prefill']} prompts on average", flush=True)  # fmt: skip
     finally:
         engine.stop()
         del engine, runner, model, loop
@@ -234,14 +235,6 @@ def bench_engine(checkpoint: Path, precision: str, prompt: PromptInputs, inputs:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return rows
-
-
-def engine_phases(engine: Engine, steps_before: int, phases_before: dict[str, float]) -> dict:
-    """The engine thread's wall time per step phase over one run (Engine.step says what each is)."""
-    steps, phases = engine.metrics.phases_snapshot()
-    steps -= steps_before
-    per_step = {name: round((seconds - phases_before.get(name, 0.0)) / max(steps, 1) * 1e3, 3) for name, seconds in phases.items()}
-    return {"steps": steps, "phase_ms_per_step": per_step}
 
 
 def _row(r: dict) -> str:

@@ -34,9 +34,8 @@ from perf_analyzer_load import run_perf_analyzer  # noqa: E402
 from triton_trace import (  # noqa: E402
     Tracing,
     engine_first_token_seconds,
-    engine_phase_seconds,
+    engine_step_totals,
     engine_ttft_mean_ms,
-    phase_ms_per_step,
     server_args,
     ttft_breakdown,
 )
@@ -212,14 +211,17 @@ def main() -> int:
             # time make the vision tower capture a graph for that many (kept as first_wave_*).
             first_wave = closed_loop(server.grpc_url, image, c, c)
             before, first_tokens = model_statistics(server.grpc_url), engine_first_token_seconds(server.metrics_url)
-            phases = engine_phase_seconds(server.metrics_url)
+            totals = engine_step_totals(server.metrics_url)
             row = closed_loop(server.grpc_url, image, c, max(3 * c, 8))
             row.update(first_wave_ttft_p99_ms=first_wave["ttft_p99_ms"], first_wave_tok_per_s=first_wave["output_tok_per_s"])
             row["triton_stages"] = stage_times(before, model_statistics(server.grpc_url))
             # The engine's own share of the first token (submit to first token), beside the client's,
-            # and its step phases in ms per step (as bench_engine.py reports them for the engine alone).
+            # its step phases in ms per step and its prompts per prefill (as bench_engine.py reports
+            # them for the engine alone).
             row["engine_ttft_mean_ms"] = engine_ttft_mean_ms(server.metrics_url, first_tokens)
-            row["engine_phase_ms_per_step"] = phase_ms_per_step(phases, engine_phase_seconds(server.metrics_url))
+            steps = engine_step_totals(server.metrics_url).since(totals)
+            row.update(engine_phase_ms_per_step=steps["phase_ms_per_step"], engine_prefill_steps=steps["prefill_steps"],
+                       engine_prompts_per_prefill=steps["prompts_per_prefill"])  # fmt: skip
             row.update(system="triton-grpc", precision=args.precision, concurrency=c, gpu_mem_gib=gpu_memory_gib())
             row["gpu_processes"] = gpu_processes()
             if args.perf_analyzer and image is not None:
@@ -231,7 +233,8 @@ def main() -> int:
                 f"{row['tpot_p50_ms']:7.2f} | {row['output_tok_per_s']:8.0f} | {row['gpu_mem_gib']:6.2f} |",
                 flush=True,
             )
-            print(f"    the engine's own time to first token (mean): {row['engine_ttft_mean_ms']} ms; ms per step: {row['engine_phase_ms_per_step']}")
+            print(f"    the engine's own time to first token (mean): {row['engine_ttft_mean_ms']} ms; ms per step: {row['engine_phase_ms_per_step']}; "
+                  f"{row['engine_prefill_steps']} prefills of {row['engine_prompts_per_prefill']} prompts on average")  # fmt: skip
             for name, t in row["triton_stages"].items():
                 print(f"    {name}: queue {t['queue_ms']} ms, compute {t['compute_input_ms']} + {t['compute_infer_ms']} + {t['compute_output_ms']} ms")
             for line in row.get("perf_analyzer", {}).get("summary", []):

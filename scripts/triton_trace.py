@@ -12,6 +12,8 @@ import json
 import statistics
 from pathlib import Path
 
+from model_repository.qwen3vl_runtime.engine.metrics import StepTotals
+
 ENSEMBLE = "qwen3_vl"
 # Each step: (name, start, end); a point is (model, timestamp name, first or last occurrence).
 STEPS = (
@@ -123,19 +125,14 @@ def engine_first_token_seconds(metrics_url: str) -> tuple[float, float]:
     return total, sum(v for name, _, v in series if name == "qwen3vl_time_to_first_token_seconds_count")
 
 
-def engine_phase_seconds(metrics_url: str) -> tuple[float, dict[str, float]]:
-    """(engine steps, wall seconds per step phase) so far, summed over engines: the phases of
-    ``Engine.step`` that bench_engine.py reports for the engine alone."""
+def engine_step_totals(metrics_url: str) -> StepTotals:
+    """The engine's step totals (``StepTotals``: steps, wall seconds per phase of ``Engine.step``,
+    prefill steps and their prompts) so far, from its Prometheus counters, summed over engines:
+    what bench_engine.py reports for the engine alone."""
     series = _engine_series(metrics_url)
     phases: dict[str, float] = {}
     for name, labels, value in series:
         if name == "qwen3vl_engine_phase_seconds_total":
             phases[labels["phase"]] = phases.get(labels["phase"], 0.0) + value
-    return sum(v for name, _, v in series if name == "qwen3vl_engine_steps_total"), phases
-
-
-def phase_ms_per_step(before: tuple[float, dict[str, float]], after: tuple[float, dict[str, float]]) -> dict[str, float]:
-    steps = after[0] - before[0]
-    if not steps:
-        return {}
-    return {phase: round((total - before[1].get(phase, 0.0)) / steps * 1e3, 3) for phase, total in after[1].items()}
+    total = lambda metric: int(sum(v for name, _, v in series if name == f"qwen3vl_{metric}_total"))  # noqa: E731
+    return StepTotals(total("engine_steps"), phases, total("prefill_steps"), total("prefilled_prompts"))

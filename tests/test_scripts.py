@@ -29,6 +29,7 @@ def test_bench_engine_with_the_vision_tower_in_the_engine(tiny_checkpoint, tmp_p
     assert row["system"] == "engine+vision" and row["output_tok_per_s"] > 0 and row["ttft_p50_ms"] > 0 and row["sampled"]
     # 8 requests x 128 tokens, one at a time: a step per token, and every phase timed
     assert row["steps"] >= 8 * 128 and set(row["phase_ms_per_step"]) == {"schedule", "prefill", "decode", "wait", "output"}
+    assert (row["prefill_steps"], row["prompts_per_prefill"]) == (8, 1.0)  # one stream: each prompt alone
 
 
 def test_bench_engine_transformers_baselines(tiny_checkpoint, tmp_path):

@@ -38,6 +38,10 @@ def test_tier_parameter_reaches_the_engine_and_its_metrics(server):
     phases = dict(re.findall(r'^qwen3vl_engine_phase_seconds_total\{[^}]*phase="(\w+)"[^}]*\} ([0-9.e+-]+)$', text, re.MULTILINE))
     assert sum(map(float, steps)) >= 5 and {"schedule", "prefill", "decode", "wait", "output"} <= set(phases)
     assert all(float(seconds) > 0 for seconds in phases.values())
+    # and how many prompts each prefill took (this test's request among them)
+    prefills = [re.findall(rf"^qwen3vl_{name}_total\{{[^}}]*\}} ([0-9.e+-]+)$", text, re.MULTILINE) for name in ("prefill_steps", "prefilled_prompts")]
+    steps, prompts = (sum(map(float, found)) for found in prefills)
+    assert 1 <= steps <= prompts
 
 
 def test_unknown_tier_and_tier_token_limit_are_clear_errors(server):

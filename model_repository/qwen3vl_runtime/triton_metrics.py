@@ -49,6 +49,8 @@ class EngineMetricsPublisher(Periodic):
         # Where the engine thread's time goes (Engine.step's phases), to compare with the engine alone.
         self.steps = family("engine_steps_total", "engine steps (admit, prefill, decode, read back)", counter).Metric(labels=engine_only)
         self._phase_family = family("engine_phase_seconds_total", "engine thread's wall seconds per step phase (Engine.step)", counter)
+        self.prefill_steps = family("prefill_steps_total", "engine steps that prefilled newcomers", counter).Metric(labels=engine_only)
+        self.prefilled = family("prefilled_prompts_total", "prompts prefilled (over prefill_steps_total: how many a prefill batches)", counter).Metric(labels=engine_only)
         self._engine_labels = engine_only
         self.phase_metrics = {}  # phase -> its counter, made when the engine first reports the phase
         self._published = {}  # counter key -> the total already added to the Prometheus counter
@@ -78,9 +80,11 @@ class EngineMetricsPublisher(Periodic):
         self.kv_total.set(scheduler.slots.num_slots)
         self.kv_used.set(scheduler.slots.num_slots - scheduler.slots.num_free)
         self.batch.set(self.engine.metrics.batch_size)
-        steps, seconds = self.engine.metrics.phases_snapshot()
-        self._increment_to(self.steps, "steps", steps)
-        for phase, total in seconds.items():
+        totals = self.engine.metrics.step_totals()
+        self._increment_to(self.steps, "steps", totals.steps)
+        self._increment_to(self.prefill_steps, "prefill_steps", totals.prefill_steps)
+        self._increment_to(self.prefilled, "prefilled", totals.prefilled)
+        for phase, total in totals.seconds.items():
             if phase not in self.phase_metrics:
                 self.phase_metrics[phase] = self._phase_family.Metric(labels={"phase": phase, **self._engine_labels})
             self._increment_to(self.phase_metrics[phase], ("phase", phase), total)

@@ -234,7 +234,7 @@ class Engine:
                 if not seq.finished:  # else it stopped a step ago: this token is past its end
                     self._append(seq, token)
             phases["output"], mark = phases["output"] + time.perf_counter() - mark, time.perf_counter()
-        self.metrics.step_phases(phases)
+        self.metrics.step_phases(phases, len(admitted))
 
     def _may_decode(self, seq: Sequence) -> bool:
         """Whether one more token may be launched: not past max_tokens nor the context."""

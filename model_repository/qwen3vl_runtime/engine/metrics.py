@@ -19,6 +19,24 @@ class TierCounters:
     ttft_count: int = 0
 
 
+@dataclass(frozen=True)
+class StepTotals:
+    """The engine thread's totals so far: steps, wall seconds per step phase, prefill steps and
+    the prompts they took (prompts per prefill says whether newcomers are batched or trickle in)."""
+
+    steps: int
+    seconds: dict[str, float]
+    prefill_steps: int
+    prefilled: int
+
+    def since(self, before: "StepTotals") -> dict:
+        """What happened between ``before`` and these totals, as the benchmarks report it."""
+        steps, prefills = self.steps - before.steps, self.prefill_steps - before.prefill_steps
+        per_step = {name: round((total - before.seconds.get(name, 0.0)) / max(steps, 1) * 1e3, 3) for name, total in self.seconds.items()}
+        prompts = round((self.prefilled - before.prefilled) / prefills, 2) if prefills else None
+        return {"steps": steps, "phase_ms_per_step": per_step, "prefill_steps": prefills, "prompts_per_prefill": prompts}
+
+
 @dataclass
 class EngineMetrics:
     """Counters only grow; gauges (queue length, running, KV use) come from the scheduler."""
@@ -29,6 +47,8 @@ class EngineMetrics:
     # Wall seconds of the engine thread per step phase (see Engine.step), to say where time goes.
     phase_seconds: dict[str, float] = field(default_factory=dict)
     steps: int = 0
+    prefill_steps: int = 0
+    prefilled: int = 0  # prompts, over prefill_steps
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self):
@@ -44,17 +64,18 @@ class EngineMetrics:
             self.counters[tier].ttft_seconds_sum += seconds
             self.counters[tier].ttft_count += 1
 
-    def step_phases(self, phases: dict[str, float]) -> None:
-        """Add one step's seconds per phase."""
+    def step_phases(self, phases: dict[str, float], prefilled: int) -> None:
+        """Add one step's seconds per phase and the prompts it prefilled."""
         with self._lock:
             self.steps += 1
+            self.prefill_steps += prefilled > 0
+            self.prefilled += prefilled
             for name, seconds in phases.items():
                 self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + seconds
 
-    def phases_snapshot(self) -> tuple[int, dict[str, float]]:
-        """(steps so far, seconds per phase so far)."""
+    def step_totals(self) -> StepTotals:
         with self._lock:
-            return self.steps, dict(self.phase_seconds)
+            return StepTotals(self.steps, dict(self.phase_seconds), self.prefill_steps, self.prefilled)
 
     def snapshot(self) -> dict[str, TierCounters]:
         with self._lock:
