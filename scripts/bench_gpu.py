@@ -62,6 +62,7 @@ def main() -> int:
     p.add_argument("--repository", action="append", required=True, metavar="PRECISION=DIR")
     p.add_argument("--perf-analyzer", help="path of the perf_analyzer binary")
     p.add_argument("--concurrency", nargs="+", default=["1", "4", "8", "64"])
+    p.add_argument("--trace-at", nargs="+", default=["1"], help="concurrencies whose time to first token Triton's trace splits up")
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--transformers-static", action="store_true", help="also transformers with a static, compiled KV cache (bench_engine.py)")
     p.add_argument("--vision-in-engine", action="store_true", help="engine rows encode the image too (--vision-backend decoder)")
@@ -89,12 +90,12 @@ def main() -> int:
         extra = ["--perf-analyzer", args.perf_analyzer] if args.perf_analyzer else []
         if not args.assemble:
             run("bench_triton.py", "--repository", repository, "--precision", precision, "--out", str(out),
-                "--concurrency", *args.concurrency, *extra)  # fmt: skip
+                "--concurrency", *args.concurrency, "--trace-at", *args.trace_at, *extra)  # fmt: skip
         triton = json.loads(out.read_text())
         rows += triton["results"]
         manifests[precision] = triton["repository_manifest_options"]
         commands.append(triton["command"])
-        breakdowns[precision] = triton["ttft_breakdown_c1"]
+        breakdowns[precision] = triton["ttft_breakdown"]
     report = {
         "machine": engine["machine"],
         "date": engine["date"] if args.assemble else datetime.date.today().isoformat(),
@@ -106,7 +107,7 @@ def main() -> int:
         "vision_ms_transformers_bf16": engine["vision_ms_transformers_bf16"],
         "repositories": manifests,
         "results": rows,
-        "triton_ttft_breakdown_c1": breakdowns,
+        "triton_ttft_breakdown": breakdowns,  # by precision, then concurrency
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     plot(rows, args.out.with_suffix(".png"))

@@ -163,12 +163,15 @@ def closed_loop(url: str, image: bytes | None, concurrency: int, requests: int) 
     }
 
 
-def traced_first_token(server: TritonServer, image: bytes, trace_folder: Path, requests: int = 8) -> dict:
-    """One stream, each request traced: its time to first token split into the server's steps
-    (Triton's trace), the engine's own part (its Prometheus counters) and the rest (the client)."""
+def traced_first_token(server: TritonServer, image: bytes, trace_folder: Path, concurrency: int) -> dict:
+    """``concurrency`` streams, each request traced (two waves; eight requests at one stream): the
+    time to first token split into the server's steps (Triton's trace), the engine's own part (its
+    Prometheus counters) and the rest (the client)."""
+    for old in trace_folder.glob("trace.json*"):  # an earlier concurrency's traces
+        old.unlink()
     first_tokens = engine_first_token_seconds(server.metrics_url)
     with Tracing(server.grpc_url):
-        row = closed_loop(server.grpc_url, image, 1, requests)
+        row = closed_loop(server.grpc_url, image, concurrency, max(2 * concurrency, 8))
     engine_ms = engine_ttft_mean_ms(server.metrics_url, first_tokens)
     out = ttft_breakdown(trace_folder)
     out["client_ttft_p50_ms"] = round(row["ttft_p50_ms"], 2)
@@ -176,7 +179,7 @@ def traced_first_token(server: TritonServer, image: bytes, trace_folder: Path, r
         out["engine_ttft_mean_ms"] = engine_ms
     if "server_to_first_response_ms" in out:
         out["client_and_network_ms"] = round(out["client_ttft_p50_ms"] - out["server_to_first_response_ms"], 2)
-    print(f"    time to first token at one stream, traced: {out}", flush=True)
+    print(f"    time to first token at {concurrency} streams, traced: {out}", flush=True)
     return out
 
 
@@ -190,6 +193,7 @@ def main() -> int:
     p.add_argument("--text-only", action="store_true", help="no image: the decode and response path alone")
     p.add_argument("--server-arg", action="append", default=[], help="extra tritonserver argument (repeatable)")
     p.add_argument("--server-log", type=Path, help="keep tritonserver's log here")
+    p.add_argument("--trace-at", nargs="+", type=int, default=[1], help="concurrencies whose time to first token is traced (with an image)")
     args = p.parse_args()
     image = None if args.text_only else encoded_image()
     rows = []
@@ -239,7 +243,7 @@ def main() -> int:
                 print(f"    {name}: queue {t['queue_ms']} ms, compute {t['compute_input_ms']} + {t['compute_infer_ms']} + {t['compute_output_ms']} ms")
             for line in row.get("perf_analyzer", {}).get("summary", []):
                 print(f"    perf_analyzer: {line}", flush=True)
-        breakdown = traced_first_token(server, image, Path(workdir.name)) if image is not None else None
+        breakdowns = {str(c): traced_first_token(server, image, Path(workdir.name), c) for c in args.trace_at} if image is not None else {}
     report = {
         "machine": gpu_name(),
         "date": datetime.date.today().isoformat(),
@@ -248,7 +252,7 @@ def main() -> int:
         "new_tokens": NEW_TOKENS,
         "image": None if image is None else "448x448 PNG",
         "results": rows,
-        "ttft_breakdown_c1": breakdown,
+        "ttft_breakdown": breakdowns,  # by concurrency
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     return 0

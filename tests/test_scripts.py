@@ -71,14 +71,14 @@ def test_bench_gpu_assembles_the_report_from_the_parts_a_run_left(tmp_path):
     engine = {"machine": "GPU", "date": "2026-12-02", "command": "bench_engine.py ...", "torch": "2", "prompt_tokens": 243,
               "new_tokens": 128, "vision_ms_transformers_bf16": 16.0, "results": [{**row, "system": "engine+vision", "precision": "int8"}]}  # fmt: skip
     triton = {"command": "bench_triton.py --precision int8 ...", "repository_manifest_options": {"quant": "int8"},
-              "ttft_breakdown_c1": {"requests": 8}, "results": [{**row, "system": "triton-grpc", "precision": "int8"}]}  # fmt: skip
+              "ttft_breakdown": {"1": {"requests": 8}}, "results": [{**row, "system": "triton-grpc", "precision": "int8"}]}  # fmt: skip
     (tmp_path / "gpu.engine.json").write_text(json.dumps(engine))
     (tmp_path / "gpu.triton-int8.json").write_text(json.dumps(triton))
     run("bench_gpu.py", "--checkpoint", "unused", "--repository", "int8=unused", "--assemble", "--out", str(tmp_path / "gpu.json"))
     report = json.loads((tmp_path / "gpu.json").read_text())
     assert [r["system"] for r in report["results"]] == ["engine+vision", "triton-grpc"]
     assert report["date"] == "2026-12-02" and report["part_commands"] == [engine["command"], triton["command"]]
-    assert report["repositories"] == {"int8": {"quant": "int8"}} and report["triton_ttft_breakdown_c1"] == {"int8": {"requests": 8}}
+    assert report["repositories"] == {"int8": {"quant": "int8"}} and report["triton_ttft_breakdown"] == {"int8": {"1": {"requests": 8}}}
 
 
 @pytest.mark.parametrize("script", ["bench_matmul.py", "bench_decode_matmul.py", "profile_prefill.py", "profile_decode.py"])
