@@ -98,6 +98,15 @@ def _store_rows(Out, out, rm, rn, stride_om, stride_os, M, N):
 
 
 @triton.jit
+def _f16_weights(W, rn, kk, stride_wn, w_mask, CONVERT: tl.constexpr):
+    """Rows rn, columns kk of int8 W (viewed as uint8) as exact fp16 values (zeros outside it)."""
+    w = tl.load(W + rn[:, None] * stride_wn + kk[None, :], mask=w_mask, other=0)  # byte 0 is v = 0
+    if CONVERT == "f16_bits":
+        return ((w.to(tl.int16) ^ 0x80) | 0x6400).to(tl.float16, bitcast=True) - 1152.0
+    return _int8_to_f16_ptx(w)
+
+
+@triton.jit
 def _row_scale(amax):
     """The power of two that brings a row of largest magnitude ``amax`` into [-1, 1]: exact, and
     fp16's 65,504 is never reached."""
@@ -141,12 +150,7 @@ def _tensor_core_kernel(
                 xh = x
             else:
                 xh = (x.to(tl.float32) * inv_scale[:, None]).to(tl.float16)
-            w = tl.load(W + rn[:, None] * stride_wn + kk[None, :], mask=w_mask, other=0)  # byte 0 is v = 0
-            if CONVERT == "f16_bits":
-                wh = ((w.to(tl.int16) ^ 0x80) | 0x6400).to(tl.float16, bitcast=True) - 1152.0
-            else:
-                wh = _int8_to_f16_ptx(w)
-            acc += tl.dot(xh, tl.trans(wh))
+            acc += tl.dot(xh, tl.trans(_f16_weights(W, rn, kk, stride_wn, w_mask, CONVERT)))
     scale = tl.load(Scale + rn, mask=rn < N, other=0.0)
     out = acc * scale[None, :]
     if CONVERT != "bf16":
@@ -178,10 +182,10 @@ def prescale_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @triton.jit
 def _weight_major_kernel(
-    X, W, Scale, Out,
+    X, W, Scale, XScale, Out,
     M, N, K, K_CHUNK,
     stride_xm, stride_wn, stride_om, stride_os,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CONVERT: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """out^T = W x^T on the tensor cores: the BLOCK_N weight rows take the MMA's wide side (Hopper's
     warpgroup MMA is 64 wide there), the few activation rows its narrow side (16-64). Computed as
@@ -190,7 +194,8 @@ def _weight_major_kernel(
     registers. The usual shape of weight-only kernels for small batches. On the H200 it pays only
     split over K (its grids are 16-192 tiles): then the pick for qkv, gate/up and down at 4 rows
     and down at 64; unsplit it was the pick nowhere (run 13,
-    scripts/bench_decode_matmul.py)."""
+    scripts/bench_decode_matmul.py). CONVERT "bf16": x as it is; "f16_bits" / "f16_ptx": x prescaled
+    into fp16 (``prescale_rows``: XScale), never scaled here."""
     wait_for_previous(PDL)
     rm, rn, rk, k_lo, k_hi = _program_tile(K, K_CHUNK, BLOCK_M, BLOCK_N, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
@@ -198,10 +203,15 @@ def _weight_major_kernel(
         kk = k0 + rk
         x = _load_rows(X, rm, kk, stride_xm, M, K)
         w_mask = (rn[:, None] < N) & (kk[None, :] < K)
-        w = tl.load(W + rn[:, None] * stride_wn + kk[None, :], mask=w_mask)  # no `other`: fp8 has no literal
-        acc += tl.dot(tl.where(w_mask, w.to(x.dtype), 0.0), tl.trans(x))
+        if CONVERT == "bf16":
+            w = tl.load(W + rn[:, None] * stride_wn + kk[None, :], mask=w_mask)  # no `other`: fp8 has no literal
+            acc += tl.dot(tl.where(w_mask, w.to(x.dtype), 0.0), tl.trans(x))
+        else:  # x prescaled into fp16
+            acc += tl.dot(_f16_weights(W, rn, kk, stride_wn, w_mask, CONVERT), tl.trans(x))
     scale = tl.load(Scale + rn, mask=rn < N, other=0.0)
     out = acc * scale[:, None]
+    if CONVERT != "bf16":
+        out = out * tl.load(XScale + rm, mask=rm < M, other=1.0)[None, :]
     tl.store(Out + tl.program_id(2) * stride_os + rm[None, :] * stride_om + rn[:, None], out.to(Out.dtype.element_ty), mask=(rm[None, :] < M) & (rn[:, None] < N))
 
 
@@ -338,10 +348,11 @@ class Launch:
         operands = (x, weight, scale)
         if self.kernel == "few_rows":
             kernel, meta["INT8"] = _few_rows_kernel, int8
-        elif self.kernel == "weight_major":
-            kernel = _weight_major_kernel
         else:
-            kernel, meta["CONVERT"], meta["PRESCALED"] = _tensor_core_kernel, self.convert, self.prescale
+            kernel = _weight_major_kernel if self.kernel == "weight_major" else _tensor_core_kernel
+            meta["CONVERT"] = self.convert
+            if self.kernel == "tensor_cores":
+                meta["PRESCALED"] = self.prescale
             x16, x_scale = prescale_rows(x) if self.prescale else (x, scale)  # scale: an unread placeholder
             operands = (x16, weight, scale, x_scale)
         # Each split's K range is whole BLOCK_K steps; a last split past K computes zeros.
@@ -375,17 +386,19 @@ def candidates(bucket: int, weight_dtype: torch.dtype, n: int = 0, k: int = 0, s
     (run 9, scripts/bench_decode_matmul.py); the weight-major kernel's four (from 2 rows) are a first
     guess, not swept. Each tile of the bf16 conversion whose grid leaves SMs idle is also measured
     split over K (``split_to_fill``; none without a shape or SM count). The fp16 conversions only
-    ever won for lm_head and gate/up (run 10), whose grids fill the GPU; prescaled (from 4 rows: the
-    pass each program makes over x grows with the rows), they are split too."""
+    ever won for lm_head and gate/up (run 10), whose grids fill the GPU; prescaled, in either
+    tensor-core kernel, they are split too (run 15: the pick for most weights at 4 and 16 rows)."""
     block_m = max(16, bucket)  # the tensor cores' smallest tile; padding rows are masked
     converts = ["bf16", "f16_ptx", "f16_bits"] if weight_dtype == torch.int8 else ["bf16"]
     tiles = [(32, 256, 4, 4), (16, 256, 4, 4), (16, 512, 4, 3), (64, 128, 4, 4), (128, 64, 4, 4)]
     out = [Launch("tensor_cores", block_m, n_, k_, w, s, c) for c in converts for n_, k_, w, s in tiles]
-    if weight_dtype == torch.int8 and bucket >= 4:
+    if weight_dtype == torch.int8:
         out += [Launch("tensor_cores", block_m, n_, k_, w, s, "f16_ptx", prescale=True) for n_, k_, w, s in tiles]
     if bucket >= 2:
         major = [(64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4)]
         out += [Launch("weight_major", block_m, n_, k_, w, s) for n_, k_, w, s in major]
+        if weight_dtype == torch.int8:
+            out += [Launch("weight_major", block_m, n_, k_, w, s, "f16_ptx", prescale=True) for n_, k_, w, s in major]
     if bucket <= 4:
         # Also measured and never picked (H200, run 14, bench_decode_matmul.py at 1-4 rows): all of
         # K in one step (2x2048, 4x2048 with 8 warps) and smaller tiles (8x256, 16x128).
