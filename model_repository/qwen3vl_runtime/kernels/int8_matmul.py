@@ -393,7 +393,10 @@ def candidates(bucket: int, weight_dtype: torch.dtype, n: int = 0, k: int = 0, s
     tiles = [(32, 256, 4, 4), (16, 256, 4, 4), (16, 512, 4, 3), (64, 128, 4, 4), (128, 64, 4, 4)]
     out = [Launch("tensor_cores", block_m, n_, k_, w, s, c) for c in converts for n_, k_, w, s in tiles]
     if weight_dtype == torch.int8:
-        out += [Launch("tensor_cores", block_m, n_, k_, w, s, "f16_ptx", prescale=True) for n_, k_, w, s in tiles]
+        # From 16 rows, three tiles of two warpgroups too (converting the weights is the warps'
+        # work; run 15's 64-row picks moved 0.6-2.1 TB/s): a first guess, not swept.
+        wide = [(128, 64, 8, 4), (128, 128, 8, 3), (64, 128, 8, 4)] if bucket >= 16 else []
+        out += [Launch("tensor_cores", block_m, n_, k_, w, s, "f16_ptx", prescale=True) for n_, k_, w, s in tiles + wide]
     if bucket >= 2:
         major = [(64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4)]
         out += [Launch("weight_major", block_m, n_, k_, w, s) for n_, k_, w, s in major]
