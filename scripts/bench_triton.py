@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -43,6 +44,7 @@ from workload import PROMPT, encoded_image  # noqa: E402
 
 from builder.client import stream_generate  # noqa: E402
 from builder.serve import TritonServer  # noqa: E402
+from model_repository.qwen3vl_runtime.engine.step_log import STEP_LOG_ENV  # noqa: E402
 
 NEW_TOKENS = 128
 PARAMETERS = {"max_tokens": NEW_TOKENS, "ignore_eos": True, "temperature": 0}
@@ -194,11 +196,14 @@ def main() -> int:
     p.add_argument("--server-arg", action="append", default=[], help="extra tritonserver argument (repeatable)")
     p.add_argument("--server-log", type=Path, help="keep tritonserver's log here")
     p.add_argument("--trace-at", nargs="+", type=int, default=[1], help="concurrencies whose time to first token is traced (with an image)")
+    p.add_argument("--step-log", type=Path, help="the decoder writes one JSON line per engine step to STEP_LOG.<instance>.jsonl")
     args = p.parse_args()
     image = None if args.text_only else encoded_image()
     rows = []
     workdir = tempfile.TemporaryDirectory()
     extra = (*args.server_arg, *server_args(Path(workdir.name)))
+    if args.step_log:
+        os.environ[STEP_LOG_ENV] = str(args.step_log.resolve())  # the server inherits it
     server = TritonServer(args.repository, ready_timeout_s=600, extra_args=extra, log_path=args.server_log)
     options = json.loads((args.repository / "manifest.json").read_text())["options"]
     with server, workdir:
@@ -216,7 +221,10 @@ def main() -> int:
             first_wave = closed_loop(server.grpc_url, image, c, c)
             before, first_tokens = model_statistics(server.grpc_url), engine_first_token_seconds(server.metrics_url)
             totals = engine_step_totals(server.metrics_url)
+            window = time.perf_counter()
             row = closed_loop(server.grpc_url, image, c, max(3 * c, 8))
+            # CLOCK_MONOTONIC, the clock of the step log's lines: scripts/step_log_summary.py cuts it here.
+            row["monotonic_window_s"] = [window, time.perf_counter()]
             row.update(first_wave_ttft_p99_ms=first_wave["ttft_p99_ms"], first_wave_tok_per_s=first_wave["output_tok_per_s"])
             row["triton_stages"] = stage_times(before, model_statistics(server.grpc_url))
             # The engine's own share of the first token (submit to first token), beside the client's,

@@ -57,13 +57,17 @@ def write_gpu_report(path: Path, results: list[dict]) -> None:
 
 
 def write_table(out: Path, columns: tuple[str, str], key: str, rows: dict[str, float], **extra) -> None:
-    """Print rows as a two-column table; write them as JSON under ``key`` with this machine (host
-    and CPU), the date, the command and ``extra``."""
+    """Print rows as a two-column table; write them as JSON (``write_host_report``)."""
     print(f"| {columns[0]} | {columns[1]} |\n|---|---|")
     for name, value in rows.items():
         print(f"| {name} | {value} |")
+    write_host_report(out, key, rows, **extra)
+
+
+def write_host_report(out: Path, key: str, results, **extra) -> None:
+    """results as JSON under ``key`` with this machine (host and CPU), the date, the command and ``extra``."""
     machine = {"machine": platform.node(), "processor": platform.processor() or platform.machine()}
-    out.write_text(_report(machine, key, rows, **extra))
+    out.write_text(_report(machine, key, results, **extra))
 
 
 def median_ms(call, repeat: int) -> float:

@@ -14,6 +14,7 @@ from model_repository.qwen3vl_runtime.engine.detokenizer import IncrementalDetok
 from model_repository.qwen3vl_runtime.engine.runner import ModelRunner, PromptInputs
 from model_repository.qwen3vl_runtime.engine.scheduler import UNLIMITED, QueueFull, Scheduler
 from model_repository.qwen3vl_runtime.engine.slots import SlotPool
+from model_repository.qwen3vl_runtime.engine.step_log import StepLog
 from model_repository.qwen3vl_runtime.tiers import DEFAULT_TIERS, Tier, TierTable
 
 from .conftest import FakeClock
@@ -382,6 +383,33 @@ def test_engine_serves_queued_vip_before_free_within_caps_and_times_out(engine_p
     counters = engine.metrics.snapshot()
     assert counters["vip"].requests == 3 and counters["vip"].rejected == 1 and counters["free"].timed_out == 1
     assert counters["vip"].tokens == 9 and counters["vip"].ttft_count == 3
+
+
+def test_step_log_has_a_line_per_step_with_rows_prefills_and_their_waits(engine_parts, tmp_path):
+    """Three prompts for two slots, submitted at t=0 and first stepped at t=0.25 (a fake clock)."""
+    import json
+
+    model, tokenizer = engine_parts
+    clock = FakeClock()
+    runner = ModelRunner(model, num_slots=2, max_len=64, image_token_id=151655)
+    engine = Engine(runner, tokenizer, eos_token_ids=set(), num_slots=2, clock=clock, step_log=StepLog(tmp_path / "steps.jsonl"))
+    done = []
+    for i in range(3):
+        prompt = PromptInputs(torch.tensor([100 + i, 200, 300]), torch.arange(3).expand(3, -1))
+        params = SamplingParams(max_tokens=2, ignore_eos=True)
+        engine.submit(Sequence(str(i), prompt, 3, 0, params, lambda out: done.append(out) if out.finish_reason else None))
+    clock.now = 0.25
+    steps = 0
+    while len(done) < 3:
+        engine.step()
+        steps += 1
+    engine.step_log.close()  # stop() would too, on a started engine
+    lines = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert len(lines) == steps
+    first = lines[0]
+    assert (first["prefilled"], first["prefill_waits_ms"], first["waiting"], first["decoded"]) == (2, [250.0, 250.0], 1, 0)
+    assert {"schedule", "prefill", "wait", "output"} <= set(first["ms"])
+    assert sum(line["prefilled"] for line in lines) == 3 and max(line["decoded"] for line in lines) == 2
 
 
 def test_cancellation_is_asked_off_the_loop_and_ends_the_sequence_at_the_next_step(engine_parts):

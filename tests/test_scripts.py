@@ -81,6 +81,23 @@ def test_bench_gpu_assembles_the_report_from_the_parts_a_run_left(tmp_path):
     assert report["repositories"] == {"int8": {"quant": "int8"}} and report["triton_ttft_breakdown"] == {"int8": {"1": {"requests": 8}}}
 
 
+def test_step_log_summary_cuts_the_log_at_each_measured_load(tmp_path):
+    """Lines as the engine writes them (engine/step_log.py), two loads of a bench_triton.py JSON;
+    the step between the windows (warm-up) is in neither."""
+    line = lambda t, decoded, waits: {"t": t, "ms": {"decode": 3.0, "wait": 1.0}, "decoded": decoded,  # noqa: E731
+                                      "prefilled": len(waits), "prefill_waits_ms": waits, "waiting": 2}  # fmt: skip
+    steps = [line(10.0, 0, [5.0]), line(10.5, 1, []), line(11.0, 1, []), line(15.0, 3, [1.0, 2.0, 30.0]), line(19.0, 4, [])]
+    (tmp_path / "steps.language_model_0.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
+    bench = {"command": "bench_triton.py ...", "results": [{"precision": "int8", "concurrency": 1, "monotonic_window_s": [10.0, 12.0]},
+                                                            {"precision": "int8", "concurrency": 4, "monotonic_window_s": [14.0, 20.0]}]}  # fmt: skip
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    run("step_log_summary.py", str(tmp_path / "steps.language_model_0.jsonl"), "--bench", str(tmp_path / "bench.json"), "--out", str(tmp_path / "out.json"))
+    one, four = json.loads((tmp_path / "out.json").read_text())["results"].values()
+    assert (one["steps"], one["steps_per_s"], one["decoded_rows_mean"], one["prefill_steps"], one["prefill_wait_p50_ms"]) == (3, 1.5, 0.67, 1, 5.0)
+    assert (four["steps"], four["prompts_per_prefill"], four["prefill_wait_p50_ms"], four["prefill_wait_p99_ms"]) == (2, 3, 2.0, 30.0)
+    assert four["phase_ms_per_step"] == {"decode": 3.0, "wait": 1.0}
+
+
 @pytest.mark.parametrize("script", ["bench_matmul.py", "bench_decode_matmul.py", "profile_prefill.py", "profile_decode.py"])
 def test_gpu_only_scripts_import_and_parse_their_arguments(script):
     """They run on the GPU machine only; here at least their imports and argument parsers."""

@@ -6,6 +6,7 @@ one response per step to each (the last one flagged FINAL). Everything else live
 """
 
 import json
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -20,6 +21,7 @@ from qwen3vl_runtime.decoder_weights import load_text_model, load_vision_tower  
 from qwen3vl_runtime.engine import Engine, SamplingParams, Sequence, StepOutput  # noqa: E402
 from qwen3vl_runtime.engine.runner import ModelRunner, PromptInputs  # noqa: E402
 from qwen3vl_runtime.engine.server_caps import ServerTierCounts, default_path  # noqa: E402
+from qwen3vl_runtime.engine.step_log import STEP_LOG_ENV, StepLog  # noqa: E402
 from qwen3vl_runtime.engine.vision import ImageEncoder, ImageInputs  # noqa: E402
 from qwen3vl_runtime.specs import NUMPY_DTYPES, VISION_INPUTS  # noqa: E402
 from qwen3vl_runtime.streaming import ResponseStreamer  # noqa: E402
@@ -41,6 +43,12 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 # A request to this model with this parameter cancels the running request of that id (Triton 2.51
 # does not pass a client's cancellation into a running ensemble step; the gateway sends this).
 CANCEL_PARAMETER = "cancel_request_id"
+
+
+def _step_log(instance_name: str) -> StepLog | None:
+    """The engine's per-step log, where the server's environment says (one file per instance)."""
+    prefix = os.environ.get(STEP_LOG_ENV)
+    return StepLog(f"{prefix}.{instance_name.replace(' ', '_')}.jsonl") if prefix else None
 
 
 def engines(model_config: dict) -> int:
@@ -89,6 +97,7 @@ class TritonPythonModel:
             tiers=tiers,
             cancel_check_interval_s=CANCEL_CHECK_INTERVAL_S,
             server_counts=self.server_counts,
+            step_log=_step_log(args["model_instance_name"]),
             log=self.logger.log_error,
         ).start()
         self.metrics = EngineMetricsPublisher(self.engine, args["model_instance_name"]).start()

@@ -17,6 +17,7 @@ from .runner import ModelRunner, TokensToHost
 from .scheduler import UNLIMITED, QueueFull, Scheduler
 from .server_caps import ServerTierCounts
 from .slots import SlotPool
+from .step_log import StepLog
 
 
 class Engine:
@@ -25,7 +26,8 @@ class Engine:
     cancel_check_interval_s: how often every live sequence's ``is_cancelled`` is asked, by a
     thread of its own (``CancellationWatcher``): under Triton each ask is an IPC round trip.
     server_counts: the server's other engines' running requests, so that tier caps hold for the
-    whole server (several GPUs); None: this engine is the server's only one."""
+    whole server (several GPUs); None: this engine is the server's only one.
+    step_log: where to write one line per step (``StepLog``); None: nowhere."""
 
     def __init__(
         self,
@@ -38,6 +40,7 @@ class Engine:
         clock=time.monotonic,
         cancel_check_interval_s: float = 0.05,
         server_counts: ServerTierCounts | None = None,
+        step_log: StepLog | None = None,
         log=print,
     ):
         self.runner = runner
@@ -48,6 +51,7 @@ class Engine:
         self.clock = clock
         self.scheduler = Scheduler(SlotPool(num_slots), tiers, clock=clock, server=server_counts)
         self.metrics = EngineMetrics(tiers)
+        self.step_log = step_log
         self.log = log
         self._inbox: list[Sequence] = []
         # Request ids cancelled by name (Engine.cancel), kept until their request shows up or a
@@ -123,6 +127,8 @@ class Engine:
             self._wake.notify()
         self._thread.join(timeout=30)
         self.watcher.stop()
+        if self.step_log:
+            self.step_log.close()
         for seq in self._all_waiting() + list(self.scheduler.running) + self._inbox:
             self._fail(seq, "the decoder is shutting down")
 
@@ -214,6 +220,7 @@ class Engine:
         decoding = [seq for seq in self.scheduler.running if seq.launched and self._may_decode(seq)]
         self.metrics.batch_size = len(decoding)
         admitted = self.scheduler.admit()
+        waits = [self.clock() - seq.submitted_at for seq in admitted] if self.step_log else []
         phases, mark = {}, time.perf_counter()
         phases["schedule"] = mark - started
         launched = []
@@ -235,6 +242,9 @@ class Engine:
                     self._append(seq, token)
             phases["output"], mark = phases["output"] + time.perf_counter() - mark, time.perf_counter()
         self.metrics.step_phases(phases, len(admitted))
+        if self.step_log:
+            waiting = sum(len(queue) for queue in self.scheduler.waiting.values())
+            self.step_log.write(started=started, phases=phases, decoded=len(decoding), prefill_waits=waits, waiting=waiting)
 
     def _may_decode(self, seq: Sequence) -> bool:
         """Whether one more token may be launched: not past max_tokens nor the context."""

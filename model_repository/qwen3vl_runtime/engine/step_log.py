@@ -1,0 +1,39 @@
+"""One JSON line per engine step, for finding where a load's time goes (off unless asked for).
+
+Counters (``EngineMetrics``) say how much time each phase took in all; they cannot say how many
+newcomers waited while 60 streams decoded, or how long a prompt sat queued before its prefill.
+The log can: each line is one step's start (monotonic seconds), its phases in ms, the rows it
+decoded, the prompts it prefilled with how long each had waited since it was submitted, and what
+was still queued. Tritonserver's decoder writes it where ``QWEN3VL_STEP_LOG`` says
+(``STEP_LOG_ENV``); scripts/bench_triton.py --step-log sets it. Plain Python.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+STEP_LOG_ENV = "QWEN3VL_STEP_LOG"
+
+
+class StepLog:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a", buffering=1 << 16)  # flushed in blocks, not per step
+
+    def write(self, *, started: float, phases: dict[str, float], decoded: int, prefill_waits: list[float], waiting: int) -> None:
+        """started: perf_counter seconds; prefill_waits: seconds each prefilled prompt spent
+        between its submit and its admission in this step."""
+        line = {
+            "t": round(started, 6),
+            "ms": {name: round(seconds * 1e3, 3) for name, seconds in phases.items()},
+            "decoded": decoded,
+            "prefilled": len(prefill_waits),
+            "prefill_waits_ms": [round(w * 1e3, 1) for w in prefill_waits],
+            "waiting": waiting,
+        }
+        self._file.write(json.dumps(line, separators=(",", ":")) + "\n")
+
+    def close(self) -> None:
+        self._file.close()

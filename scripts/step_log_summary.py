@@ -1,0 +1,82 @@
+"""What the engine did during each measured load of a bench_triton.py run, from its step log.
+
+    python scripts/bench_triton.py --repository R --step-log /tmp/steps --out triton.json ...
+    python scripts/step_log_summary.py /tmp/steps.*.jsonl --bench triton.json [--out steps.json]
+
+For each row of the benchmark (its ``monotonic_window_s``, the clock of the log's lines), over
+the engine steps inside that window: how many rows a step decoded on average (against the
+row's concurrency: the streams that were not decoding were before their first token), how many
+steps prefilled and how many prompts each took, how long a prompt had waited from its submit to
+its prefill (p50 / p99), how many were left waiting, and the engine thread's ms per step by
+phase. Prints a table, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from workload import write_host_report  # noqa: E402
+
+
+def read_steps(paths: list[Path]) -> list[dict]:
+    steps = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
+    return sorted(steps, key=lambda step: step["t"])
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def summarize(steps: list[dict], start: float, end: float) -> dict:
+    inside = [s for s in steps if start <= s["t"] < end]
+    if not inside:
+        return {"steps": 0}
+    prefills = [s for s in inside if s["prefilled"]]
+    waits = [w for s in prefills for w in s["prefill_waits_ms"]]
+    phases = sorted({name for s in inside for name in s["ms"]})
+    return {
+        "steps": len(inside),
+        "steps_per_s": round(len(inside) / (end - start), 1),
+        "decoded_rows_mean": round(statistics.mean(s["decoded"] for s in inside), 2),
+        "prefill_steps": len(prefills),
+        "prompts_per_prefill": round(statistics.mean(s["prefilled"] for s in prefills), 2) if prefills else None,
+        "prefill_wait_p50_ms": percentile(waits, 0.5),
+        "prefill_wait_p99_ms": percentile(waits, 0.99),
+        "waiting_mean": round(statistics.mean(s["waiting"] for s in inside), 2),
+        "phase_ms_per_step": {name: round(sum(s["ms"].get(name, 0.0) for s in inside) / len(inside), 3) for name in phases},
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("logs", nargs="+", type=Path, help="the decoder's step logs (one per instance)")
+    p.add_argument("--bench", type=Path, required=True, help="bench_triton.py's JSON of the same run")
+    p.add_argument("--out", type=Path, default=Path("step_log_summary.json"))
+    args = p.parse_args()
+    steps = read_steps(args.logs)
+    bench = json.loads(args.bench.read_text())
+    rows = {}
+    for row in bench["results"]:
+        if "monotonic_window_s" in row:
+            rows[f"{row['precision']} c={row['concurrency']}"] = summarize(steps, *row["monotonic_window_s"])
+    print("| load | steps/s | rows decoded (mean) | prefills | prompts each | prefill wait p50 / p99 ms | waiting (mean) | ms per step by phase |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        if r["steps"]:
+            print(f"| {name} | {r['steps_per_s']} | {r['decoded_rows_mean']} | {r['prefill_steps']} | {r['prompts_per_prefill']} | "
+                  f"{r['prefill_wait_p50_ms']} / {r['prefill_wait_p99_ms']} | {r['waiting_mean']} | {r['phase_ms_per_step']} |")  # fmt: skip
+    write_host_report(args.out, "results", rows, bench=bench.get("command"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
