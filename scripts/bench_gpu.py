@@ -63,6 +63,7 @@ def main() -> int:
     p.add_argument("--perf-analyzer", help="path of the perf_analyzer binary")
     p.add_argument("--concurrency", nargs="+", default=["1", "4", "8", "64"])
     p.add_argument("--trace-at", nargs="+", default=["1"], help="concurrencies whose time to first token Triton's trace splits up")
+    p.add_argument("--step-log", help="prefix of the decoder's step logs (bench_triton.py --step-log), one per precision: PREFIX-PRECISION")
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--transformers-static", action="store_true", help="also transformers with a static, compiled KV cache (bench_engine.py)")
     p.add_argument("--vision-in-engine", action="store_true", help="engine rows encode the image too (--vision-backend decoder)")
@@ -88,6 +89,7 @@ def main() -> int:
     for precision, repository in repositories.items():
         out = parts / f"{args.out.stem}.triton-{precision}.json"
         extra = ["--perf-analyzer", args.perf_analyzer] if args.perf_analyzer else []
+        extra += ["--step-log", f"{args.step_log}-{precision}"] if args.step_log else []
         if not args.assemble:
             run("bench_triton.py", "--repository", repository, "--precision", precision, "--out", str(out),
                 "--concurrency", *args.concurrency, "--trace-at", *args.trace_at, *extra)  # fmt: skip
