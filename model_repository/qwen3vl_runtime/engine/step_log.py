@@ -20,7 +20,9 @@ class StepLog:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a", buffering=1 << 16)  # flushed in blocks, not per step
+        # A line at a time (a write call per step, microseconds): a server stopped before the
+        # engine's stop() still leaves every step it ran.
+        self._file = self.path.open("a", buffering=1)
 
     def write(self, *, started: float, phases: dict[str, float], decoded: int, prefill_waits: list[float], waiting: int) -> None:
         """started: perf_counter seconds; prefill_waits: seconds each prefilled prompt spent
