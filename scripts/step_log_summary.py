@@ -7,8 +7,10 @@ For each row of the benchmark (its ``monotonic_window_s``, the clock of the log'
 the engine steps inside that window: how many rows a step decoded on average (against the
 row's concurrency: the streams that were not decoding were before their first token), how many
 steps prefilled and how many prompts each took, how long a prompt had waited from its submit to
-its prefill (p50 / p99), how many were left waiting, and the engine thread's ms per step by
-phase. Prints a table, writes JSON.
+its prefill (p50 / p99), how many were left waiting, the engine thread's ms per step by phase,
+the share of the window spent in prefill steps and the steps right after them, and the prefill
+steps by their prompts (the thread's ms launching each, the next step's ms). Prints a table,
+writes JSON.
 """
 
 from __future__ import annotations
@@ -36,11 +38,29 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def by_prompts(inside: list[dict]) -> dict[str, dict]:
+    """Prefill steps grouped by their prompts: how many, the ms the engine thread spent launching
+    the prefill, and the whole next step's ms (mostly waiting for this one's GPU work)."""
+    groups: dict[int, list[tuple[float, float]]] = {}
+    for step, after in zip(inside, inside[1:]):
+        if step["prefilled"]:
+            groups.setdefault(step["prefilled"], []).append((step["ms"].get("prefill", 0.0), sum(after["ms"].values())))
+    return {
+        str(n): {"steps": len(g), "launch_ms": round(statistics.mean(a for a, _ in g), 1), "next_step_ms": round(statistics.mean(b for _, b in g), 1)}
+        for n, g in sorted(groups.items())
+    }
+
+
 def summarize(steps: list[dict], start: float, end: float) -> dict:
     inside = [s for s in steps if start <= s["t"] < end]
     if not inside:
         return {"steps": 0}
     prefills = [s for s in inside if s["prefilled"]]
+    # Wall time of the prefill steps and of the steps right after them (their GPU work is waited
+    # for there), as a share of the window.
+    starts = [s["t"] for s in inside] + [end]
+    covered = {j for i, s in enumerate(inside) if s["prefilled"] for j in (i, i + 1) if j < len(inside)}
+    prefill_share = sum(starts[j + 1] - starts[j] for j in covered) / (end - start)
     waits = [w for s in prefills for w in s["prefill_waits_ms"]]
     phases = sorted({name for s in inside for name in s["ms"]})
     return {
@@ -53,6 +73,8 @@ def summarize(steps: list[dict], start: float, end: float) -> dict:
         "prefill_wait_p99_ms": percentile(waits, 0.99),
         "waiting_mean": round(statistics.mean(s["waiting"] for s in inside), 2),
         "phase_ms_per_step": {name: round(sum(s["ms"].get(name, 0.0) for s in inside) / len(inside), 3) for name in phases},
+        "prefill_and_next_step_share": round(prefill_share, 3),
+        "prefills_by_prompts": by_prompts(inside),
     }
 
 
@@ -68,12 +90,17 @@ def main() -> int:
     for row in bench["results"]:
         if "monotonic_window_s" in row:
             rows[f"{row['precision']} c={row['concurrency']}"] = summarize(steps, *row["monotonic_window_s"])
-    print("| load | steps/s | rows decoded (mean) | prefills | prompts each | prefill wait p50 / p99 ms | waiting (mean) | ms per step by phase |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| load | steps/s | rows decoded (mean) | prefills | prompts each | prefill wait p50 / p99 ms | waiting (mean) | prefill + next step, share of time | ms per step by phase |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         if r["steps"]:
             print(f"| {name} | {r['steps_per_s']} | {r['decoded_rows_mean']} | {r['prefill_steps']} | {r['prompts_per_prefill']} | "
-                  f"{r['prefill_wait_p50_ms']} / {r['prefill_wait_p99_ms']} | {r['waiting_mean']} | {r['phase_ms_per_step']} |")  # fmt: skip
+                  f"{r['prefill_wait_p50_ms']} / {r['prefill_wait_p99_ms']} | {r['waiting_mean']} | {r['prefill_and_next_step_share']} | "
+                  f"{r['phase_ms_per_step']} |")  # fmt: skip
+    print("\nPrefill steps by prompts (steps, ms launching the prefill, ms of the next step):")
+    for name, r in rows.items():
+        groups = r.get("prefills_by_prompts", {})
+        print(f"  {name}: " + ", ".join(f"{n}: {g['steps']} x {g['launch_ms']} + {g['next_step_ms']}" for n, g in groups.items()))
     write_host_report(args.out, "results", rows, bench=bench.get("command"))
     return 0
 

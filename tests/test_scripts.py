@@ -96,6 +96,8 @@ def test_step_log_summary_cuts_the_log_at_each_measured_load(tmp_path):
     assert (one["steps"], one["steps_per_s"], one["decoded_rows_mean"], one["prefill_steps"], one["prefill_wait_p50_ms"]) == (3, 1.5, 0.67, 1, 5.0)
     assert (four["steps"], four["prompts_per_prefill"], four["prefill_wait_p50_ms"], four["prefill_wait_p99_ms"]) == (2, 3, 2.0, 30.0)
     assert four["phase_ms_per_step"] == {"decode": 3.0, "wait": 1.0}
+    # the prefill at 15 s and the step after it (to 19 s, then the window's end at 20): 5 of 6 s
+    assert four["prefill_and_next_step_share"] == round(5 / 6, 3) and four["prefills_by_prompts"] == {"3": {"steps": 1, "launch_ms": 0.0, "next_step_ms": 4.0}}
 
 
 @pytest.mark.parametrize("script", ["bench_matmul.py", "bench_decode_matmul.py", "profile_prefill.py", "profile_decode.py"])
