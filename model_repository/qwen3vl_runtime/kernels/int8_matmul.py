@@ -2,9 +2,10 @@
 
 W stays 8-bit in memory (int8 or float8_e4m3fn, [out, in], one float32 scale per output row): a
 decode step reads half the bytes of bf16 weights, which pays only where the kernel keeps up with
-the memory. On the H200 the int8 products of a token take 1.11 / 1.21 / 1.80 ms at 1 / 4 / 64
-rows against cuBLAS bf16's 1.37 / 1.39 / 1.41 (run 13, scripts/bench_decode_matmul.py): faster
-up to 4 rows, not yet at 64. The scale multiplies the fp32 accumulator once per output.
+the memory. On the H200 the int8 products of a token take 0.90 / 0.995 / 1.076 / 1.720 ms at 1 /
+4 / 16 / 64 rows against cuBLAS bf16's 1.37 / 1.37 / 1.41 / 1.43 (run 15: the one-row figure from
+the engine's tuning log, the others scripts/bench_decode_matmul.py): faster up to 16 rows, not
+yet at 64. The scale multiplies the fp32 accumulator once per output.
 
 Computing the down projection's input, silu(gate) * up, inside these kernels (one launch fewer
 per layer) was tried and taken out: on the H200 it tied the two launches in the few-rows kernel
@@ -43,8 +44,9 @@ DEQUANTIZE_MAX_ELEMENTS = 64 << 20
 #   "f16_ptx" (int8): the same in PTX, four bytes per register (prmt + sub.f16x2).
 # Triton's own int8 -> fp16, and fp8 -> fp16 (PTX converts two e4m3 to f16x2 at once), were slower
 # than "bf16" at every decode shape on the H200 (run 10) and are not candidates. The tuner picks
-# per shape: the few-rows kernel at 1-4 rows for the smaller weights, "f16_ptx" for lm_head and
-# gate/up, "bf16" elsewhere (run 10).
+# per shape; on the H200 (run 15): the few-rows kernel at one row for qkv, o and down, "f16_ptx"
+# with x prescaled (``prescale_rows``) for gate/up and lm_head at one row and for most weights
+# at 4-16 rows, "bf16" for qkv and o at 64.
 # On the H200 the "bf16" conversion's decode-sized products moved 0.5-2.2 TB/s of weights and took
 # longer than cuBLAS on bf16 weights of twice the bytes (1.58 against 1.32 ms per token at one row;
 # run 9, scripts/bench_decode_matmul.py): far from the bandwidth, which points at the conversion
