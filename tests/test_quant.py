@@ -260,6 +260,8 @@ def test_decode_tuner_splits_k_only_to_fill_the_gpu_and_only_where_it_clearly_wi
     whole, split = Launch("few_rows", 1, 4, 1024), Launch("few_rows", 1, 4, 1024, split_k=2)
     assert (whole.label, split.family) == ("few_rows 4x1024 w4 s4 k/1", "few_rows/split-k")  # the tuner's log line, bench tables
     assert Launch("tensor_cores", 64, convert="f16_ptx", prescale=True, split_k=2).family == "tc/f16_ptx/prescaled/split-k"
+    with pytest.raises(ValueError, match="only with x prescaled"):
+        Launch("weight_major", 16, convert="f16_ptx")
     assert pick([(whole, 9.5), (split, 9.5)]) is whole  # a tie: the launch fewer wins
     assert pick([(whole, 10.0), (split, 10.0 * (1 - MIN_SPLIT_GAIN) + 0.01)]) is whole
     assert pick([(whole, 10.0), (split, 8.0)]) is split

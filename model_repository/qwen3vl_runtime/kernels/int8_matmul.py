@@ -310,13 +310,17 @@ class Launch:
     block_k: int = 256
     warps: int = 4
     stages: int = 4
-    convert: str = "bf16"  # the tensor-core kernel's CONVERT
+    convert: str = "bf16"  # the tensor-core kernels' CONVERT
     split_k: int = 1
     # fp16 conversions: x scaled into fp16 once per product by a kernel of its own (``prescale_rows``)
     # instead of in every program, each of which reads all of x for it: at 64 rows that pass read
     # 256 KB of x per program, 311 MB for lm_head's 1,187 tiles (run 14: f16_ptx 195.5 us there
     # against 159.7 for the "bf16" conversion, which needs no pass; at 4 rows 108.9 against 149.3).
     prescale: bool = False
+
+    def __post_init__(self):
+        if self.kernel == "weight_major" and self.convert != "bf16" and not self.prescale:
+            raise ValueError("the weight-major kernel converts to fp16 only with x prescaled")
 
     @property
     def family(self) -> str:
@@ -396,7 +400,9 @@ def candidates(bucket: int, weight_dtype: torch.dtype, n: int = 0, k: int = 0, s
     out = [Launch("tensor_cores", block_m, n_, k_, w, s, c) for c in converts for n_, k_, w, s in tiles]
     if weight_dtype == torch.int8:
         # From 16 rows, three tiles of two warpgroups too (converting the weights is the warps'
-        # work; run 15's 64-row picks moved 0.6-2.1 TB/s): a first guess, not swept.
+        # work): a first guess, not swept; 128x128 with 8 warps was the pick for lm_head at 16
+        # rows and gate/up at 32 in one start of run 15, not in another (scripts/bench_gpu.py's
+        # and profile_decode.py's tuning logs, call Q), so the tiles sit within noise of each other.
         wide = [(128, 64, 8, 4), (128, 128, 8, 3), (64, 128, 8, 4)] if bucket >= 16 else []
         out += [Launch("tensor_cores", block_m, n_, k_, w, s, "f16_ptx", prescale=True) for n_, k_, w, s in tiles + wide]
     if bucket >= 2:
