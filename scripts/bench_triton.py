@@ -251,6 +251,8 @@ def main() -> int:
                 print(f"    {name}: queue {t['queue_ms']} ms, compute {t['compute_input_ms']} + {t['compute_infer_ms']} + {t['compute_output_ms']} ms")
             for line in row.get("perf_analyzer", {}).get("summary", []):
                 print(f"    perf_analyzer: {line}", flush=True)
+            if "output_tok_per_s" in row.get("perf_analyzer", {}):
+                print(f"    perf_analyzer: {row['perf_analyzer']['output_tok_per_s']:.0f} output tok/s (requests/s x {NEW_TOKENS})", flush=True)
         breakdowns = {str(c): traced_first_token(server, image, Path(workdir.name), c) for c in args.trace_at} if image is not None else {}
     report = {
         "machine": gpu_name(),

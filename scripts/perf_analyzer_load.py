@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import base64
+import io
 import json
 import subprocess
 import sys
+from csv import DictReader
 from pathlib import Path
 
 from workload import PROMPT, encoded_image
@@ -55,7 +57,8 @@ def run_perf_analyzer(
     measurement_ms: int = 8000,
     timeout_s: float = 240,
 ) -> dict:
-    """One perf_analyzer run (gRPC streaming, EOS ignored): its summary lines and CSV."""
+    """One perf_analyzer run (gRPC streaming, EOS ignored): its summary lines and CSV, and from the
+    CSV its requests/s and the output tokens/s they make (every request generates max_tokens)."""
     workdir.mkdir(parents=True, exist_ok=True)
     data = workdir / "input.json"
     data.write_text(json.dumps(input_data(entries)))
@@ -68,11 +71,16 @@ def run_perf_analyzer(
     ]  # fmt: skip
     out = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
     summary = [line.strip() for line in out.stdout.splitlines() if "Concurrency:" in line or "throughput" in line.lower()]
-    return {
+    result = {
         "returncode": out.returncode,
         "summary": summary[-4:],
         "csv": csv.read_text() if csv.exists() else (out.stdout + out.stderr)[-2000:],
     }
+    if out.returncode == 0 and csv.exists():
+        (row,) = list(DictReader(io.StringIO(result["csv"])))[-1:]
+        result["requests_per_s"] = float(row["Inferences/Second"])
+        result["output_tok_per_s"] = round(result["requests_per_s"] * max_tokens, 1)
+    return result
 
 
 def main() -> int:

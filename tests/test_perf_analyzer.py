@@ -53,5 +53,6 @@ def test_perf_analyzer_streams_a_mix_of_requests(server, tmp_path, concurrency):
     rows = list(csv.DictReader(io.StringIO(result["csv"])))
     assert len(rows) == 1 and int(rows[0]["Concurrency"]) == concurrency
     assert float(rows[0]["Inferences/Second"]) > 0
+    assert result["requests_per_s"] == float(rows[0]["Inferences/Second"]) and result["output_tok_per_s"] == round(8 * result["requests_per_s"], 1)
     # Streaming: each request's 8 tokens arrive in several responses.
     assert float(rows[0]["Response Throughput"]) > float(rows[0]["Inferences/Second"])
