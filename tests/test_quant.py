@@ -250,18 +250,16 @@ def test_decode_tuner_splits_k_only_to_fill_the_gpu_and_only_where_it_clearly_wi
     from model_repository.qwen3vl_runtime.kernels.int8_matmul import MIN_SPLIT_GAIN, Launch, candidates, pick
 
     # o (2,048 x 2,048) on 132 SMs: 32-row tiles give 64 programs, split four ways (two 256-steps
-    # each), with x prescaled into fp16 too (not when each program scales it: every split would
-    # read all of x); lm_head's 151,936 rows fill the GPU unsplit; no SM count (the CPU): nothing split
-    o = {(c.kernel, c.block_n, c.convert, c.prescale): c.split_k for c in candidates(4, torch.int8, 2048, 2048, 132) if c.split_k > 1}
-    assert o[("tensor_cores", 32, "bf16", False)] == 4 and o[("tensor_cores", 32, "f16_ptx", True)] == 4
-    assert ("tensor_cores", 32, "f16_ptx", False) not in o
+    # each), for either weight conversion and in both tensor-core kernels; lm_head's 151,936 rows
+    # fill the GPU unsplit; no SM count (the CPU): nothing split
+    o = {(c.kernel, c.block_n, c.block_k, c.convert): c.split_k for c in candidates(4, torch.int8, 2048, 2048, 132) if c.split_k > 1}
+    assert o[("tensor_cores", 32, 256, "bf16")] == 4 and o[("tensor_cores", 32, 256, "f16_ptx")] == 4 and o[("weight_major", 64, 128, "f16_ptx")] == 8
+    assert not [c for c in candidates(4, torch.int8) if c.convert == "f16_bits"]  # the interpreter's form only
     assert not [c for c in candidates(4, torch.int8, 151936, 2048, 132) if c.split_k > 1]
     assert all(c.split_k == 1 for c in candidates(4, torch.int8))
     whole, split = Launch("few_rows", 1, 4, 1024), Launch("few_rows", 1, 4, 1024, split_k=2)
     assert (whole.label, split.family) == ("few_rows 4x1024 w4 s4 k/1", "few_rows/split-k")  # the tuner's log line, bench tables
-    assert Launch("tensor_cores", 64, convert="f16_ptx", prescale=True, split_k=2).family == "tc/f16_ptx/prescaled/split-k"
-    with pytest.raises(ValueError, match="only with x prescaled"):
-        Launch("weight_major", 16, convert="f16_ptx")
+    assert Launch("tensor_cores", 64, convert="f16_ptx", split_k=2).family == "tc/f16_ptx/split-k"
     assert pick([(whole, 9.5), (split, 9.5)]) is whole  # a tie: the launch fewer wins
     assert pick([(whole, 10.0), (split, 10.0 * (1 - MIN_SPLIT_GAIN) + 0.01)]) is whole
     assert pick([(whole, 10.0), (split, 8.0)]) is split

@@ -36,17 +36,22 @@ DECODE_MAX_ROWS = 64
 # only ever see a few rows (each prompt's last).
 DEQUANTIZE_MAX_ELEMENTS = 64 << 20
 
-# How the tensor-core kernel turns a weight tile into MMA operands (constexpr CONVERT):
+# How the tensor-core kernels turn a weight tile into MMA operands (constexpr CONVERT):
 #   "bf16": Triton's own conversion to x's dtype (int8: an int-to-float instruction per element);
-#   "f16_bits" (int8): exact fp16 from the byte's bits, no int-to-float instruction (the portable
-#     form of the next, kept as a candidate should a driver refuse the PTX, and the one Triton's
-#     interpreter can run: tests/test_fused_interpreted.py checks the shared x scaling through it);
+#   "f16_bits" (int8): exact fp16 from the byte's bits, no int-to-float instruction: the portable
+#     form of the next, slower wherever both were timed (runs 10-15), so not a candidate (a driver
+#     that refused the PTX would leave "bf16"); Triton's interpreter runs it, so
+#     tests/test_fused_interpreted.py checks the fp16 path through it;
 #   "f16_ptx" (int8): the same in PTX, four bytes per register (prmt + sub.f16x2).
 # Triton's own int8 -> fp16, and fp8 -> fp16 (PTX converts two e4m3 to f16x2 at once), were slower
 # than "bf16" at every decode shape on the H200 (run 10) and are not candidates. The tuner picks
 # per shape; on the H200 (run 15): the few-rows kernel at one row for qkv, o and down, "f16_ptx"
-# with x prescaled (``prescale_rows``) for gate/up and lm_head at one row and for most weights
-# at 4-16 rows, "bf16" for qkv and o at 64.
+# for gate/up and lm_head at one row and for most weights at 4-16 rows, "bf16" for qkv and o at 64.
+# The fp16 conversions need x in fp16's range: a small kernel scales each row of x by a power of
+# two first (``prescale_rows``, exact for bf16 values), once per product. Scaled inside each
+# program instead, every program read all of x for it (at 64 rows 256 KB a program, 311 MB for
+# lm_head's 1,187 tiles): that form lost to the prescaled one at every shape where both were
+# timed, and was never picked once both were offered (run 15, 65 keys), so it is gone.
 # On the H200 the "bf16" conversion's decode-sized products moved 0.5-2.2 TB/s of weights and took
 # longer than cuBLAS on bf16 weights of twice the bytes (1.58 against 1.32 ms per token at one row;
 # run 9, scripts/bench_decode_matmul.py): far from the bandwidth, which points at the conversion
@@ -120,25 +125,13 @@ def _tensor_core_kernel(
     X, W, Scale, XScale, Out,
     M, N, K, K_CHUNK,
     stride_xm, stride_wn, stride_om, stride_os,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CONVERT: tl.constexpr, PRESCALED: tl.constexpr,
-    PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CONVERT: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """A tile of BLOCK_M rows (padding rows masked) on the tensor cores; W [N, K] 8-bit, K contiguous
-    (int8 viewed as uint8 for "f16_bits" and "f16_ptx"), dequantized in registers. PRESCALED: X is
-    already fp16, row r scaled by 1 / XScale[r] (``_prescale_kernel``); else an fp16 conversion
-    scales x itself, in every program."""
+    (int8 viewed as uint8 for "f16_bits" and "f16_ptx"), dequantized in registers. With those two,
+    X is fp16, row r scaled by 1 / XScale[r] (``prescale_rows``)."""
     wait_for_previous(PDL)
     rm, rn, rk, k_lo, k_hi = _program_tile(K, K_CHUNK, BLOCK_M, BLOCK_N, BLOCK_K)
-    if PRESCALED:
-        x_scale = tl.load(XScale + rm, mask=rm < M, other=1.0)
-    elif CONVERT != "bf16":
-        amax = tl.zeros([BLOCK_M], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + rk
-            x = _load_rows(X, rm, kk, stride_xm, M, K)
-            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
-        x_scale = _row_scale(amax)
-        inv_scale = 1.0 / x_scale
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + rk
@@ -148,15 +141,11 @@ def _tensor_core_kernel(
             w = tl.load(W + rn[:, None] * stride_wn + kk[None, :], mask=w_mask)  # no `other`: fp8 has no literal
             acc += tl.dot(x, tl.trans(tl.where(w_mask, w.to(x.dtype), 0.0)))
         else:
-            if PRESCALED:
-                xh = x
-            else:
-                xh = (x.to(tl.float32) * inv_scale[:, None]).to(tl.float16)
-            acc += tl.dot(xh, tl.trans(_f16_weights(W, rn, kk, stride_wn, w_mask, CONVERT)))
+            acc += tl.dot(x, tl.trans(_f16_weights(W, rn, kk, stride_wn, w_mask, CONVERT)))
     scale = tl.load(Scale + rn, mask=rn < N, other=0.0)
     out = acc * scale[None, :]
     if CONVERT != "bf16":
-        out = out * x_scale[:, None]
+        out = out * tl.load(XScale + rm, mask=rm < M, other=1.0)[:, None]
     _store_rows(Out, out, rm, rn, stride_om, stride_os, M, N)
 
 
@@ -196,8 +185,7 @@ def _weight_major_kernel(
     registers. The usual shape of weight-only kernels for small batches. On the H200 it pays only
     split over K (its grids are 16-192 tiles): then the pick for qkv, gate/up and down at 4 rows
     and down at 64; unsplit it was the pick nowhere (run 13,
-    scripts/bench_decode_matmul.py). CONVERT "bf16": x as it is; "f16_bits" / "f16_ptx": x prescaled
-    into fp16 (``prescale_rows``: XScale), never scaled here."""
+    scripts/bench_decode_matmul.py). CONVERT as in ``_tensor_core_kernel``."""
     wait_for_previous(PDL)
     rm, rn, rk, k_lo, k_hi = _program_tile(K, K_CHUNK, BLOCK_M, BLOCK_N, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
@@ -310,23 +298,14 @@ class Launch:
     block_k: int = 256
     warps: int = 4
     stages: int = 4
-    convert: str = "bf16"  # the tensor-core kernels' CONVERT
+    convert: str = "bf16"  # the tensor-core kernels' CONVERT; "f16_*": x prescaled into fp16 first
     split_k: int = 1
-    # fp16 conversions: x scaled into fp16 once per product by a kernel of its own (``prescale_rows``)
-    # instead of in every program, each of which reads all of x for it: at 64 rows that pass read
-    # 256 KB of x per program, 311 MB for lm_head's 1,187 tiles (run 14: f16_ptx 195.5 us there
-    # against 159.7 for the "bf16" conversion, which needs no pass; at 4 rows 108.9 against 149.3).
-    prescale: bool = False
-
-    def __post_init__(self):
-        if self.kernel == "weight_major" and self.convert != "bf16" and not self.prescale:
-            raise ValueError("the weight-major kernel converts to fp16 only with x prescaled")
 
     @property
     def family(self) -> str:
         """The kernel and how it runs, without the tile: "tc/bf16", "weight_major/split-k", ..."""
         name = self.kernel if self.kernel != "tensor_cores" else f"tc/{self.convert}"
-        return name + ("/prescaled" if self.prescale else "") + ("/split-k" if self.split_k > 1 else "")
+        return name + ("/split-k" if self.split_k > 1 else "")
 
     @property
     def label(self) -> str:
@@ -357,9 +336,8 @@ class Launch:
         else:
             kernel = _weight_major_kernel if self.kernel == "weight_major" else _tensor_core_kernel
             meta["CONVERT"] = self.convert
-            if self.kernel == "tensor_cores":
-                meta["PRESCALED"] = self.prescale
-            x16, x_scale = prescale_rows(x) if self.prescale else (x, scale)  # scale: an unread placeholder
+            fp16 = self.convert != "bf16"
+            x16, x_scale = prescale_rows(x) if fp16 else (x, scale)  # scale: an unread placeholder
             operands = (x16, weight, scale, x_scale)
         # Each split's K range is whole BLOCK_K steps; a last split past K computes zeros.
         k_chunk = triton.cdiv(triton.cdiv(k, self.split_k), self.block_k) * self.block_k
@@ -391,32 +369,30 @@ def candidates(bucket: int, weight_dtype: torch.dtype, n: int = 0, k: int = 0, s
     interpreter, inside a graph capture). The tiles are the fastest of a wider sweep on the H200
     (run 9, scripts/bench_decode_matmul.py); the weight-major kernel's four (from 2 rows) are a first
     guess, not swept. Each tile of the bf16 conversion whose grid leaves SMs idle is also measured
-    split over K (``split_to_fill``; none without a shape or SM count). The fp16 conversions only
-    ever won for lm_head and gate/up (run 10), whose grids fill the GPU; prescaled, in either
-    tensor-core kernel, they are split too (run 15: the pick for most weights at 4 and 16 rows)."""
+    split over K (``split_to_fill``; none without a shape or SM count), and so is each of "f16_ptx",
+    in both tensor-core kernels (run 15: the pick for most weights at 4 and 16 rows)."""
     block_m = max(16, bucket)  # the tensor cores' smallest tile; padding rows are masked
-    converts = ["bf16", "f16_ptx", "f16_bits"] if weight_dtype == torch.int8 else ["bf16"]
     tiles = [(32, 256, 4, 4), (16, 256, 4, 4), (16, 512, 4, 3), (64, 128, 4, 4), (128, 64, 4, 4)]
-    out = [Launch("tensor_cores", block_m, n_, k_, w, s, c) for c in converts for n_, k_, w, s in tiles]
+    out = [Launch("tensor_cores", block_m, n_, k_, w, s) for n_, k_, w, s in tiles]
     if weight_dtype == torch.int8:
         # From 16 rows, three tiles of two warpgroups too (converting the weights is the warps'
         # work): a first guess, not swept; 128x128 with 8 warps was the pick for lm_head at 16
         # rows and gate/up at 32 in one start of run 15, not in another (scripts/bench_gpu.py's
         # and profile_decode.py's tuning logs, call Q), so the tiles sit within noise of each other.
         wide = [(128, 64, 8, 4), (128, 128, 8, 3), (64, 128, 8, 4)] if bucket >= 16 else []
-        out += [Launch("tensor_cores", block_m, n_, k_, w, s, "f16_ptx", prescale=True) for n_, k_, w, s in tiles + wide]
+        out += [Launch("tensor_cores", block_m, n_, k_, w, s, "f16_ptx") for n_, k_, w, s in tiles + wide]
     if bucket >= 2:
         major = [(64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4)]
         out += [Launch("weight_major", block_m, n_, k_, w, s) for n_, k_, w, s in major]
         if weight_dtype == torch.int8:
-            out += [Launch("weight_major", block_m, n_, k_, w, s, "f16_ptx", prescale=True) for n_, k_, w, s in major]
+            out += [Launch("weight_major", block_m, n_, k_, w, s, "f16_ptx") for n_, k_, w, s in major]
     if bucket <= 4:
         # Also measured and never picked (H200, run 14, bench_decode_matmul.py at 1-4 rows): all of
         # K in one step (2x2048, 4x2048 with 8 warps) and smaller tiles (8x256, 16x128).
         few = [(4, 512, 4, 3), (4, 1024, 4, 1), (8, 512, 4, 3), (32, 128, 4, 3)]
         out += [Launch("few_rows", bucket, n_, k_, w, s) for n_, k_, w, s in few]
     if n and sms:
-        for launch in [launch for launch in out if launch.convert == "bf16" or launch.prescale]:
+        for launch in list(out):
             split = split_to_fill(triton.cdiv(n, launch.block_n), k, launch.block_k, sms)
             if split > 1:
                 out.append(replace(launch, split_k=split))
