@@ -77,7 +77,7 @@ def run_perf_analyzer(
         "csv": csv.read_text() if csv.exists() else (out.stdout + out.stderr)[-2000:],
     }
     if out.returncode == 0 and csv.exists():
-        (row,) = list(DictReader(io.StringIO(result["csv"])))[-1:]
+        row = list(DictReader(io.StringIO(result["csv"])))[-1]  # one concurrency: one row
         result["requests_per_s"] = float(row["Inferences/Second"])
         result["output_tok_per_s"] = round(result["requests_per_s"] * max_tokens, 1)
     return result

@@ -101,13 +101,11 @@ class GraphedSampler:
     slower."""
 
     def __init__(self, logits_by_bucket: dict[int, torch.Tensor], max_rows: int = GRAPH_MAX_ROWS):
-        logits_by_bucket = {b: t for b, t in logits_by_bucket.items() if b <= max_rows}
-        self.logits = logits_by_bucket
-        self.vocab = next(iter(logits_by_bucket.values())).shape[-1]
-        device = next(iter(logits_by_bucket.values())).device
-        top = max(logits_by_bucket)
-        self.settings = torch.zeros(top, SETTINGS, dtype=torch.float32, device=device)
-        self.graphs, self.tokens = capture_buckets(logits_by_bucket, self._sample, prepare=self._greedy)
+        self.logits = {b: t for b, t in logits_by_bucket.items() if b <= max_rows}
+        some = next(iter(self.logits.values()))
+        self.vocab = some.shape[-1]
+        self.settings = torch.zeros(max(self.logits), SETTINGS, dtype=torch.float32, device=some.device)
+        self.graphs, self.tokens = capture_buckets(self.logits, self._sample, prepare=self._greedy)
 
     def _greedy(self, b: int) -> None:
         self.settings[:b] = torch.tensor(PADDING_ROW)

@@ -56,8 +56,7 @@ DEQUANTIZE_MAX_ELEMENTS = 64 << 20
 # longer than cuBLAS on bf16 weights of twice the bytes (1.58 against 1.32 ms per token at one row;
 # run 9, scripts/bench_decode_matmul.py): far from the bandwidth, which points at the conversion
 # (not profiled). The fp16 conversions take fewer instructions per weight (f16_ptx: five per four)
-# but need x scaled into fp16's range first, by a power of two per row (exact for bf16 values), a
-# pass over x in every program. Which one wins is measured per shape, not assumed (``tune``).
+# but need the extra launch that scales x. Which one wins is measured per shape, not assumed (``tune``).
 
 
 @triton.jit
@@ -114,13 +113,6 @@ def _f16_weights(W, rn, kk, stride_wn, w_mask, CONVERT: tl.constexpr):
 
 
 @triton.jit
-def _row_scale(amax):
-    """The power of two that brings a row of largest magnitude ``amax`` into [-1, 1]: exact, and
-    fp16's 65,504 is never reached."""
-    return tl.exp2(tl.ceil(tl.log2(tl.maximum(amax, 1e-30))))
-
-
-@triton.jit
 def _tensor_core_kernel(
     X, W, Scale, XScale, Out,
     M, N, K, K_CHUNK,
@@ -151,13 +143,14 @@ def _tensor_core_kernel(
 
 @triton.jit
 def _prescale_kernel(X, X16, XScale, K, stride_xm, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    """Row r of X -> X16[r] = X[r] / XScale[r] in fp16, XScale[r] = ``_row_scale`` of the row: one
-    program per row, all of K in one block."""
+    """Row r of X -> X16[r] = X[r] / XScale[r] in fp16, XScale[r] the power of two that brings the
+    row into [-1, 1] (exact, and fp16's 65,504 is never reached): one program per row, all of K in
+    one block."""
     wait_for_previous(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_K)
     x = tl.load(X + row * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32)
-    x_scale = _row_scale(tl.max(tl.abs(x), axis=0))
+    x_scale = tl.exp2(tl.ceil(tl.log2(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-30))))
     tl.store(XScale + row, x_scale)
     tl.store(X16 + row * K + cols, (x / x_scale).to(tl.float16), mask=cols < K)
 
