@@ -5,7 +5,7 @@
 
 Starts the repository with serve.py's TritonServer, then for each concurrency:
 - a tritonclient streaming generator, closed loop (each stream sends its next request when one
-  ends), after one unmeasured wave of as many requests as streams: time to first token, time per
+  ends; past 8 streams, in client processes of 8 streams each), after one unmeasured wave of as many requests as streams: time to first token, time per
   output token, output tokens/s;
 - the real perf_analyzer (--streaming, gRPC) on the same inputs, when its binary is given.
 Records the server's GPU memory (nvidia-smi, all processes). Prints a table and writes JSON.
@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import multiprocessing
 import os
+import queue
 import subprocess
 import sys
 import tempfile
@@ -47,6 +49,10 @@ from builder.serve import TritonServer  # noqa: E402
 from model_repository.qwen3vl_runtime.engine.step_log import STEP_LOG_ENV  # noqa: E402
 
 NEW_TOKENS = 128
+# Streams per client process. In one process, 64 streams' responses share one GIL: in run 15 (H200,
+# int8, 64 streams) the client saw the first token 66 ms after the server had sent it (Triton's
+# trace), and each stream's next request left that much later (docs/benchmarks.md).
+STREAMS_PER_PROCESS = 8
 PARAMETERS = {"max_tokens": NEW_TOKENS, "ignore_eos": True, "temperature": 0}
 
 
@@ -122,6 +128,47 @@ def gpu_processes() -> list[dict]:
 
 
 def closed_loop(url: str, image: bytes | None, concurrency: int, requests: int) -> dict:
+    """``concurrency`` streams, each sending its next request when one ends, ``requests`` in all.
+
+    Past STREAMS_PER_PROCESS streams they are spread over client processes of that many streams
+    each (requests split evenly), all starting together."""
+    processes = -(-concurrency // STREAMS_PER_PROCESS)
+    if processes == 1:
+        begin = time.perf_counter()
+        records = stream_requests(url, image, concurrency, requests)
+    else:
+        context = multiprocessing.get_context("spawn")  # no fork of a process that has gRPC threads
+        ready, results = context.Barrier(processes + 1), context.Queue()
+        shares = [(concurrency * i // processes, requests * i // processes) for i in range(processes + 1)]
+        workers = [
+            context.Process(target=_client_process, args=(url, image, s1 - s0, r1 - r0, ready, results), daemon=True)
+            for (s0, r0), (s1, r1) in zip(shares, shares[1:])
+        ]
+        for w in workers:
+            w.start()
+        ready.wait(timeout=300)  # every process has imported tritonclient and is about to send
+        begin = time.perf_counter()
+        records = [r for share in _results(results, workers) for r in share]
+    wall = time.perf_counter() - begin
+    if len(records) < requests:
+        raise RuntimeError(f"only {len(records)} of {requests} requests completed; see the errors above")
+    ttft = [(times[0] - start) * 1e3 for start, times, _ in records]
+    tpot = [(times[-1] - times[0]) / max(tokens - 1, 1) * 1e3 for _, times, tokens in records]
+    return {
+        "requests": len(records),
+        "client_processes": processes,
+        "ttft_p50_ms": float(np.percentile(ttft, 50)),
+        "ttft_p99_ms": float(np.percentile(ttft, 99)),
+        "tpot_p50_ms": float(np.percentile(tpot, 50)),
+        "output_tok_per_s": sum(tokens for *_, tokens in records) / wall,
+        "responses_per_s": sum(len(times) for _, times, _ in records) / wall,
+    }
+
+
+def stream_requests(url: str, image: bytes | None, streams: int, requests: int) -> list[tuple]:
+    """``streams`` threads of this process sending ``requests`` in all, closed loop -> one
+    (start, response times, tokens) per completed request (perf_counter: CLOCK_MONOTONIC, one
+    clock for every process of the machine)."""
     records, lock = [], threading.Lock()
     remaining = [requests]
 
@@ -144,25 +191,32 @@ def closed_loop(url: str, image: bytes | None, concurrency: int, requests: int) 
             with lock:
                 records.append((start, times, tokens))
 
-    threads = [threading.Thread(target=stream) for _ in range(concurrency)]
-    begin = time.perf_counter()
+    threads = [threading.Thread(target=stream) for _ in range(streams)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - begin
-    if len(records) < requests:
-        raise RuntimeError(f"only {len(records)} of {requests} requests completed; see the errors above")
-    ttft = [(times[0] - start) * 1e3 for start, times, _ in records]
-    tpot = [(times[-1] - times[0]) / max(tokens - 1, 1) * 1e3 for _, times, tokens in records]
-    return {
-        "requests": len(records),
-        "ttft_p50_ms": float(np.percentile(ttft, 50)),
-        "ttft_p99_ms": float(np.percentile(ttft, 99)),
-        "tpot_p50_ms": float(np.percentile(tpot, 50)),
-        "output_tok_per_s": sum(tokens for *_, tokens in records) / wall,
-        "responses_per_s": sum(len(times) for _, times, _ in records) / wall,
-    }
+    return records
+
+
+def _results(results, workers) -> list[list[tuple]]:
+    """Every client process's records; a process that died without them fails the run."""
+    shares = []
+    while len(shares) < len(workers):
+        try:
+            shares.append(results.get(timeout=5))
+        except queue.Empty:
+            dead = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"a client process died (exit codes {dead}); see its errors above") from None
+    for w in workers:
+        w.join()
+    return shares
+
+
+def _client_process(url, image, streams, requests, ready, results) -> None:
+    ready.wait()
+    results.put(stream_requests(url, image, streams, requests))
 
 
 def traced_first_token(server: TritonServer, image: bytes, trace_folder: Path, concurrency: int) -> dict:

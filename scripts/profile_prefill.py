@@ -10,6 +10,11 @@ and of copying the pixels to the GPU (the encoder's own copy, through pinned mem
 timed a plain pageable copy instead), then the GPU
 time of the prefill's kernels (torch.profiler), their count and the most costly ones. Wall time
 far above kernel time means the step waits on the host (launches, Python), not on the GPU.
+
+--graphed-prefill also captures the prefill graphs (``GraphedPrefill``, build-repo
+--graphed-prefill) on the same runner, reports their capture time and GPU memory, and times each
+prompt count replayed from them beside the eager prefill (``graphed_prefill_ms``; eager where the
+prompts do not fit a graph).
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ def profile(precision: str, args, prompt: PromptInputs, image: ImageInputs) -> l
         write_vision(args.checkpoint, Path(folder), quantization="none" if precision == "bf16" else "int8", dtype="bfloat16")
         model, visual = load_text_model(Path(folder), "cuda"), load_vision_tower(Path(folder), "cuda")
     runner = ModelRunner(model, num_slots=max(args.prompts), max_len=2048, image_token_id=151655, vision=ImageEncoder(visual))
+    graphs, capture = capture_prefill_graphs(runner, scratch_slot=max(args.prompts)) if args.graphed_prefill else (None, {})
     tokens, rows = len(prompt.input_ids), []
     for n in args.prompts:
         seqs = [Sequence(str(i), prompt, tokens, 0, SamplingParams(), lambda out: None, slot=i) for i in range(n)]
@@ -66,22 +72,42 @@ def profile(precision: str, args, prompt: PromptInputs, image: ImageInputs) -> l
             "vision_eager_ms": wall_ms(lambda: runner.vision.encode_eager([image] * n)),
             "pixels_to_gpu_ms": wall_ms(lambda: to_device([image.pixel_values] * n, runner.device)),
         }
+        if graphs is not None:
+            runner.prefill_graphs = graphs
+            row.update(capture, graphed_prefill_ms=wall_ms(lambda: runner.prefill(seqs)))
+            runner.prefill_graphs = None  # the kernel profile below is of the eager prefill
         row.update(kernel_profile(lambda: runner.prefill(seqs)))
         rows.append(row)
         print(
             f"{precision:5} {n:3} prompts: prefill {row['prefill_ms']:.2f} ms (vision {row['vision_ms']:.2f}, eager "
             f"{row['vision_eager_ms']:.2f}, "
             f"pixels to GPU {row['pixels_to_gpu_ms']:.2f}); kernels {row['kernel_ms_per_step']:.2f} ms in "
-            f"{row['kernels_per_step']:.0f} launches",
+            f"{row['kernels_per_step']:.0f} launches" + (f"; from the prefill graphs {row['graphed_prefill_ms']:.2f} ms" if graphs is not None else ""),
             flush=True,
         )
         print_top_kernels(row)
     return rows
 
 
+def capture_prefill_graphs(runner: ModelRunner, scratch_slot: int):
+    """(prefill graphs for the runner, not yet set on it; their capture time and GPU memory)."""
+    from model_repository.qwen3vl_runtime.engine.cuda_graphs import GraphedPrefill
+
+    torch.cuda.synchronize()
+    before, start = torch.cuda.memory_reserved(), time.perf_counter()
+    graphs = GraphedPrefill(runner.model, runner.kv, scratch_slot=scratch_slot)
+    torch.cuda.synchronize()
+    out = {"prefill_graphs_capture_s": round(time.perf_counter() - start, 2),
+           "prefill_graphs_gib": round((torch.cuda.memory_reserved() - before) / 2**30, 3),
+           "prefill_graph_buckets": list(graphs.TOKEN_BUCKETS)}  # fmt: skip
+    print(f"prefill graphs: {out}", flush=True)
+    return graphs, out
+
+
 def main() -> int:
     p = profile_arguments(__doc__, "profile_prefill.json")
     p.add_argument("--prompts", nargs="+", type=int, default=[1, 16])
+    p.add_argument("--graphed-prefill", action="store_true", help="also time the prefill replayed from CUDA graphs (build-repo --graphed-prefill)")
     args = p.parse_args()
     inputs = workload(args.checkpoint)
     ids, positions = torch.from_numpy(inputs["input_ids"]), torch.from_numpy(inputs["position_ids"])
