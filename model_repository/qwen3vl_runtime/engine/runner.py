@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,6 +12,9 @@ from ..text_model import TextModel
 from .request import SamplingParams, Sequence
 from .sampler import graphable, sample
 from .vision import ImageEncoder, ImageInputs
+
+if TYPE_CHECKING:  # CUDA only at run time: its kernels import triton
+    from .cuda_graphs import GraphedPrefill
 
 
 @dataclass(frozen=True)
@@ -63,8 +66,10 @@ class ModelRunner:
         self.graphed_decode = self.graphed_sampler = None
         self._graphed_bucket: int | None = None  # set by a graphed decode, taken by ``sample``
         self._prefill = self._prefill_one_by_one
+        # On the GPU with graphed_prefill: the graphs that replay prompts that fit them; None: every
+        # prefill eager (scripts/profile_prefill.py sets it to time both on one runner).
+        self.prefill_graphs: GraphedPrefill | None = None
         if on_gpu:
-            from ..fused_forward import fused_prefill
             from ..gpu import use_gpu_kernels
             from .cuda_graphs import GraphedDecodeStep, GraphedPrefill, GraphedSampler
 
@@ -74,14 +79,13 @@ class ModelRunner:
             if vision is not None:
                 use_gpu_kernels(vision.visual)
                 vision.warm_up()
-            self._prefill = partial(fused_prefill, model, self.kv)
+            self._prefill = self._graphed_or_eager_prefill
             self._warm_up_prefill(scratch_slot=num_slots)
             if cuda_graphs:
                 self.graphed_decode = GraphedDecodeStep(model, self.kv, self.tokens_by_slot, max_batch=num_slots, scratch_slot=num_slots)
                 self.graphed_sampler = GraphedSampler(self.graphed_decode.logits)
                 if graphed_prefill:
-                    prefill_graphs = GraphedPrefill(model, self.kv, scratch_slot=num_slots)
-                    self._prefill = partial(self._graphed_or_eager_prefill, prefill_graphs)
+                    self.prefill_graphs = GraphedPrefill(model, self.kv, scratch_slot=num_slots)
 
     @torch.inference_mode()
     def _warm_up_prefill(self, scratch_slot: int) -> None:
@@ -141,10 +145,10 @@ class ModelRunner:
         self._launched_slots = to_device(torch.tensor(slots), self.device)
         return self._prefill(embeds, positions, slots, lengths, visual_rows, deepstack)
 
-    def _graphed_or_eager_prefill(self, graphed, embeds, positions, slots, lengths, visual_rows, deepstack) -> torch.Tensor:
-        image_rows = 0 if deepstack is None else deepstack.shape[1]
-        if graphed.fits(embeds.shape[0], len(slots), image_rows):
-            return graphed(embeds, positions, slots, lengths, visual_rows, deepstack)
+    def _graphed_or_eager_prefill(self, embeds, positions, slots, lengths, visual_rows, deepstack) -> torch.Tensor:
+        graphs, image_rows = self.prefill_graphs, 0 if deepstack is None else deepstack.shape[1]
+        if graphs is not None and graphs.fits(embeds.shape[0], len(slots), image_rows):
+            return graphs(embeds, positions, slots, lengths, visual_rows, deepstack)
         from ..fused_forward import fused_prefill  # CUDA only: the kernels import triton
 
         return fused_prefill(self.model, self.kv, embeds, positions, slots, lengths, visual_rows, deepstack)
