@@ -214,8 +214,10 @@ def test_batched_prefill_equals_one_by_one(gpu_parts):
         assert rel_error(kv_batch[1][0][slot, :, : len(i)], kv_single[1][0][slot, :, : len(i)]) < 1e-5
 
 
-def test_graphed_prefill_equals_eager_prefill(gpu_parts):
-    """Two prompts, one with image rows and deepstack features, through the captured graphs."""
+@pytest.mark.parametrize("lengths", [[9, 40], [9, 40, 300, 200, 120]])
+def test_graphed_prefill_equals_eager_prefill(gpu_parts, lengths):
+    """Prompts, the first with image rows and deepstack features, through the captured graphs:
+    two in the 64-token bucket, five (669 tokens) in the 768 one."""
     from model_repository.qwen3vl_runtime.engine.cuda_graphs import GraphedPrefill
     from model_repository.qwen3vl_runtime.fused_forward import fused_prefill
     from model_repository.qwen3vl_runtime.kernels.decode_attention import decode_attention
@@ -223,17 +225,19 @@ def test_graphed_prefill_equals_eager_prefill(gpu_parts):
     model = gpu_parts[0]
     model.decode_attention = decode_attention
     torch.manual_seed(2)
-    lengths, slots = [9, 40], [1, 3]
+    slots = [1, 3, 0, 2, 5][: len(lengths)]
     tokens = sum(lengths)
     embeds = model.embed(torch.randint(100, 5000, (tokens,), device="cuda"))
     positions = torch.cat([torch.arange(n, device="cuda").expand(3, -1) for n in lengths], 1).clone()
     visual = torch.zeros(tokens, dtype=torch.bool, device="cuda")
     visual[15:19] = True
     deepstack = torch.randn(3, 4, model.config.hidden_size, device="cuda")
-    kv_eager, kv_graph = model.new_cache(5, 128), model.new_cache(5, 128)
+    kv_eager, kv_graph = model.new_cache(7, 512), model.new_cache(7, 512)
     rows = visual.nonzero().flatten()
     eager = fused_prefill(model, kv_eager, embeds, positions, slots, lengths, rows, deepstack)
-    graphed = GraphedPrefill(model, kv_graph, scratch_slot=4)(embeds, positions, slots, lengths, rows, deepstack)
+    graphs = GraphedPrefill(model, kv_graph, scratch_slot=6)
+    assert graphs.fits(lengths, len(rows)) and not graphs.fits([513], 0)
+    graphed = graphs(embeds, positions, slots, lengths, rows, deepstack)
     assert rel_error(graphed, eager) < 1e-5
     for slot, n in zip(slots, lengths):
         assert rel_error(kv_graph[0][1][slot, :, :n], kv_eager[0][1][slot, :, :n]) < 1e-5

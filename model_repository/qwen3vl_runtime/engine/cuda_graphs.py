@@ -125,13 +125,19 @@ class GraphedPrefill:
 
     Eager, a prefill is hundreds of launches: on the H100 one 243-token prompt took 25.5 ms (bf16,
     scripts/profile_decode.py), and replayed from a graph the engine's time to first token was
-    6.6 ms (docs/benchmarks.md). Prompts longer than the largest bucket run eagerly: the
-    per-token attention here re-reads each prompt's prefix (quadratic), fine for short prompts only.
+    6.6 ms (docs/benchmarks.md). Through Triton at 64 streams, bursts of 3-16 image prompts (over
+    run 15's 512-token largest bucket) held the engine thread 27-81 ms each, eagerly (the step log,
+    docs/benchmarks.md run 15): the buckets now reach the scheduler's prefill budget (4,096 tokens,
+    16 prompts). A prompt longer than LONGEST_PROMPT runs eagerly: the per-token attention here
+    re-reads each prompt's prefix (quadratic in a prompt's length, not in the batch's).
     """
 
-    TOKEN_BUCKETS = (64, 128, 256, 512)
+    # Steps of half an octave past 512: a burst of n 243-token image prompts pads to at most 1.5x
+    # its tokens (three pad 729 to 768, not 1,024). The graphs share one memory pool, the largest's.
+    TOKEN_BUCKETS = (64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096)
+    LONGEST_PROMPT = 512
 
-    def __init__(self, model: TextModel, kv, *, scratch_slot: int, max_prompts: int = 8, max_image_rows: int = 512):
+    def __init__(self, model: TextModel, kv, *, scratch_slot: int, max_prompts: int = 16, max_image_rows: int = 4096):
         self.model, self.kv = model, kv
         self.scratch_slot, self.max_prompts = scratch_slot, max_prompts
         device, hidden = model.norm.weight.device, model.config.hidden_size
@@ -147,8 +153,10 @@ class GraphedPrefill:
         # _reset: in-range indices for each bucket while it is captured.
         self.graphs, self.logits = capture_buckets(self.TOKEN_BUCKETS, self._run, prepare=self._reset)
 
-    def fits(self, tokens: int, prompts: int, image_rows: int) -> bool:
-        return tokens <= self.TOKEN_BUCKETS[-1] and prompts <= self.max_prompts and image_rows <= len(self.visual_rows)
+    def fits(self, lengths: list[int], image_rows: int) -> bool:
+        """Whether prompts of these lengths (and image rows) can be replayed from a graph."""
+        return (sum(lengths) <= self.TOKEN_BUCKETS[-1] and len(lengths) <= self.max_prompts
+                and max(lengths) <= self.LONGEST_PROMPT and image_rows <= len(self.visual_rows))  # fmt: skip
 
     def _run(self, b: int) -> torch.Tensor:
         n = b + 1  # the bucket's rows plus its dump row

@@ -147,7 +147,7 @@ class ModelRunner:
 
     def _graphed_or_eager_prefill(self, embeds, positions, slots, lengths, visual_rows, deepstack) -> torch.Tensor:
         graphs, image_rows = self.prefill_graphs, 0 if deepstack is None else deepstack.shape[1]
-        if graphs is not None and graphs.fits(embeds.shape[0], len(slots), image_rows):
+        if graphs is not None and graphs.fits(lengths, image_rows):
             return graphs(embeds, positions, slots, lengths, visual_rows, deepstack)
         from ..fused_forward import fused_prefill  # CUDA only: the kernels import triton
 
