@@ -78,8 +78,10 @@ def test_missing_repository_is_a_clear_error(tmp_path):
 # --- the server -----------------------------------------------------------------------------------
 @pytest.mark.server
 def test_start_serve_stop_beside_another_server(echo_server):
-    """A second server picks its own free ports, serves, and releases them when stopped."""
+    """A second server picks its own free ports, serves, and releases them (and its Python
+    models' shared memory) when stopped."""
     with TritonServer(ECHO_REPO) as second:
+        assert list(Path("/dev/shm").glob(f"{second.shm_prefix}*")), "the Python backend named no region from the prefix"
         assert not set(second.ports) & set(echo_server.ports)
         assert len(set(second.ports)) == 3
         answer = _answer(second, "one two", "grpc")
@@ -87,6 +89,7 @@ def test_start_serve_stop_beside_another_server(echo_server):
         with urllib.request.urlopen(second.metrics_url, timeout=10) as metrics:
             assert b"nv_inference_request_success" in metrics.read()
     assert not second.running
+    assert not list(Path("/dev/shm").glob(f"{second.shm_prefix}*"))
     assert not _accepts_connections(second.http_url) and not _accepts_connections(second.grpc_url)
     assert _answer(echo_server, "still here", "http")[-1]["finish_reason"] == "stop"
 
