@@ -138,3 +138,19 @@ def test_instance_groups_put_one_engine_and_one_vision_instance_on_each_gpu(gpus
     assert [s.model_name for s in configs.ensemble_config(in_decoder).ensemble_scheduling.step] == ["preprocess", "language_model"]
     cpu = BuildOptions(model="unused", output=Path("unused"), device="cpu")
     assert [g.kind for g in configs.language_model_config(cpu, 2048).instance_group] == [mc.ModelInstanceGroup.KIND_CPU]
+
+
+def test_decoder_takes_queued_requests_in_one_execute():
+    """The decoder's config lets Triton hand over every queued request in one execute (a batch
+    size, ragged inputs: no two requests need the same shape), while the ensemble and the
+    preprocess step stay unbatched: the ensemble adds and strips the decoder's batch dimension."""
+    from builder import configs
+    from builder.options import BuildOptions
+
+    for backend in ("decoder", "onnxruntime"):
+        options = BuildOptions(model="unused", output=Path("unused"), vision_backend=backend)
+        decoder = configs.language_model_config(options, 2048)
+        assert decoder.max_batch_size == configs.DECODER_INTAKE_BATCH > 1
+        assert decoder.input and all(i.allow_ragged_batch for i in decoder.input)
+        assert decoder.dynamic_batching.priority_levels == len(options.tier_table.tiers)
+        assert configs.ensemble_config(options).max_batch_size == configs.preprocess_config(options).max_batch_size == 0

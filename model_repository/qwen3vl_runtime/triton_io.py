@@ -33,5 +33,14 @@ def input_array(request, name: str, dtype, *, ndim: int, optional: bool = False)
     return array
 
 
+def one_request_input(request, name: str, dtype, *, ndim: int):
+    """An input of a model with max_batch_size > 0, which Triton hands over as [1, *dims] per
+    request (never concatenated for a Python model): that request's [*dims] array."""
+    array = input_array(request, name, dtype, ndim=ndim + 1)
+    if array.shape[0] != 1:
+        raise ValueError(f"input '{name}' must hold one request (leading dimension 1), got {list(array.shape)}")
+    return array[0]
+
+
 def error_response(message: str):
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))

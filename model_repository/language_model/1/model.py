@@ -27,7 +27,7 @@ from qwen3vl_runtime.specs import NUMPY_DTYPES, VISION_INPUTS  # noqa: E402
 from qwen3vl_runtime.streaming import ResponseStreamer  # noqa: E402
 from qwen3vl_runtime.tiers import TierTable  # noqa: E402
 from qwen3vl_runtime.triton_metrics import EngineMetricsPublisher  # noqa: E402
-from qwen3vl_runtime.triton_io import error_response, input_array, model_parameters, request_parameters  # noqa: E402
+from qwen3vl_runtime.triton_io import error_response, model_parameters, one_request_input, request_parameters  # noqa: E402
 
 DECODER_DIR = Path(__file__).parent / "decoder"
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -118,21 +118,23 @@ class TritonPythonModel:
         return None
 
     def _sequence(self, request, parameters: dict, sender) -> Sequence:
-        ids = input_array(request, "input_ids", np.int64, ndim=1)
-        positions = input_array(request, "position_ids", np.int64, ndim=2)
+        # Each tensor comes as [1, ...] (the config's max_batch_size lets Triton hand over several
+        # requests per execute: builder/configs.py); outputs go back the same way.
+        ids = one_request_input(request, "input_ids", np.int64, ndim=1)
+        positions = one_request_input(request, "position_ids", np.int64, ndim=2)
         if positions.shape != (3, len(ids)):
             raise ValueError(f"position_ids must be [3, {len(ids)}], got {list(positions.shape)}")
         if self.vision_in_process:
-            arrays = {s.name: input_array(request, s.name, NUMPY_DTYPES[s.dtype], ndim=len(s.dims)) for s in VISION_INPUTS}
+            arrays = {s.name: one_request_input(request, s.name, NUMPY_DTYPES[s.dtype], ndim=len(s.dims)) for s in VISION_INPUTS}
             prompt = PromptInputs(torch.from_numpy(ids), torch.from_numpy(positions), images=ImageInputs.from_arrays(arrays))
         else:
-            image_embeds = input_array(request, "image_embeds", np.float32, ndim=2)
-            deepstack = input_array(request, "deepstack_embeds", np.float32, ndim=3)
+            image_embeds = one_request_input(request, "image_embeds", np.float32, ndim=2)
+            deepstack = one_request_input(request, "deepstack_embeds", np.float32, ndim=3)
             prompt = PromptInputs(
                 torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(image_embeds), torch.from_numpy(deepstack)
             )
         params = SamplingParams.from_parameters(parameters, self.defaults)
-        prompt_tokens = np.array([len(ids)], dtype=np.int32)
+        prompt_tokens = np.array([[len(ids)]], dtype=np.int32)
 
         def send(out: StepOutput) -> None:
             if out.error is not None:
@@ -140,9 +142,9 @@ class TritonPythonModel:
                 return
             response = pb_utils.InferenceResponse(
                 output_tensors=[
-                    pb_utils.Tensor("text", np.array([out.text.encode()], dtype=np.object_)),
-                    pb_utils.Tensor("token_ids", np.array(out.token_ids, dtype=np.int64)),
-                    pb_utils.Tensor("finish_reason", np.array([(out.finish_reason or "").encode()], dtype=np.object_)),
+                    pb_utils.Tensor("text", np.array([[out.text.encode()]], dtype=np.object_)),
+                    pb_utils.Tensor("token_ids", np.array([out.token_ids], dtype=np.int64)),
+                    pb_utils.Tensor("finish_reason", np.array([[(out.finish_reason or "").encode()]], dtype=np.object_)),
                     pb_utils.Tensor("prompt_tokens", prompt_tokens),
                 ]
             )
@@ -152,7 +154,7 @@ class TritonPythonModel:
             request_id=request.request_id() or uuid.uuid4().hex,
             prompt=prompt,
             prompt_len=len(ids),
-            rope_delta=int(input_array(request, "rope_delta", np.int64, ndim=1)[0]),
+            rope_delta=int(one_request_input(request, "rope_delta", np.int64, ndim=1)[0]),
             params=params,
             emit=self.streamer.emitter(send),
             is_cancelled=sender.is_cancelled,
