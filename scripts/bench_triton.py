@@ -17,11 +17,12 @@ at 4 + 2 + 1 requests decoding at once.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
+import functools
 import json
 import multiprocessing
 import os
-import queue
 import subprocess
 import sys
 import tempfile
@@ -87,21 +88,22 @@ def model_statistics(url: str) -> dict:
     out = {}
     for model in stats.get("model_stats", []):
         inference = model.get("inference_stats", {})
-        out[model["name"]] = {"count": int(inference.get("success", {}).get("count", 0))} | {
+        out[model["name"]] = {"count": int(inference.get("success", {}).get("count", 0)), "executions": int(model.get("execution_count", 0))} | {
             stage: int(inference.get(stage, {}).get("ns", 0)) for stage in STAGES
         }
     return out
 
 
 def stage_times(before: dict, after: dict) -> dict:
-    """Mean milliseconds per request in each model's queue and compute stages between two snapshots.
-    (The decoupled decoder's compute_infer is only its execute(), which hands the request over.)"""
+    """Mean milliseconds per request in each model's queue and compute stages between two snapshots
+    (Triton counts a batched execute's time once for each of its requests), and requests per
+    execute. The decoupled decoder's compute_infer is only its execute(), which hands requests over."""
     times = {}
     for name, end in after.items():
-        start = before.get(name, {"count": 0} | dict.fromkeys(STAGES, 0))
-        count = end["count"] - start["count"]
+        start = before.get(name, {"count": 0, "executions": 0} | dict.fromkeys(STAGES, 0))
+        count, executions = end["count"] - start["count"], end["executions"] - start["executions"]
         if count:
-            times[name] = {"requests": count} | {
+            times[name] = {"requests": count, "requests_per_execute": round(count / max(executions, 1), 2)} | {
                 f"{stage}_ms": round((end[stage] - start[stage]) / count / 1e6, 2) for stage in STAGES
             }
     return times
@@ -131,27 +133,19 @@ def closed_loop(url: str, image: bytes | None, concurrency: int, requests: int) 
     """``concurrency`` streams, each sending its next request when one ends, ``requests`` in all.
 
     Past STREAMS_PER_PROCESS streams they are spread over client processes of that many streams
-    each (requests split evenly), all starting together."""
+    each (requests split evenly). The wall time runs from the first request sent to the last
+    response received."""
     processes = -(-concurrency // STREAMS_PER_PROCESS)
     if processes == 1:
-        begin = time.perf_counter()
         records = stream_requests(url, image, concurrency, requests)
     else:
-        context = multiprocessing.get_context("spawn")  # no fork of a process that has gRPC threads
-        ready, results = context.Barrier(processes + 1), context.Queue()
         shares = [(concurrency * i // processes, requests * i // processes) for i in range(processes + 1)]
-        workers = [
-            context.Process(target=_client_process, args=(url, image, s1 - s0, r1 - r0, ready, results), daemon=True)
-            for (s0, r0), (s1, r1) in zip(shares, shares[1:])
-        ]
-        for w in workers:
-            w.start()
-        ready.wait(timeout=300)  # every process has imported tritonclient and is about to send
-        begin = time.perf_counter()
-        records = [r for share in _results(results, workers) for r in share]
-    wall = time.perf_counter() - begin
+        jobs = [client_pool(processes).submit(stream_requests, url, image, s1 - s0, r1 - r0) for (s0, r0), (s1, r1) in zip(shares, shares[1:])]
+        records = [r for job in jobs for r in job.result()]
     if len(records) < requests:
         raise RuntimeError(f"only {len(records)} of {requests} requests completed; see the errors above")
+    first, last = min(start for start, _, _ in records), max(times[-1] for _, times, _ in records)
+    wall = last - first
     ttft = [(times[0] - start) * 1e3 for start, times, _ in records]
     tpot = [(times[-1] - times[0]) / max(tokens - 1, 1) * 1e3 for _, times, tokens in records]
     return {
@@ -162,7 +156,20 @@ def closed_loop(url: str, image: bytes | None, concurrency: int, requests: int) 
         "tpot_p50_ms": float(np.percentile(tpot, 50)),
         "output_tok_per_s": sum(tokens for *_, tokens in records) / wall,
         "responses_per_s": sum(len(times) for _, times, _ in records) / wall,
+        # CLOCK_MONOTONIC, the clock of the step log's lines: scripts/step_log_summary.py cuts it here.
+        "monotonic_window_s": [first, last],
     }
+
+
+@functools.cache
+def client_pool(processes: int) -> concurrent.futures.ProcessPoolExecutor:
+    """Client processes kept for the whole run (started, and tritonclient imported, once: each
+    load's first, unmeasured wave meets them cold). Spawned: no fork of a process with gRPC threads."""
+    return concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"), initializer=_import_client)
+
+
+def _import_client() -> None:
+    import tritonclient.grpc  # noqa: F401
 
 
 def stream_requests(url: str, image: bytes | None, streams: int, requests: int) -> list[tuple]:
@@ -197,26 +204,6 @@ def stream_requests(url: str, image: bytes | None, streams: int, requests: int) 
     for t in threads:
         t.join()
     return records
-
-
-def _results(results, workers) -> list[list[tuple]]:
-    """Every client process's records; a process that died without them fails the run."""
-    shares = []
-    while len(shares) < len(workers):
-        try:
-            shares.append(results.get(timeout=5))
-        except queue.Empty:
-            dead = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
-            if dead:
-                raise RuntimeError(f"a client process died (exit codes {dead}); see its errors above") from None
-    for w in workers:
-        w.join()
-    return shares
-
-
-def _client_process(url, image, streams, requests, ready, results) -> None:
-    ready.wait()
-    results.put(stream_requests(url, image, streams, requests))
 
 
 def traced_first_token(server: TritonServer, image: bytes, trace_folder: Path, concurrency: int) -> dict:
@@ -275,10 +262,7 @@ def main() -> int:
             first_wave = closed_loop(server.grpc_url, image, c, c)
             before, first_tokens = model_statistics(server.grpc_url), engine_first_token_seconds(server.metrics_url)
             totals = engine_step_totals(server.metrics_url)
-            window = time.perf_counter()
             row = closed_loop(server.grpc_url, image, c, max(3 * c, 8))
-            # CLOCK_MONOTONIC, the clock of the step log's lines: scripts/step_log_summary.py cuts it here.
-            row["monotonic_window_s"] = [window, time.perf_counter()]
             row.update(first_wave_ttft_p99_ms=first_wave["ttft_p99_ms"], first_wave_tok_per_s=first_wave["output_tok_per_s"])
             row["triton_stages"] = stage_times(before, model_statistics(server.grpc_url))
             # The engine's own share of the first token (submit to first token), beside the client's,
@@ -302,7 +286,8 @@ def main() -> int:
             print(f"    the engine's own time to first token (mean): {row['engine_ttft_mean_ms']} ms; ms per step: {row['engine_phase_ms_per_step']}; "
                   f"{row['engine_prefill_steps']} prefills of {row['engine_prompts_per_prefill']} prompts on average")  # fmt: skip
             for name, t in row["triton_stages"].items():
-                print(f"    {name}: queue {t['queue_ms']} ms, compute {t['compute_input_ms']} + {t['compute_infer_ms']} + {t['compute_output_ms']} ms")
+                print(f"    {name}: queue {t['queue_ms']} ms, compute {t['compute_input_ms']} + {t['compute_infer_ms']} + {t['compute_output_ms']} ms, "
+                      f"{t['requests_per_execute']} requests per execute")  # fmt: skip
             for line in row.get("perf_analyzer", {}).get("summary", []):
                 print(f"    perf_analyzer: {line}", flush=True)
             if "output_tok_per_s" in row.get("perf_analyzer", {}):
