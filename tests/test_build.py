@@ -144,6 +144,8 @@ def test_decoder_takes_queued_requests_in_one_execute():
     """The decoder's config lets Triton hand over every queued request in one execute (a batch
     size, ragged inputs: no two requests need the same shape), while the ensemble and the
     preprocess step stay unbatched: the ensemble adds and strips the decoder's batch dimension."""
+    from pathlib import Path
+
     from builder import configs
     from builder.options import BuildOptions
 
