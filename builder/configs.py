@@ -137,6 +137,7 @@ def language_model_config(options: BuildOptions, text_hidden: int) -> mc.ModelCo
                 "default_max_tokens": options.default_max_tokens,
                 "dtype": options.dtype,
                 "graphed_prefill": options.graphed_prefill,
+                "prefill_hold_ms": options.prefill_hold_ms,
                 "tiers": options.tier_table.to_json(),
             }
         ),

@@ -60,6 +60,10 @@ class BuildOptions:
         default=False,
         metadata={"help": "replay short prompts' prefill from CUDA graphs: a faster first token, more GPU memory"},
     )
+    prefill_hold_ms: float = field(
+        default=20.0,
+        metadata={"help": "while 16+ streams decode, newcomers wait up to this long for more to share their prefill (0: never)"},
+    )
     tiers: Path | None = field(
         default=None,
         metadata={"help": "JSON file of service tiers (priority, concurrency, queue timeout, ...); default: vip/standard/free"},
@@ -94,6 +98,7 @@ class BuildOptions:
         check(self.max_pixels <= 16_777_216, "--max-pixels is above the checkpoint's own limit (16,777,216)")
         check(self.max_source_pixels >= self.max_pixels, "--max-source-pixels must be >= --max-pixels")
         check(self.max_images >= 1, "--max-images must be >= 1")
+        check(0 <= self.prefill_hold_ms <= 1000, f"--prefill-hold-ms must be in [0, 1000], got {self.prefill_hold_ms}")
         for name in ("preprocess_instances", "vision_instances"):
             check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
         try:

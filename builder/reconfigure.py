@@ -38,6 +38,7 @@ SERVING_OPTIONS = (
     "vision_instances",
     "gpus",
     "graphed_prefill",
+    "prefill_hold_ms",
 )
 
 

@@ -105,6 +105,33 @@ def test_scheduler_bounds_prefill_tokens_per_step():
 
 
 
+def test_newcomers_wait_for_company_only_while_many_streams_decode():
+    """prefill_hold_s: held while 16+ streams decode, until the oldest has waited that long or
+    the queue fills the prefill budget or the free slots; never below 16 streams."""
+    from model_repository.qwen3vl_runtime.engine.scheduler import HOLD_MIN_DECODING
+
+    now = [0.0]
+    scheduler = Scheduler(SlotPool(40), prefill_token_budget=16, clock=lambda: now[0], prefill_hold_s=0.02)
+    scheduler.add(_seq("a"))
+    assert scheduler.admit(decoding=HOLD_MIN_DECODING - 1) != []  # few streams: at once
+    scheduler.add(_seq("b"))
+    now[0] = 0.01
+    scheduler.add(_seq("c"))
+    assert scheduler.admit(decoding=HOLD_MIN_DECODING) == []  # 10 ms: held
+    now[0] = 0.02
+    assert [s.request_id for s in scheduler.admit(decoding=64)] == ["b", "c"]  # b waited 20 ms
+    for name in "defg":  # 4 x 4 tokens fill the budget of 16: no reason to wait
+        scheduler.add(_seq(name))
+    assert len(scheduler.admit(decoding=64)) == 4
+    few_slots = Scheduler(SlotPool(2), clock=lambda: now[0], prefill_hold_s=0.02)
+    few_slots.add(_seq("x"))
+    few_slots.add(_seq("y"))
+    assert len(few_slots.admit(decoding=64)) == 2  # they fill the free slots
+    unheld = Scheduler(SlotPool(8), clock=lambda: now[0])
+    unheld.add(_seq("z"))
+    assert len(unheld.admit(decoding=64)) == 1  # the default holds nothing
+
+
 def test_tiers_admit_highest_priority_first_within_caps():
     scheduler = Scheduler(SlotPool(8), DEFAULT_TIERS)
     vip, standard, free = (DEFAULT_TIERS.get(n) for n in ("vip", "standard", "free"))

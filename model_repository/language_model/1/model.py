@@ -98,6 +98,8 @@ class TritonPythonModel:
             cancel_check_interval_s=CANCEL_CHECK_INTERVAL_S,
             server_counts=self.server_counts,
             step_log=_step_log(args["model_instance_name"]),
+            # Repositories built before the option hold nothing.
+            prefill_hold_s=float(settings.get("prefill_hold_ms", 0)) / 1e3,
             log=self.logger.log_error,
         ).start()
         self.metrics = EngineMetricsPublisher(self.engine, args["model_instance_name"]).start()

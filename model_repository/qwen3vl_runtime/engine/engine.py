@@ -27,7 +27,9 @@ class Engine:
     thread of its own (``CancellationWatcher``): under Triton each ask is an IPC round trip.
     server_counts: the server's other engines' running requests, so that tier caps hold for the
     whole server (several GPUs); None: this engine is the server's only one.
-    step_log: where to write one line per step (``StepLog``); None: nowhere."""
+    step_log: where to write one line per step (``StepLog``); None: nowhere.
+    prefill_hold_s: how long newcomers may wait for more to share their prefill while many
+    streams decode (``Scheduler``); 0: never."""
 
     def __init__(
         self,
@@ -41,6 +43,7 @@ class Engine:
         cancel_check_interval_s: float = 0.05,
         server_counts: ServerTierCounts | None = None,
         step_log: StepLog | None = None,
+        prefill_hold_s: float = 0.0,
         log=print,
     ):
         self.runner = runner
@@ -49,7 +52,7 @@ class Engine:
         self.max_len = runner.max_len
         self.tiers = tiers
         self.clock = clock
-        self.scheduler = Scheduler(SlotPool(num_slots), tiers, clock=clock, server=server_counts)
+        self.scheduler = Scheduler(SlotPool(num_slots), tiers, clock=clock, server=server_counts, prefill_hold_s=prefill_hold_s)
         self.metrics = EngineMetrics(tiers)
         self.step_log = step_log
         self.log = log
@@ -219,7 +222,7 @@ class Engine:
             self._fail(seq, f"timed out: waited {waited:.2f} s in the {seq.tier.name} queue (limit {seq.tier.queue_timeout_s:g} s)")
         decoding = [seq for seq in self.scheduler.running if seq.launched and self._may_decode(seq)]
         self.metrics.batch_size = len(decoding)
-        admitted = self.scheduler.admit()
+        admitted = self.scheduler.admit(len(decoding))
         waits = [self.clock() - seq.submitted_at for seq in admitted] if self.step_log else []
         phases, mark = {}, time.perf_counter()
         phases["schedule"] = mark - started
