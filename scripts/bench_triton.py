@@ -236,7 +236,7 @@ def main() -> int:
     p.add_argument("--text-only", action="store_true", help="no image: the decode and response path alone")
     p.add_argument("--server-arg", action="append", default=[], help="extra tritonserver argument (repeatable)")
     p.add_argument("--server-log", type=Path, help="keep tritonserver's log here")
-    p.add_argument("--trace-at", nargs="+", type=int, default=[1], help="concurrencies whose time to first token is traced (with an image)")
+    p.add_argument("--trace-at", nargs="*", type=int, default=[1], help="concurrencies whose time to first token is traced (with an image); none: no trace")
     p.add_argument("--step-log", type=Path, help="the decoder writes one JSON line per engine step to STEP_LOG.<instance>.jsonl")
     args = p.parse_args()
     image = None if args.text_only else encoded_image()
