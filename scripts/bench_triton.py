@@ -5,8 +5,8 @@
 
 Starts the repository with serve.py's TritonServer, then for each concurrency:
 - a tritonclient streaming generator, closed loop (each stream sends its next request when one
-  ends; past 8 streams, in client processes of 8 streams each), after one unmeasured wave of as many requests as streams: time to first token, time per
-  output token, output tokens/s;
+  ends; past 8 streams, in client processes of 8 streams each), after one unmeasured wave of as
+  many requests as streams: time to first token, time per output token, output tokens/s;
 - the real perf_analyzer (--streaming, gRPC) on the same inputs, when its binary is given.
 Records the server's GPU memory (nvidia-smi, all processes). Prints a table and writes JSON.
 Measuring capacity needs a tier that admits the concurrency: build the repository with
