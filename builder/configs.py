@@ -74,7 +74,7 @@ def preprocess_config(options: BuildOptions) -> mc.ModelConfig:
         backend="python",
         max_batch_size=0,
         input=_tensors(mc.ModelInput, specs.PREPROCESS_INPUTS, 0),
-        output=_tensors(mc.ModelOutput, specs.PREPROCESS_OUTPUTS, 0),
+        output=_tensors(mc.ModelOutput, specs.preprocess_outputs(options.vision_backend == "decoder"), 0),
         instance_group=_instances(options, options.preprocess_instances, on_gpu=False),
         dynamic_batching=_dynamic_batching(options),
         parameters=_parameters(
@@ -107,9 +107,9 @@ def vision_config(options: BuildOptions, text_hidden: int) -> mc.ModelConfig:
 
 
 def _language_model_inputs(options: BuildOptions) -> tuple:
-    """The decoder takes the vision model's outputs, or the images' patches when it runs the
+    """The decoder takes the vision model's outputs, or the images' patch bytes when it runs the
     vision tower itself."""
-    vision = specs.VISION_INPUTS if options.vision_backend == "decoder" else specs.VISION_OUTPUTS
+    vision = specs.DECODER_VISION_INPUTS if options.vision_backend == "decoder" else specs.VISION_OUTPUTS
     return specs.PROMPT_INPUTS + vision
 
 
@@ -164,7 +164,7 @@ def ensemble_config(options: BuildOptions) -> mc.ModelConfig:
         output=_tensors(mc.ModelOutput, specs.ENDPOINT_OUTPUTS, -1),
         ensemble_scheduling=mc.ModelEnsembling(
             step=[
-                step(specs.PREPROCESS, specs.PREPROCESS_INPUTS, specs.PREPROCESS_OUTPUTS),
+                step(specs.PREPROCESS, specs.PREPROCESS_INPUTS, specs.preprocess_outputs(options.vision_backend == "decoder")),
                 *([] if options.vision_backend == "decoder" else [step(specs.VISION, specs.VISION_INPUTS, specs.VISION_OUTPUTS)]),
                 step(specs.LANGUAGE_MODEL, _language_model_inputs(options), specs.LANGUAGE_MODEL_OUTPUTS),
             ]

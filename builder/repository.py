@@ -163,13 +163,16 @@ def _write_vision(options: BuildOptions, checkpoint: Path, visual, out: Path, de
 
     if options.vision_backend == "decoder":
         from model_repository.qwen3vl_runtime.decoder_weights import load_vision_tower
+        from model_repository.qwen3vl_runtime.patches import checkpoint_pixel_table
 
         from .decoder_export import write_vision
 
         # Int8 weights take the decoder's int8 kernels (fp8 builds too: the tower is compute-bound).
         write_vision(checkpoint, decoder_dir, quantization="int8" if options.vision_int8 else "none", dtype=options.dtype)
+        # The decoder maps the images' bytes to floats with the checkpoint's image processor.
+        _copy_present(checkpoint, decoder_dir, ("preprocessor_config.json",))
         # Checked in float32: the figure is the weights' error, not the CPU's bf16 rounding.
-        return in_process_encoder(load_vision_tower(decoder_dir, "cpu", torch.float32))
+        return in_process_encoder(load_vision_tower(decoder_dir, "cpu", torch.float32), checkpoint_pixel_table(decoder_dir))
     onnx_path = out / specs.VISION / "1" / "model.onnx"
     if options.vision_int8:
         from .vision_quantize import quantize_vision_weights

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_repository.qwen3vl_runtime.specs import VISION_INPUTS, VISION_OUTPUTS
-from model_repository.qwen3vl_runtime.vision_inputs import PIXEL_VALUES, vision_position_inputs
+from model_repository.qwen3vl_runtime.vision_inputs import PIXEL_BYTES, PIXEL_VALUES, vision_position_inputs
 from model_repository.qwen3vl_runtime.vision_tower import encode_images
 
 INPUT_NAMES = [spec.name for spec in VISION_INPUTS]
@@ -153,14 +153,15 @@ def onnx_encoder(onnx_path: Path) -> Encode:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    return lambda feeds: dict(zip(OUTPUT_NAMES, session.run(OUTPUT_NAMES, feeds)))
+    return lambda feeds: dict(zip(OUTPUT_NAMES, session.run(OUTPUT_NAMES, {name: feeds[name] for name in INPUT_NAMES})))
 
 
-def in_process_encoder(visual: nn.Module) -> Encode:
-    """The tower as the decoder runs it (``--vision-backend decoder``): feeds -> outputs by name."""
+def in_process_encoder(visual: nn.Module, pixel_table: np.ndarray) -> Encode:
+    """The tower as the decoder runs it (``--vision-backend decoder``, on the images' bytes and
+    the processor's ``pixel_table``): feeds -> outputs by name."""
     from model_repository.qwen3vl_runtime.engine.vision import ImageEncoder, ImageInputs
 
-    encoder = ImageEncoder(visual)
+    encoder = ImageEncoder(visual, pixel_table)
 
     def encode(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = encoder([ImageInputs.from_arrays(feeds)])
@@ -224,10 +225,16 @@ def _random_image(rng: np.random.Generator, size: tuple[int, int]):
 
 
 def _run_both(visual, encode: Encode, image_processor, images) -> tuple[dict, dict]:
-    """Outputs of the served encoder and of the original ``visual`` for one processor batch."""
+    """Outputs of the served encoder and of the original ``visual`` for one processor batch. The
+    served encoder's feeds hold the processor's pixels and, for the decoder's tower, the same
+    images' bytes as the preprocess model makes them."""
+    from model_repository.qwen3vl_runtime.patches import PatchMaker
+
     batch = image_processor(images=images, return_tensors="pt")
     pixel_values, grid_thw = batch["pixel_values"], batch["image_grid_thw"]  # [N, 1536], [images, 3]
-    feeds = {PIXEL_VALUES: pixel_values.numpy(), **_position_inputs(visual, grid_thw.numpy())}
+    size = image_processor.size
+    patch_bytes, _ = PatchMaker(image_processor, min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"]).make(images)
+    feeds = {PIXEL_VALUES: pixel_values.numpy(), PIXEL_BYTES: patch_bytes, **_position_inputs(visual, grid_thw.numpy())}
     got = encode(feeds)
     with torch.no_grad():
         reference = visual(pixel_values, grid_thw=grid_thw)

@@ -42,6 +42,7 @@ from model_repository.qwen3vl_runtime.decoder_weights import load_text_model, lo
 from model_repository.qwen3vl_runtime.engine import Engine, SamplingParams, Sequence  # noqa: E402
 from model_repository.qwen3vl_runtime.engine.runner import ModelRunner, PromptInputs  # noqa: E402
 from model_repository.qwen3vl_runtime.engine.vision import ImageEncoder, ImageInputs  # noqa: E402
+from model_repository.qwen3vl_runtime.patches import checkpoint_pixel_table  # noqa: E402
 from model_repository.qwen3vl_runtime.preprocessing import PreprocessLimits, Preprocessor  # noqa: E402
 
 NEW_TOKENS = 128
@@ -56,8 +57,10 @@ def workload(checkpoint: Path):
     from PIL import Image
 
     image = encoded_image()
-    pre = Preprocessor(checkpoint, PreprocessLimits(4096, 1024 * 1024, 65536, 4, 64_000_000))
+    pre = Preprocessor(checkpoint, PreprocessLimits(4096, 1024 * 1024, 65536, 4, 64_000_000), pixel_bytes=True)
     inputs = pre(PROMPT, [image])
+    # transformers' side of the comparison takes the processor's floats (the same values).
+    inputs["pixel_values"] = pre.patches.pixel_values(inputs["pixel_bytes"])
     inputs["image_grid_thw"] = pre.patches.make([Image.open(io.BytesIO(image)).convert("RGB")])[1]
     return inputs
 
@@ -203,7 +206,7 @@ def bench_engine(checkpoint: Path, precision: str, prompt: PromptInputs, inputs:
     start = time.perf_counter()
     runner = ModelRunner(
         model, num_slots=slots, max_len=args.max_len, image_token_id=151655, graphed_prefill=args.graphed_prefill,
-        vision=ImageEncoder(visual) if visual is not None else None,
+        vision=ImageEncoder(visual, checkpoint_pixel_table(checkpoint)) if visual is not None else None,
     )  # fmt: skip
     startup = time.perf_counter() - start
     engine = Engine(runner, AutoTokenizer.from_pretrained(checkpoint), eos_token_ids={151645}, num_slots=slots).start()

@@ -4,7 +4,8 @@
 
 Times, on this machine's CPU: the whole ``Preprocessor`` call (decode, patches, chat template,
 tokenizer, M-RoPE, vision position inputs) for a 448 px PNG, the same as JPEG, a 1920x1080 JPEG and
-a text-only prompt, each also with the Hugging Face image processor (PIL backend) in
+a text-only prompt, each with the images as bytes (for a decoder that runs the tower), as floats
+(for the ONNX encoder), and as floats from the Hugging Face image processor (PIL backend) in
 ``PatchMaker``'s place (what the preprocess model ran before it; the same arrays); and the two
 alone on the 448 px image. Prints a table and writes JSON.
 """
@@ -39,6 +40,9 @@ class ProcessorPatches:
         out = self.processor(images=images, return_tensors="np")
         return out["pixel_values"].astype(np.float32), out["image_grid_thw"].astype(np.int64)
 
+    def pixel_values(self, pixel_values):
+        return pixel_values  # ``make`` gave floats already
+
 
 def main() -> int:
     return checkpoint_cli(__doc__, run, default_out="bench_preprocess.json", repeat=50)
@@ -49,7 +53,8 @@ def run(checkpoint: Path, args) -> int:
 
     size = {"longest_edge": LIMITS.max_pixels, "shortest_edge": LIMITS.min_pixels}
     processor = AutoImageProcessor.from_pretrained(checkpoint, backend="pil", size=size)
-    preprocess, before = Preprocessor(checkpoint, LIMITS), Preprocessor(checkpoint, LIMITS)
+    preprocess = Preprocessor(checkpoint, LIMITS, pixel_bytes=True)
+    as_floats, before = (Preprocessor(checkpoint, LIMITS, pixel_bytes=False) for _ in range(2))
     before.patches = ProcessorPatches(processor)
     patches = PatchMaker(processor, min_pixels=LIMITS.min_pixels, max_pixels=LIMITS.max_pixels)
     image = Image.open(io.BytesIO(encoded_image(448, 448, "PNG"))).convert("RGB")
@@ -62,9 +67,11 @@ def run(checkpoint: Path, args) -> int:
     cases = {}
     for name, images in requests.items():
         cases[f"preprocess, {name}"] = lambda images=images: preprocess(PROMPT, images)
+        cases[f"preprocess, {name}, as floats"] = lambda images=images: as_floats(PROMPT, images)
         cases[f"preprocess, {name}, with the image processor"] = lambda images=images: before(PROMPT, images)
     cases["image processor (transformers, PIL), 448 px"] = lambda: processor(images=[image], return_tensors="np")
     cases["PatchMaker, 448 px"] = lambda: patches.make([image])
+    cases["PatchMaker, 448 px, as floats"] = lambda: patches.pixel_values(patches.make([image])[0])
     rows = {name: round(median_ms(call, args.repeat), 2) for name, call in cases.items()}
     write_table(args.out, ("step", "median ms"), "median_ms", rows)
     return 0

@@ -40,6 +40,7 @@ from model_repository.qwen3vl_runtime.engine import SamplingParams, Sequence  # 
 from model_repository.qwen3vl_runtime.engine.runner import ModelRunner, PromptInputs  # noqa: E402
 from model_repository.qwen3vl_runtime.engine.vision import ImageEncoder, ImageInputs  # noqa: E402
 from model_repository.qwen3vl_runtime.host_to_device import to_device  # noqa: E402
+from model_repository.qwen3vl_runtime.patches import checkpoint_pixel_table  # noqa: E402
 
 
 def wall_ms(run, repeats: int = 10) -> float:
@@ -59,7 +60,7 @@ def profile(precision: str, args, prompt: PromptInputs, image: ImageInputs) -> l
         write_decoder(args.checkpoint, Path(folder), quantization=PRECISIONS[precision], dtype="bfloat16")
         write_vision(args.checkpoint, Path(folder), quantization="none" if precision == "bf16" else "int8", dtype="bfloat16")
         model, visual = load_text_model(Path(folder), "cuda"), load_vision_tower(Path(folder), "cuda")
-    runner = ModelRunner(model, num_slots=max(args.prompts), max_len=2048, image_token_id=151655, vision=ImageEncoder(visual))
+    runner = ModelRunner(model, num_slots=max(args.prompts), max_len=2048, image_token_id=151655, vision=ImageEncoder(visual, checkpoint_pixel_table(args.checkpoint)))
     graphs, capture = capture_prefill_graphs(runner, scratch_slot=max(args.prompts)) if args.graphed_prefill else (None, {})
     tokens, rows = len(prompt.input_ids), []
     for n in args.prompts:
@@ -70,7 +71,7 @@ def profile(precision: str, args, prompt: PromptInputs, image: ImageInputs) -> l
             "prefill_ms": wall_ms(lambda: runner.prefill(seqs)),
             "vision_ms": wall_ms(lambda: runner.vision([image] * n)),
             "vision_eager_ms": wall_ms(lambda: runner.vision.encode_eager([image] * n)),
-            "pixels_to_gpu_ms": wall_ms(lambda: to_device([image.pixel_values] * n, runner.device)),
+            "pixels_to_gpu_ms": wall_ms(lambda: to_device([image.pixel_bytes] * n, runner.device)),
         }
         if graphs is not None:
             runner.prefill_graphs = graphs

@@ -103,15 +103,20 @@ def test_quantized_repository_is_accurate_and_serves(build, quant):
 
 
 def test_vision_in_decoder_layout(build):
-    """--vision-backend decoder: no vision model; the decoder takes the patches and holds the
-    tower's weights; the served tower was checked against transformers at build time."""
+    """--vision-backend decoder: no vision model; the decoder takes the patches' bytes (the
+    preprocess model sends them as uint8) and holds the tower's weights and the image processor's
+    config; the served tower was checked against transformers at build time."""
     repository, manifest = build("none", "decoder")
     parsed = {p.parent.name: text_format.Parse(p.read_text(), mc.ModelConfig()) for p in repository.glob("*/config.pbtxt")}
     assert set(parsed) == {"qwen3_vl", "preprocess", "language_model"}
     assert not (repository / "vision_encoder").exists()
     assert [s.model_name for s in parsed["qwen3_vl"].ensemble_scheduling.step] == ["preprocess", "language_model"]
     inputs = [i.name for i in parsed["language_model"].input]
-    assert inputs == ["input_ids", "position_ids", "rope_delta", "pixel_values", "pos_interp_indices", "pos_interp_weights", "rotary_pos_ids", "cu_seqlens"]  # fmt: skip
+    assert inputs == ["input_ids", "position_ids", "rope_delta", "pixel_bytes", "pos_interp_indices", "pos_interp_weights", "rotary_pos_ids", "cu_seqlens"]  # fmt: skip
+    pixel_bytes = next(i for i in parsed["language_model"].input if i.name == "pixel_bytes")
+    assert mc.DataType.Name(pixel_bytes.data_type) == "TYPE_UINT8"
+    assert [o.name for o in parsed["preprocess"].output][0] == "pixel_bytes"
+    assert (repository / "language_model/1/decoder/preprocessor_config.json").is_file()
     assert manifest["files"]["language_model/1/decoder/vision.safetensors"] > 0
     assert len(manifest["vision_parity"]) == 4
     assert all(out["max_rel"] < 1e-3 for case in manifest["vision_parity"].values() for out in case.values())

@@ -267,7 +267,6 @@ def test_vision_in_decoder_matches_transformers(well_conditioned_checkpoint, tin
     TF32 on the GPU) on the same images."""
     from io import BytesIO
 
-    import numpy as np
     from PIL import Image
     from transformers import AutoImageProcessor, Qwen3VLForConditionalGeneration
 
@@ -275,20 +274,23 @@ def test_vision_in_decoder_matches_transformers(well_conditioned_checkpoint, tin
     from model_repository.qwen3vl_runtime.decoder_weights import load_vision_tower
     from model_repository.qwen3vl_runtime.engine.vision import ImageEncoder, ImageInputs
     from model_repository.qwen3vl_runtime.gpu import use_gpu_kernels
+    from model_repository.qwen3vl_runtime.patches import PatchMaker, pixel_table
     from model_repository.qwen3vl_runtime.vision_inputs import vision_position_inputs
     from tests.conftest import png
 
     write_vision(well_conditioned_checkpoint, tmp_path, quantization=quantization, dtype=dtype)
-    encoder = ImageEncoder(use_gpu_kernels(load_vision_tower(tmp_path, "cuda")))
-    encoder.warm_up()
     processor = AutoImageProcessor.from_pretrained(tiny_checkpoint, backend="pil")
+    encoder = ImageEncoder(use_gpu_kernels(load_vision_tower(tmp_path, "cuda")), pixel_table(processor))
+    encoder.warm_up()
+    size = processor.size
+    patches = PatchMaker(processor, min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
     sizes = [(448, 448), (320, 224), (448, 448)]
     images = [Image.open(BytesIO(png(w, h, seed=i))).convert("RGB") for i, (w, h) in enumerate(sizes)]
     requests = []
-    for image in images:
-        batch = processor(images=[image], return_tensors="np")
-        arrays = vision_position_inputs(batch["image_grid_thw"], num_grid_per_side=encoder.visual.num_grid_per_side, spatial_merge_size=2)
-        requests.append(ImageInputs.from_arrays({**arrays, "pixel_values": batch["pixel_values"].astype(np.float32)}))
+    for image in images:  # the bytes the preprocess model sends; the floats made on the GPU
+        patch_bytes, grid = patches.make([image])
+        arrays = vision_position_inputs(grid, num_grid_per_side=encoder.visual.num_grid_per_side, spatial_merge_size=2)
+        requests.append(ImageInputs.from_arrays({**arrays, "pixel_bytes": patch_bytes}))
     embeds, deepstack = encoder(requests)
     hf = Qwen3VLForConditionalGeneration.from_pretrained(well_conditioned_checkpoint, dtype=torch.float32).model.visual.eval()
     batch = processor(images=images, return_tensors="pt")
@@ -298,7 +300,7 @@ def test_vision_in_decoder_matches_transformers(well_conditioned_checkpoint, tin
     assert rel_error(deepstack.cpu(), torch.stack(list(reference.deepstack_features))) < bound
 
 
-def test_graphed_vision_tower_equals_eager(well_conditioned_checkpoint, tmp_path):
+def test_graphed_vision_tower_equals_eager(well_conditioned_checkpoint, tiny_checkpoint, tmp_path):
     """The tower replayed from CUDA graphs (the engine's default) against the same tower run
     eagerly, float32: two calls with different images, so that a graph replaying stale static
     inputs (an earlier call's patches) fails, and sizes that need a padded bucket (three of one
@@ -309,19 +311,20 @@ def test_graphed_vision_tower_equals_eager(well_conditioned_checkpoint, tmp_path
     from model_repository.qwen3vl_runtime.decoder_weights import load_vision_tower
     from model_repository.qwen3vl_runtime.engine.vision import ImageEncoder, ImageInputs
     from model_repository.qwen3vl_runtime.gpu import use_gpu_kernels
+    from model_repository.qwen3vl_runtime.patches import checkpoint_pixel_table
     from model_repository.qwen3vl_runtime.vision_inputs import vision_position_inputs
 
     write_vision(well_conditioned_checkpoint, tmp_path, quantization="none", dtype="float32")
-    encoder = ImageEncoder(use_gpu_kernels(load_vision_tower(tmp_path, "cuda")))
+    encoder = ImageEncoder(use_gpu_kernels(load_vision_tower(tmp_path, "cuda")), checkpoint_pixel_table(tiny_checkpoint))
     visual = encoder.visual
-    width = visual.patch_embed.proj.weight[0].numel()
+    width = visual.patch_embed.proj.weight[0].numel() // visual.patch_embed.temporal_patch_size
 
     def images(grids, seed):
         rng = np.random.default_rng(seed)
         out = []
         for grid in grids:
             arrays = vision_position_inputs(np.array([grid]), num_grid_per_side=visual.num_grid_per_side, spatial_merge_size=2)
-            arrays["pixel_values"] = rng.standard_normal((int(np.prod(grid)), width)).astype(np.float32)
+            arrays["pixel_bytes"] = rng.integers(0, 256, (int(np.prod(grid)), width), dtype=np.uint8)
             out.append(ImageInputs.from_arrays(arrays))
         return out
 

@@ -13,6 +13,7 @@ import pytest
 from model_repository.qwen3vl_runtime.engine import vision_graphs
 from model_repository.qwen3vl_runtime.engine.vision import ImageEncoder, ImageInputs
 from model_repository.qwen3vl_runtime.engine.vision_graphs import GraphedTower
+from model_repository.qwen3vl_runtime.patches import checkpoint_pixel_table
 from model_repository.qwen3vl_runtime.vision_inputs import vision_position_inputs
 
 
@@ -23,14 +24,14 @@ def encoder(tiny_checkpoint, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("vision")
     write_vision(tiny_checkpoint, folder, quantization="none", dtype="float32")
-    return ImageEncoder(load_vision_tower(folder, "cpu"))
+    return ImageEncoder(load_vision_tower(folder, "cpu"), checkpoint_pixel_table(tiny_checkpoint))
 
 
 def image(encoder: ImageEncoder, grid: tuple[int, int, int], seed: int) -> ImageInputs:
     visual = encoder.visual
     arrays = vision_position_inputs(np.array([grid]), num_grid_per_side=visual.num_grid_per_side, spatial_merge_size=2)
-    width = visual.patch_embed.proj.weight[0].numel()
-    arrays["pixel_values"] = np.random.default_rng(seed).standard_normal((int(np.prod(grid)), width)).astype(np.float32)
+    width = visual.patch_embed.proj.weight[0].numel() // visual.patch_embed.temporal_patch_size
+    arrays["pixel_bytes"] = np.random.default_rng(seed).integers(0, 256, (int(np.prod(grid)), width), dtype=np.uint8)
     return ImageInputs.from_arrays(arrays)
 
 
@@ -47,7 +48,7 @@ def test_mixed_sizes_come_back_in_order(encoder):
     image), against one eager call."""
     grids = [(1, 4, 6), (1, 2, 2), (1, 4, 6), (2, 2, 4), (1, 4, 6)]
     images = [image(encoder, g, seed) for seed, g in enumerate(grids)]
-    tower = GraphedTower(encoder.visual, encoder.encode_eager, capture=False)
+    tower = GraphedTower(encoder.visual, encoder.pixel_values, encoder.encode_eager, capture=False)
     assert_same(tower(images), encoder.encode_eager(images))
     assert sorted(tower.graphs) == [((4,), 1), ((8, 8), 1), ((24,), 4)]
     # A bucket's padding holds an earlier call's images: later calls must not see them.
@@ -58,10 +59,10 @@ def test_chunks_past_the_largest_bucket_and_eager_past_the_limits(encoder, monke
     images = [image(encoder, (1, 4, 6), seed) for seed in range(5)] + [image(encoder, (1, 4, 4), 9)]
     monkeypatch.setattr(vision_graphs, "MAX_PATCHES", 48)  # two 24-patch images per graph at most
     monkeypatch.setattr(vision_graphs, "MAX_GRAPHS", 2)
-    tower = GraphedTower(encoder.visual, encoder.encode_eager, capture=False)
+    tower = GraphedTower(encoder.visual, encoder.pixel_values, encoder.encode_eager, capture=False)
     assert_same(tower(images), encoder.encode_eager(images))
     # Chunks of 2, 2 and 1 images of 24 patches; the 16-patch image came third: eager.
     assert sorted(tower.graphs) == [((24,), 1), ((24,), 2)]
     monkeypatch.setattr(vision_graphs, "MAX_PATCHES", 16)
     big = [image(encoder, (1, 4, 6), 11)]  # over MAX_PATCHES: eager, no graph
-    assert_same(GraphedTower(encoder.visual, encoder.encode_eager, capture=False)(big), encoder.encode_eager(big))
+    assert_same(GraphedTower(encoder.visual, encoder.pixel_values, encoder.encode_eager, capture=False)(big), encoder.encode_eager(big))

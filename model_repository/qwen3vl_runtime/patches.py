@@ -1,11 +1,14 @@
 """Images to the vision tower's patch rows: the Hugging Face image processor's output, bit for bit,
-in a third of its time.
+in a fraction of its time and size.
 
 The processor (PIL backend) resizes, rescales to float64, casts to float32, normalises per channel
 and reorders into patches, each step a pass over the whole image in channels-first order. Every
 arithmetic step maps one uint8 value of one channel to one float32, so here that map is computed
-once, by the processor's own ``rescale`` and ``normalize`` on the 256 values of each channel, and
-each image becomes one table lookup into its final patch order.
+once (``pixel_table``: the processor's own ``rescale`` and ``normalize`` on the 256 values of each
+channel), and an image becomes its bytes reordered into patches. The float rows are one lookup
+in that table away, with the frame repeated over the patch's time steps: done here for the ONNX
+vision encoder (``PatchMaker.pixel_values``), on the GPU by the decoder when it runs the tower
+(``engine.vision``), which so receives an eighth of the bytes (a 448 px image: 0.6 MB, not 4.8).
 """
 
 from __future__ import annotations
@@ -17,22 +20,35 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 CHANNELS = 3
 
 
+def pixel_table(processor) -> np.ndarray:
+    """[C, 256] float32: row c, column v is channel c's uint8 value v after the image processor's
+    rescale and normalisation (the processor's own methods, so its float64 steps and casts)."""
+    values = np.broadcast_to(np.arange(256, dtype=np.uint8)[None, :, None], (CHANNELS, 256, 1))  # a [C, 256, 1] "image"
+    if processor.do_rescale:
+        values = processor.rescale(values, processor.rescale_factor)
+    if processor.do_normalize:
+        values = processor.normalize(values, processor.image_mean, processor.image_std)
+    return np.ascontiguousarray(np.asarray(values, dtype=np.float32).reshape(CHANNELS, 256))
+
+
+def checkpoint_pixel_table(folder) -> np.ndarray:
+    """``pixel_table`` of the image processor in ``folder`` (its preprocessor_config.json)."""
+    from transformers import AutoImageProcessor
+
+    return pixel_table(AutoImageProcessor.from_pretrained(folder, backend="pil"))
+
+
 class PatchMaker:
-    """``make(images)`` -> (pixel_values [patches, C*T*P*P] float32, grid_thw [images, 3] int64),
-    equal to ``processor(images=images, return_tensors="np")`` for RGB PIL images."""
+    """``make(images)`` -> (patch bytes [patches, C*P*P] uint8, grid_thw [images, 3] int64);
+    ``pixel_values(patch bytes)`` [patches, C*T*P*P] float32 and that grid equal
+    ``processor(images=images, return_tensors="np")`` for RGB PIL images."""
 
     def __init__(self, processor, *, min_pixels: int, max_pixels: int):
         self.patch, self.merge = processor.patch_size, processor.merge_size
         self.temporal = processor.temporal_patch_size
         self.resample = processor.resample
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
-        values = np.broadcast_to(np.arange(256, dtype=np.uint8)[None, :, None], (CHANNELS, 256, 1))  # a [C, 256, 1] "image"
-        if processor.do_rescale:
-            values = processor.rescale(values, processor.rescale_factor)
-        if processor.do_normalize:
-            values = processor.normalize(values, processor.image_mean, processor.image_std)
-        # [c, v]: channel c's uint8 value v after the processor's arithmetic.
-        self.table = np.ascontiguousarray(np.asarray(values, dtype=np.float32).reshape(CHANNELS, 256))
+        self.table = pixel_table(processor)
 
     def make(self, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
         """Raises ValueError (from ``smart_resize``) for an aspect ratio the processor refuses."""
@@ -52,11 +68,16 @@ class PatchMaker:
         p, m = self.patch, self.merge
         grid_h, grid_w = height // p, width // p
         # The processor's patch order: merge blocks row-major, patches inside a block, then
-        # channel, time (the frame repeated), patch row, patch column. Reordered as bytes first
-        # (a quarter of the floats' size), then one lookup per channel (np.take with uint8
-        # indices: several times faster than one fancy index over all channels).
-        blocks = np.ascontiguousarray(pixels.reshape(grid_h // m, m, p, grid_w // m, m, p, CHANNELS).transpose(0, 3, 1, 4, 6, 2, 5))  # fmt: skip
-        out = np.empty((*blocks.shape[:5], self.temporal, p, p), np.float32)  # [gh/m, gw/m, m, m, C, T, p, p]
+        # channel, patch row, patch column (the time steps, the frame repeated, come with the
+        # floats).
+        blocks = pixels.reshape(grid_h // m, m, p, grid_w // m, m, p, CHANNELS).transpose(0, 3, 1, 4, 6, 2, 5)
+        return np.ascontiguousarray(blocks).reshape(grid_h * grid_w, -1), grid_h, grid_w
+
+    def pixel_values(self, patch_bytes: np.ndarray) -> np.ndarray:
+        """[patches, C*T*P*P] float32 of ``make``'s bytes: one lookup per channel (np.take with
+        uint8 indices: several times faster than one fancy index over all channels)."""
+        by_channel = patch_bytes.reshape(len(patch_bytes), CHANNELS, -1)  # [N, C, P*P]
+        out = np.empty((len(patch_bytes), CHANNELS, self.temporal, by_channel.shape[-1]), np.float32)
         for channel in range(CHANNELS):
-            out[:, :, :, :, channel] = np.take(self.table[channel], blocks[:, :, :, :, channel])[:, :, :, :, None]
-        return out.reshape(grid_h * grid_w, -1), grid_h, grid_w
+            out[:, channel] = np.take(self.table[channel], by_channel[:, channel])[:, None]
+        return out.reshape(len(patch_bytes), -1)

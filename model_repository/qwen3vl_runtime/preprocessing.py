@@ -2,8 +2,8 @@
 
 Uses the checkpoint's own chat template, tokenizer and image processor (transformers), so the ids
 and pixels are the ones transformers would build (the pixels through ``patches.PatchMaker``, the
-processor's output bit for bit, faster); M-RoPE positions and the vision encoder's position
-inputs are computed in numpy.
+processor's output bit for bit, faster; as bytes for a decoder that runs the tower, as floats for
+the ONNX encoder); M-RoPE positions and the vision encoder's position inputs are computed in numpy.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 from .images import decode_image
 from .patches import PatchMaker
 from .rope import mrope_positions
-from .vision_inputs import PIXEL_VALUES, vision_position_inputs
+from .vision_inputs import PIXEL_BYTES, PIXEL_VALUES, vision_position_inputs
 
 IMAGE_PAD = "<|image_pad|>"
 
@@ -77,7 +77,10 @@ def _check_chat(messages: list[dict], num_images: int) -> None:
 
 
 class Preprocessor:
-    def __init__(self, folder: Path, limits: PreprocessLimits):
+    """pixel_bytes: send the images as ``pixel_bytes`` (the decoder applies the processor's table)
+    rather than as float ``pixel_values``."""
+
+    def __init__(self, folder: Path, limits: PreprocessLimits, *, pixel_bytes: bool):
         from transformers import AutoImageProcessor, AutoTokenizer
 
         folder = Path(folder)
@@ -91,10 +94,11 @@ class Preprocessor:
         self.vision_start_token_id = config["vision_start_token_id"]
         self.merge = vision["spatial_merge_size"]
         self.grid_side = int(round(vision["num_position_embeddings"] ** 0.5))
-        patch_dim = vision.get("in_channels", 3) * vision["temporal_patch_size"] * vision["patch_size"] ** 2
+        self.pixel_bytes = pixel_bytes
         # Text-only requests still pass through the vision step of the ensemble (a step cannot be
         # skipped): they carry one blank merge block of patches, which no image token consumes.
-        self._blank = np.zeros((self.merge**2, patch_dim), np.float32), np.array([[1, self.merge, self.merge]])
+        blank_bytes = np.zeros((self.merge**2, vision.get("in_channels", 3) * vision["patch_size"] ** 2), np.uint8)
+        self._blank = blank_bytes, np.array([[1, self.merge, self.merge]])
 
     def warm_up(self) -> None:
         """One small image request, so that the server's first requests do not pay one-time costs
@@ -117,11 +121,11 @@ class Preprocessor:
         decoded = [decode_image(data, i, max_source_pixels=self.limits.max_source_pixels) for i, data in enumerate(images)]
         if decoded:
             try:
-                pixel_values, grid = self.patches.make(decoded)
+                patch_bytes, grid = self.patches.make(decoded)
             except ValueError as exc:  # e.g. an aspect ratio the processor refuses
                 raise PromptError(f"image rejected by the image processor: {exc}") from None
         else:
-            pixel_values, grid = self._blank
+            patch_bytes, grid = self._blank
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         text = self._expand_image_pads(text, grid if decoded else grid[:0])
         input_ids = np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
@@ -137,8 +141,9 @@ class Preprocessor:
             image_token_id=self.image_token_id,
             vision_start_token_id=self.vision_start_token_id,
         )
+        pixels = {PIXEL_BYTES: patch_bytes} if self.pixel_bytes else {PIXEL_VALUES: self.patches.pixel_values(patch_bytes)}
         return {
-            PIXEL_VALUES: pixel_values,
+            **pixels,
             **vision_position_inputs(grid, num_grid_per_side=self.grid_side, spatial_merge_size=self.merge),
             "input_ids": input_ids,
             "position_ids": positions,

@@ -28,7 +28,7 @@ class TensorSpec:
 
 
 # numpy dtypes by Triton data type, for the Python models and clients.
-NUMPY_DTYPES = {"BYTES": "object", "FP32": "float32", "FP16": "float16", "INT64": "int64", "INT32": "int32"}
+NUMPY_DTYPES = {"BYTES": "object", "UINT8": "uint8", "FP32": "float32", "FP16": "float16", "INT64": "int64", "INT32": "int32"}
 
 # --- The endpoint: what a client sends and receives -------------------------------------------
 ENDPOINT_INPUTS = (
@@ -42,14 +42,18 @@ ENDPOINT_OUTPUTS = (
     TensorSpec("prompt_tokens", "INT32", (1,), doc="number of prompt tokens, image tokens included"),
 )
 
-# --- preprocess -> vision_encoder ---------------------------------------------------------------
-VISION_INPUTS = (
-    TensorSpec("pixel_values", "FP32", (-1, -1), doc="[patches, 3*2*16*16] in the processor's order"),
+# --- preprocess -> vision_encoder (or -> language_model, when the decoder runs the tower) ----------
+PIXEL_VALUES = TensorSpec("pixel_values", "FP32", (-1, -1), doc="[patches, 3*2*16*16] in the processor's order")
+PIXEL_BYTES = TensorSpec("pixel_bytes", "UINT8", (-1, -1), doc="[patches, 3*16*16]: the resized image's bytes in that order, one frame")
+PATCH_POSITIONS = (
     TensorSpec("pos_interp_indices", "INT64", (-1, 4), doc="position-table taps per patch"),
     TensorSpec("pos_interp_weights", "FP32", (-1, 4), doc="bilinear weights of those taps"),
     TensorSpec("rotary_pos_ids", "INT64", (-1, 2), doc="(row, col) of each patch for 2-D RoPE"),
     TensorSpec("cu_seqlens", "INT32", (-1,), doc="[images + 1] cumulative patch counts"),
 )
+VISION_INPUTS = (PIXEL_VALUES, *PATCH_POSITIONS)
+# The decoder applies the processor's per-channel table itself, on the GPU (patches.py).
+DECODER_VISION_INPUTS = (PIXEL_BYTES, *PATCH_POSITIONS)
 VISION_OUTPUTS = (
     TensorSpec("image_embeds", "FP32", (-1, "text_hidden"), doc="[patches / 4, hidden] merged"),
     TensorSpec("deepstack_embeds", "FP32", (3, -1, "text_hidden"), doc="features added after layers 0-2"),
@@ -63,5 +67,9 @@ PROMPT_INPUTS = (
 )
 
 PREPROCESS_INPUTS = ENDPOINT_INPUTS
-PREPROCESS_OUTPUTS = VISION_INPUTS + PROMPT_INPUTS
+
+
+def preprocess_outputs(vision_in_decoder: bool) -> tuple:
+    return (DECODER_VISION_INPUTS if vision_in_decoder else VISION_INPUTS) + PROMPT_INPUTS
+
 LANGUAGE_MODEL_OUTPUTS = ENDPOINT_OUTPUTS

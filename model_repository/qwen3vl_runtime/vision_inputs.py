@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .specs import VISION_INPUTS
+from . import specs
 
-PIXEL_VALUES, POS_INTERP_INDICES, POS_INTERP_WEIGHTS, ROTARY_POS_IDS, CU_SEQLENS = (
-    spec.name for spec in VISION_INPUTS
-)
+PIXEL_VALUES, PIXEL_BYTES = specs.PIXEL_VALUES.name, specs.PIXEL_BYTES.name
+POS_INTERP_INDICES, POS_INTERP_WEIGHTS, ROTARY_POS_IDS, CU_SEQLENS = (spec.name for spec in specs.PATCH_POSITIONS)
 
 
 def vision_position_inputs(
@@ -53,13 +52,15 @@ def vision_position_inputs(
 
 
 def check_vision_inputs(inputs: dict[str, np.ndarray]) -> None:
-    """Raise ValueError unless the five encoder inputs agree on the patch count and boundaries.
+    """Raise ValueError unless the five encoder inputs (the pixels as ``pixel_values`` or
+    ``pixel_bytes``) agree on the patch count and boundaries.
 
     The encoder's block-diagonal attention trusts ``cu_seqlens``; inconsistent inputs would give
     wrong embeddings rather than an error, so a server checks them before running the graph.
     """
     shapes = {name: np.shape(value) for name, value in inputs.items()}
-    n = shapes[PIXEL_VALUES][0] if len(shapes[PIXEL_VALUES]) == 2 else None
+    pixels = shapes.get(PIXEL_BYTES, shapes.get(PIXEL_VALUES, ()))
+    n = pixels[0] if len(pixels) == 2 else None
     expected = {POS_INTERP_INDICES: (n, 4), POS_INTERP_WEIGHTS: (n, 4), ROTARY_POS_IDS: (n, 2)}
     if n is None or n == 0 or any(shapes[name] != shape for name, shape in expected.items()):
         raise ValueError(f"vision inputs disagree on the patch count: shapes {shapes}")

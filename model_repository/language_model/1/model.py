@@ -23,7 +23,8 @@ from qwen3vl_runtime.engine.runner import ModelRunner, PromptInputs  # noqa: E40
 from qwen3vl_runtime.engine.server_caps import ServerTierCounts, default_path  # noqa: E402
 from qwen3vl_runtime.engine.step_log import STEP_LOG_ENV, StepLog  # noqa: E402
 from qwen3vl_runtime.engine.vision import ImageEncoder, ImageInputs  # noqa: E402
-from qwen3vl_runtime.specs import NUMPY_DTYPES, VISION_INPUTS  # noqa: E402
+from qwen3vl_runtime.patches import checkpoint_pixel_table  # noqa: E402
+from qwen3vl_runtime.specs import DECODER_VISION_INPUTS, NUMPY_DTYPES  # noqa: E402
 from qwen3vl_runtime.streaming import ResponseStreamer  # noqa: E402
 from qwen3vl_runtime.tiers import TierTable  # noqa: E402
 from qwen3vl_runtime.triton_metrics import EngineMetricsPublisher  # noqa: E402
@@ -69,7 +70,7 @@ class TritonPythonModel:
         eos = generation.get("eos_token_id", config["text_config"].get("eos_token_id"))
         self.defaults = SamplingParams.from_generation_config(generation, max_tokens=int(settings["default_max_tokens"]))
         num_slots = int(settings["kv_cache_slots"])
-        # With --vision-backend decoder the tower runs here and requests carry image patches.
+        # With --vision-backend decoder the tower runs here and requests carry the images' patch bytes.
         visual = load_vision_tower(DECODER_DIR, device)
         self.vision_in_process = visual is not None
         runner = ModelRunner(
@@ -78,7 +79,7 @@ class TritonPythonModel:
             max_len=int(settings["max_context"]),
             image_token_id=config["image_token_id"],
             graphed_prefill=settings.get("graphed_prefill") == "True",
-            vision=ImageEncoder(visual) if visual is not None else None,
+            vision=ImageEncoder(visual, checkpoint_pixel_table(DECODER_DIR)) if visual is not None else None,
         )
         self.logger = pb_utils.Logger
         # Sends leave the decode loop's thread; with many streams each gets fewer, larger responses.
@@ -127,7 +128,7 @@ class TritonPythonModel:
         if positions.shape != (3, len(ids)):
             raise ValueError(f"position_ids must be [3, {len(ids)}], got {list(positions.shape)}")
         if self.vision_in_process:
-            arrays = {s.name: one_request_input(request, s.name, NUMPY_DTYPES[s.dtype], ndim=len(s.dims)) for s in VISION_INPUTS}
+            arrays = {s.name: one_request_input(request, s.name, NUMPY_DTYPES[s.dtype], ndim=len(s.dims)) for s in DECODER_VISION_INPUTS}
             prompt = PromptInputs(torch.from_numpy(ids), torch.from_numpy(positions), images=ImageInputs.from_arrays(arrays))
         else:
             image_embeds = one_request_input(request, "image_embeds", np.float32, ndim=2)

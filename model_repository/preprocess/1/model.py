@@ -1,5 +1,6 @@
 """Triton adapter of the preprocessing step (CPU): prompt + image bytes -> ids, positions, patches."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 from qwen3vl_runtime.images import ImageError  # noqa: E402
 from qwen3vl_runtime.preprocessing import PreprocessLimits, Preprocessor  # noqa: E402
 from qwen3vl_runtime.triton_io import error_response, input_array, model_parameters  # noqa: E402
+from qwen3vl_runtime.vision_inputs import PIXEL_BYTES  # noqa: E402
 
 PROCESSOR_DIR = Path(__file__).parent / "processor"
 
@@ -19,7 +21,9 @@ class TritonPythonModel:
     def initialize(self, args):
         settings = model_parameters(args)
         limits = PreprocessLimits(**{name: int(settings[name]) for name in PreprocessLimits.__dataclass_fields__})
-        self.preprocessor = Preprocessor(PROCESSOR_DIR, limits)
+        # The config's outputs say which form the images take: bytes when the decoder runs the tower.
+        outputs = {output["name"] for output in json.loads(args["model_config"])["output"]}
+        self.preprocessor = Preprocessor(PROCESSOR_DIR, limits, pixel_bytes=PIXEL_BYTES in outputs)
         self.preprocessor.warm_up()
         # String inputs break under numpy 2 with some Python backend stubs: say which one runs.
         pb_utils.Logger.log_info(f"preprocess: numpy {np.__version__} from {np.__file__}")

@@ -4,6 +4,10 @@ The images of every prompt prefilled in one engine step are encoded in one call:
 laid end to end, images of one size attended as one batch. No second CUDA context, no copy of
 the embeddings between processes, and images batch across requests, which Triton's ensemble
 cannot do for a separate vision model (docs/triton_findings.md).
+
+Images arrive as their bytes in patch order (``pixel_bytes``); the image processor's per-channel
+map to floats (``patches.pixel_table``) is applied here, on the device: the same floats as the
+processor's, an eighth of the bytes through Triton's tensors and onto the GPU.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from ..host_to_device import to_device
 from ..segment_attention import SegmentAttention
 from ..vision_inputs import (
     CU_SEQLENS,
-    PIXEL_VALUES,
+    PIXEL_BYTES,
     POS_INTERP_INDICES,
     POS_INTERP_WEIGHTS,
     ROTARY_POS_IDS,
@@ -32,7 +36,7 @@ from ..vision_tower import encode_images, rotate_qk
 class ImageInputs:
     """One request's images as the preprocess model sends them (host tensors)."""
 
-    pixel_values: torch.Tensor  # [N, patch width] float32
+    pixel_bytes: torch.Tensor  # [N, C*P*P] uint8, one frame
     pos_interp_indices: torch.Tensor  # [N, 4] int64
     pos_interp_weights: torch.Tensor  # [N, 4] float32
     rotary_pos_ids: torch.Tensor  # [N, 2] int64
@@ -42,22 +46,44 @@ class ImageInputs:
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "ImageInputs":
         """From the five vision tensors by name; ValueError if they disagree."""
         check_vision_inputs(arrays)
-        tensors = [torch.from_numpy(np.ascontiguousarray(arrays[name])) for name in (PIXEL_VALUES, POS_INTERP_INDICES, POS_INTERP_WEIGHTS, ROTARY_POS_IDS)]  # fmt: skip
+        tensors = [torch.from_numpy(np.ascontiguousarray(arrays[name])) for name in (PIXEL_BYTES, POS_INTERP_INDICES, POS_INTERP_WEIGHTS, ROTARY_POS_IDS)]  # fmt: skip
         return cls(*tensors, lengths=tuple(np.diff(arrays[CU_SEQLENS]).tolist()))
 
     @property
     def patches(self) -> int:
-        return self.pixel_values.shape[0]
+        return self.pixel_bytes.shape[0]
+
+
+class PixelValues:
+    """Patch bytes [N, C*P*P] uint8 -> the processor's pixel rows [N, C*T*P*P] in ``dtype``: each
+    byte looked up in its channel's row of ``table`` [C, 256] (``patches.pixel_table``), the frame
+    repeated over the patch's T time steps. The table is cast to ``dtype`` once: casting after
+    the lookup gives the same values."""
+
+    def __init__(self, table: np.ndarray, temporal: int, device: torch.device, dtype: torch.dtype):
+        channels = table.shape[0]
+        self.table = torch.from_numpy(np.ascontiguousarray(table)).to(device, dtype).flatten()  # [C * 256]
+        self.offsets = (torch.arange(channels, device=device) * 256)[None, :, None]  # [1, C, 1]
+        self.channels, self.temporal = channels, temporal
+
+    def __call__(self, patch_bytes: torch.Tensor) -> torch.Tensor:
+        n = patch_bytes.shape[0]
+        values = self.table[patch_bytes.view(n, self.channels, -1).long() + self.offsets]  # [N, C, P*P]
+        return values[:, :, None].expand(-1, -1, self.temporal, -1).reshape(n, -1)
 
 
 class ImageEncoder:
-    """Runs ``visual`` (transformers' ``Qwen3VLVisionModel``, loaded by ``load_vision_tower``).
+    """Runs ``visual`` (transformers' ``Qwen3VLVisionModel``, loaded by ``load_vision_tower``) on
+    patch bytes, with ``pixel_table`` [C, 256] the image processor's map of each channel's bytes
+    (``patches.pixel_table``).
 
     cuda_graphs: on CUDA, replay the tower from CUDA graphs per image size (``vision_graphs``)."""
 
-    def __init__(self, visual: nn.Module, *, cuda_graphs: bool = True):
+    def __init__(self, visual: nn.Module, pixel_table: np.ndarray, *, cuda_graphs: bool = True):
         self.visual = visual
-        self.device = visual.patch_embed.proj.weight.device
+        proj = visual.patch_embed.proj
+        self.device = proj.weight.device
+        self.pixel_values = PixelValues(pixel_table, visual.patch_embed.temporal_patch_size, self.device, proj.weight.dtype)
         self.merge_unit = visual.spatial_merge_size**2  # patches per image token
         self.rotate, self._encode = rotate_qk, self.encode_eager
         if self.device.type == "cuda":
@@ -67,7 +93,7 @@ class ImageEncoder:
             if cuda_graphs:
                 from .vision_graphs import GraphedTower
 
-                self._encode = GraphedTower(visual, self.encode_eager, self.rotate)
+                self._encode = GraphedTower(visual, self.pixel_values, self.encode_eager, self.rotate)
 
     @torch.inference_mode()
     def __call__(self, images: list[ImageInputs]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,20 +104,20 @@ class ImageEncoder:
     @torch.inference_mode()
     def encode_eager(self, images: list[ImageInputs]) -> tuple[torch.Tensor, torch.Tensor]:
         """``__call__`` without CUDA graphs."""
-        pixels, indices, weights, rotary = (
+        patch_bytes, indices, weights, rotary = (
             to_device([getattr(i, name) for i in images], self.device)
-            for name in ("pixel_values", "pos_interp_indices", "pos_interp_weights", "rotary_pos_ids")
+            for name in ("pixel_bytes", "pos_interp_indices", "pos_interp_weights", "rotary_pos_ids")
         )
         attend = SegmentAttention([n for i in images for n in i.lengths], self.device)
-        return encode_images(self.visual, pixels, indices, weights, rotary, attend, self.rotate)
+        return encode_images(self.visual, self.pixel_values(patch_bytes), indices, weights, rotary, attend, self.rotate)
 
     def warm_up(self, grids=((1, 16, 16), (1, 4, 8), (1, 2, 2))) -> None:
         """Encode blank images of a few sizes: the GPU kernels pick their tile sizes (Triton
         autotuning) here rather than in the first requests' time to first token."""
         visual = self.visual
-        width = visual.patch_embed.proj.weight[0].numel()
+        width = visual.patch_embed.proj.weight[0].numel() // visual.patch_embed.temporal_patch_size
         side = visual.num_grid_per_side
         for grid in grids:
             arrays = vision_position_inputs(np.array([grid]), num_grid_per_side=side, spatial_merge_size=visual.spatial_merge_size)
-            arrays[PIXEL_VALUES] = np.zeros((int(np.prod(grid)), width), np.float32)
+            arrays[PIXEL_BYTES] = np.zeros((int(np.prod(grid)), width), np.uint8)
             self([ImageInputs.from_arrays(arrays)])

@@ -22,7 +22,7 @@ from ..host_to_device import pinned_cat
 from ..segment_attention import SegmentAttention
 from ..vision_tower import Rotate, encode_images, rotate_qk
 from .cuda_graphs import capture_buckets
-from .vision import ImageInputs
+from .vision import ImageInputs, PixelValues
 
 IMAGE_BUCKETS = (1, 2, 4, 8, 16)
 # Patches per graph (bucket x patches per image): bounds the graphs' activation memory (at 8,192
@@ -34,13 +34,15 @@ Encoded = tuple[torch.Tensor, torch.Tensor]  # (image_embeds [tokens, hidden], d
 
 
 class GraphedTower:
-    """encode_eager(images) -> Encoded: the tower's eager call, for what no graph covers; rotate:
-    the rotary embedding it runs (``encode_images``). capture=False runs each bucket's padded call
-    eagerly instead of replaying it (the CPU tests of the grouping and padding; the graphs
-    themselves need CUDA)."""
+    """pixel_values: patch bytes -> the tower's pixel rows (``vision.PixelValues``, replayed with
+    the tower); encode_eager(images) -> Encoded: the tower's eager call, for what no graph covers;
+    rotate: the rotary embedding it runs (``encode_images``). capture=False runs each bucket's
+    padded call eagerly instead of replaying it (the CPU tests of the grouping and padding; the
+    graphs themselves need CUDA)."""
 
-    def __init__(self, visual, encode_eager: Callable[[list[ImageInputs]], Encoded], rotate: Rotate = rotate_qk, *, capture: bool = True):
-        self.visual, self.encode_eager, self.rotate, self.capture = visual, encode_eager, rotate, capture
+    def __init__(self, visual, pixel_values: PixelValues, encode_eager: Callable[[list[ImageInputs]], Encoded], rotate: Rotate = rotate_qk, *, capture: bool = True):  # fmt: skip
+        self.visual, self.pixel_values, self.encode_eager = visual, pixel_values, encode_eager
+        self.rotate, self.capture = rotate, capture
         self.merge_unit = visual.spatial_merge_size**2
         self.graphs: dict[tuple[tuple[int, ...], int], _BucketGraph] = {}
         self._pool = None  # one memory pool for every bucket: they never run at the same time
@@ -74,7 +76,8 @@ class GraphedTower:
         if graph is None:
             if len(self.graphs) >= MAX_GRAPHS:
                 return self.encode_eager(images)
-            graph = self.graphs[(lengths, bucket)] = _BucketGraph(self.visual, lengths, bucket, self.rotate, self.capture, self._pool)
+            graph = _BucketGraph(self.visual, self.pixel_values, lengths, bucket, self.rotate, self.capture, self._pool)
+            self.graphs[(lengths, bucket)] = graph
             self._pool = graph.pool
         return graph(images)
 
@@ -82,12 +85,12 @@ class GraphedTower:
 class _BucketGraph:
     """The tower over ``bucket`` images of one size, on static input buffers."""
 
-    def __init__(self, visual, lengths: tuple[int, ...], bucket: int, rotate: Rotate, capture: bool, pool):
+    def __init__(self, visual, pixel_values: PixelValues, lengths: tuple[int, ...], bucket: int, rotate: Rotate, capture: bool, pool):  # fmt: skip
         device = visual.patch_embed.proj.weight.device
         rows = bucket * sum(lengths)
-        width = visual.patch_embed.proj.weight[0].numel()
-        self.visual = visual
-        self.pixels = torch.zeros(rows, width, device=device)
+        width = visual.patch_embed.proj.weight[0].numel() // visual.patch_embed.temporal_patch_size
+        self.visual, self.pixel_values = visual, pixel_values
+        self.patch_bytes = torch.zeros(rows, width, dtype=torch.uint8, device=device)
         self.indices = torch.zeros(rows, 4, dtype=torch.long, device=device)
         self.weights = torch.zeros(rows, 4, device=device)
         self.rotary = torch.zeros(rows, 2, dtype=torch.long, device=device)
@@ -100,12 +103,12 @@ class _BucketGraph:
             self.pool = self.graph.pool()
 
     def _run(self) -> Encoded:
-        return encode_images(self.visual, self.pixels, self.indices, self.weights, self.rotary, self.attend, self.rotate)
+        return encode_images(self.visual, self.pixel_values(self.patch_bytes), self.indices, self.weights, self.rotary, self.attend, self.rotate)
 
     def __call__(self, images: list[ImageInputs]) -> Encoded:
         """The images' rows, copied out of the graph's outputs (the next replay overwrites them)."""
         rows = sum(i.patches for i in images)
-        for buffer, name in ((self.pixels, "pixel_values"), (self.indices, "pos_interp_indices"), (self.weights, "pos_interp_weights"), (self.rotary, "rotary_pos_ids")):  # fmt: skip
+        for buffer, name in ((self.patch_bytes, "pixel_bytes"), (self.indices, "pos_interp_indices"), (self.weights, "pos_interp_weights"), (self.rotary, "rotary_pos_ids")):  # fmt: skip
             buffer[:rows].copy_(pinned_cat([getattr(i, name) for i in images], buffer.device), non_blocking=True)
         if self.capture:
             self.graph.replay()
