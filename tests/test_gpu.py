@@ -317,14 +317,13 @@ def test_graphed_vision_tower_equals_eager(well_conditioned_checkpoint, tiny_che
     write_vision(well_conditioned_checkpoint, tmp_path, quantization="none", dtype="float32")
     encoder = ImageEncoder(use_gpu_kernels(load_vision_tower(tmp_path, "cuda")), checkpoint_pixel_table(tiny_checkpoint))
     visual = encoder.visual
-    width = visual.patch_embed.proj.weight[0].numel() // visual.patch_embed.temporal_patch_size
 
     def images(grids, seed):
         rng = np.random.default_rng(seed)
         out = []
         for grid in grids:
             arrays = vision_position_inputs(np.array([grid]), num_grid_per_side=visual.num_grid_per_side, spatial_merge_size=2)
-            arrays["pixel_bytes"] = rng.integers(0, 256, (int(np.prod(grid)), width), dtype=np.uint8)
+            arrays["pixel_bytes"] = rng.integers(0, 256, (int(np.prod(grid)), encoder.patch_width), dtype=np.uint8)
             out.append(ImageInputs.from_arrays(arrays))
         return out
 

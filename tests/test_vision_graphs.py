@@ -30,9 +30,18 @@ def encoder(tiny_checkpoint, tmp_path_factory):
 def image(encoder: ImageEncoder, grid: tuple[int, int, int], seed: int) -> ImageInputs:
     visual = encoder.visual
     arrays = vision_position_inputs(np.array([grid]), num_grid_per_side=visual.num_grid_per_side, spatial_merge_size=2)
-    width = visual.patch_embed.proj.weight[0].numel() // visual.patch_embed.temporal_patch_size
-    arrays["pixel_bytes"] = np.random.default_rng(seed).integers(0, 256, (int(np.prod(grid)), width), dtype=np.uint8)
+    arrays["pixel_bytes"] = np.random.default_rng(seed).integers(0, 256, (int(np.prod(grid)), encoder.patch_width), dtype=np.uint8)
     return ImageInputs.from_arrays(arrays)
+
+
+def test_patch_rows_of_another_width_are_refused(encoder):
+    """The decoder's intake check: rows of the wrong width get a ValueError naming them (served as
+    the request's error), not a failed engine step for every prompt prefilled with them."""
+    good = image(encoder, (1, 4, 4), seed=0)
+    encoder.check(good)
+    wrong = ImageInputs(good.pixel_bytes[:, :-1].contiguous(), *(getattr(good, f) for f in ("pos_interp_indices", "pos_interp_weights", "rotary_pos_ids")), lengths=good.lengths)  # fmt: skip
+    with pytest.raises(ValueError, match=f"uint8 rows of {encoder.patch_width} bytes"):
+        encoder.check(wrong)
 
 
 def assert_same(got, want):

@@ -102,6 +102,8 @@ class ModelRunner:
         """Raise ValueError unless the image rows match the prompt's image tokens (host data)."""
         n_image = int((prompt.input_ids == self.image_token_id).sum())
         if self.vision is not None:
+            if prompt.images is not None:
+                self.vision.check(prompt.images)
             patches = 0 if prompt.images is None else prompt.images.patches
             if n_image and patches != n_image * self.vision.merge_unit:
                 raise ValueError(

@@ -54,6 +54,11 @@ class ImageInputs:
         return self.pixel_bytes.shape[0]
 
 
+def patch_bytes_width(visual: nn.Module) -> int:
+    """Bytes in one patch row of ``pixel_bytes`` (C*P*P: one frame of the patch embedding's input)."""
+    return visual.patch_embed.proj.weight[0].numel() // visual.patch_embed.temporal_patch_size
+
+
 class PixelValues:
     """Patch bytes [N, C*P*P] uint8 -> the processor's pixel rows [N, C*T*P*P] in ``dtype``: each
     byte looked up in its channel's row of ``table`` [C, 256] (``patches.pixel_table``), the frame
@@ -84,6 +89,7 @@ class ImageEncoder:
         proj = visual.patch_embed.proj
         self.device = proj.weight.device
         self.pixel_values = PixelValues(pixel_table, visual.patch_embed.temporal_patch_size, self.device, proj.weight.dtype)
+        self.patch_width = patch_bytes_width(visual)
         self.merge_unit = visual.spatial_merge_size**2  # patches per image token
         self.rotate, self._encode = rotate_qk, self.encode_eager
         if self.device.type == "cuda":
@@ -94,6 +100,13 @@ class ImageEncoder:
                 from .vision_graphs import GraphedTower
 
                 self._encode = GraphedTower(visual, self.pixel_values, self.encode_eager, self.rotate)
+
+    def check(self, images: ImageInputs) -> None:
+        """Raise ValueError unless the patch rows are this tower's width: a wrong width would fail
+        the whole engine step that encodes them, and every prompt prefilled with them."""
+        width = images.pixel_bytes.shape[1]
+        if images.pixel_bytes.dtype != torch.uint8 or width != self.patch_width:
+            raise ValueError(f"pixel_bytes must be uint8 rows of {self.patch_width} bytes, got {images.pixel_bytes.dtype} rows of {width}")
 
     @torch.inference_mode()
     def __call__(self, images: list[ImageInputs]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,9 +128,8 @@ class ImageEncoder:
         """Encode blank images of a few sizes: the GPU kernels pick their tile sizes (Triton
         autotuning) here rather than in the first requests' time to first token."""
         visual = self.visual
-        width = visual.patch_embed.proj.weight[0].numel() // visual.patch_embed.temporal_patch_size
         side = visual.num_grid_per_side
         for grid in grids:
             arrays = vision_position_inputs(np.array([grid]), num_grid_per_side=side, spatial_merge_size=visual.spatial_merge_size)
-            arrays[PIXEL_BYTES] = np.zeros((int(np.prod(grid)), width), np.uint8)
+            arrays[PIXEL_BYTES] = np.zeros((int(np.prod(grid)), self.patch_width), np.uint8)
             self([ImageInputs.from_arrays(arrays)])

@@ -22,7 +22,7 @@ from ..host_to_device import pinned_cat
 from ..segment_attention import SegmentAttention
 from ..vision_tower import Rotate, encode_images, rotate_qk
 from .cuda_graphs import capture_buckets
-from .vision import ImageInputs, PixelValues
+from .vision import ImageInputs, PixelValues, patch_bytes_width
 
 IMAGE_BUCKETS = (1, 2, 4, 8, 16)
 # Patches per graph (bucket x patches per image): bounds the graphs' activation memory (at 8,192
@@ -88,9 +88,8 @@ class _BucketGraph:
     def __init__(self, visual, pixel_values: PixelValues, lengths: tuple[int, ...], bucket: int, rotate: Rotate, capture: bool, pool):  # fmt: skip
         device = visual.patch_embed.proj.weight.device
         rows = bucket * sum(lengths)
-        width = visual.patch_embed.proj.weight[0].numel() // visual.patch_embed.temporal_patch_size
         self.visual, self.pixel_values = visual, pixel_values
-        self.patch_bytes = torch.zeros(rows, width, dtype=torch.uint8, device=device)
+        self.patch_bytes = torch.zeros(rows, patch_bytes_width(visual), dtype=torch.uint8, device=device)
         self.indices = torch.zeros(rows, 4, dtype=torch.long, device=device)
         self.weights = torch.zeros(rows, 4, device=device)
         self.rotary = torch.zeros(rows, 2, dtype=torch.long, device=device)
