@@ -77,8 +77,9 @@ def _check_chat(messages: list[dict], num_images: int) -> None:
 
 
 class Preprocessor:
-    """pixel_bytes: send the images as ``pixel_bytes`` (the decoder applies the processor's table)
-    rather than as float ``pixel_values``."""
+    """``preprocessor(prompt, images)`` -> the tensors of ``specs.preprocess_outputs``, from the
+    processor files in ``folder``. pixel_bytes: the images as ``pixel_bytes`` (for a decoder that
+    runs the tower and applies the processor's table itself) rather than float ``pixel_values``."""
 
     def __init__(self, folder: Path, limits: PreprocessLimits, *, pixel_bytes: bool):
         from transformers import AutoImageProcessor, AutoTokenizer

@@ -67,9 +67,10 @@ PROMPT_INPUTS = (
 )
 
 PREPROCESS_INPUTS = ENDPOINT_INPUTS
+LANGUAGE_MODEL_OUTPUTS = ENDPOINT_OUTPUTS
 
 
 def preprocess_outputs(vision_in_decoder: bool) -> tuple:
+    """What the preprocess model sends: the images as bytes when the decoder runs the tower, as
+    the vision encoder's float pixels otherwise; the prompt's ids and positions either way."""
     return (DECODER_VISION_INPUTS if vision_in_decoder else VISION_INPUTS) + PROMPT_INPUTS
-
-LANGUAGE_MODEL_OUTPUTS = ENDPOINT_OUTPUTS
