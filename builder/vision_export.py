@@ -191,14 +191,18 @@ def check_vision_parity(
     ``max_abs > atol + rtol * max|torch|``: random weights make the tower badly conditioned, so
     the bound scales with the output's magnitude.
     """
+    from model_repository.qwen3vl_runtime.patches import PatchMaker
+
     rng = np.random.default_rng(seed)
     images = {size: _random_image(rng, size) for size in sizes}
+    limits = image_processor.size  # the bytes for the decoder's tower, made once for every case
+    patches = PatchMaker(image_processor, min_pixels=limits["shortest_edge"], max_pixels=limits["longest_edge"])
     cases = [[size] for size in sizes] + ([list(sizes[:2])] if len(sizes) > 1 else [])
     report, failures = {}, []
     for case in cases:
         name = "+".join(f"{w}x{h}" for w, h in case)
         start = time.perf_counter()
-        got, want = _run_both(visual, encode, image_processor, [images[size] for size in case])
+        got, want = _run_both(visual, encode, image_processor, patches, [images[size] for size in case])
         report[name] = {}
         for output in OUTPUT_NAMES:
             a, b = got[output], want[output]
@@ -224,16 +228,13 @@ def _random_image(rng: np.random.Generator, size: tuple[int, int]):
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-def _run_both(visual, encode: Encode, image_processor, images) -> tuple[dict, dict]:
+def _run_both(visual, encode: Encode, image_processor, patches, images) -> tuple[dict, dict]:
     """Outputs of the served encoder and of the original ``visual`` for one processor batch. The
     served encoder's feeds hold the processor's pixels and, for the decoder's tower, the same
     images' bytes as the preprocess model makes them."""
-    from model_repository.qwen3vl_runtime.patches import PatchMaker
-
     batch = image_processor(images=images, return_tensors="pt")
     pixel_values, grid_thw = batch["pixel_values"], batch["image_grid_thw"]  # [N, 1536], [images, 3]
-    size = image_processor.size
-    patch_bytes, _ = PatchMaker(image_processor, min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"]).make(images)
+    patch_bytes, _ = patches.make(images)
     feeds = {PIXEL_VALUES: pixel_values.numpy(), PIXEL_BYTES: patch_bytes, **_position_inputs(visual, grid_thw.numpy())}
     got = encode(feeds)
     with torch.no_grad():
