@@ -26,7 +26,7 @@ def test_fused_prefill_and_int8_product_match_the_reference(tiny_checkpoint):
     assert out.returncode == 0, out.stderr[-4000:]
     errors = json.loads(out.stdout.strip().splitlines()[-1])
     fp16_operands = {name: e for name, e in errors.items() if "convert='f16" in name}
-    assert len(errors) == 1 + 5 + 3 + 2 + 2 * 4 + 2 + 3 + 1 and len(fp16_operands) == 3, errors
+    assert len(errors) == 1 + 5 + 3 + 2 + 2 * 4 + 2 + 3 + 5 + 1 and len(fp16_operands) == 3 + 3, errors
     # float32 activations rounded to fp16 operands: ~2^-11 relative; everything else float32 throughout
     assert max(fp16_operands.values()) < 2e-3, fp16_operands
     assert max(e for name, e in errors.items() if name not in fp16_operands) < 1e-5, errors
@@ -108,7 +108,9 @@ def _compare(checkpoint: Path) -> dict[str, float]:
         expected = x.double() @ dequantize_weight(q, scale, torch.float64).T
         prescaled = Launch("tensor_cores", 32, 32, 256, convert="f16_bits")
         major = Launch("weight_major", 32, 64, 128, convert="f16_bits")
-        for split in (prescaled, replace(prescaled, split_k=2), major):
+        # two 16-row tiles of a weight tile side by side (grid axis 0), the second partly rows
+        rows_first = [Launch(kernel, 16, 64, 128, convert=convert, rows_first=True) for kernel in ("tensor_cores", "weight_major") for convert in ("bf16", "f16_bits")]
+        for split in (prescaled, replace(prescaled, split_k=2), major, *rows_first, replace(rows_first[1], split_k=2)):
             out = torch.empty(20, 96)
             split(x, q, scale, out)
             errors[f"int8 {split}"] = rel(out, expected)

@@ -88,11 +88,17 @@ def _load_rows(X, rm, kk, stride_xm, M, K):
 
 
 @triton.jit
-def _program_tile(K, K_CHUNK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _program_tile(K, K_CHUNK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWS_FIRST: tl.constexpr):
     """This program's rows (grid axis 1), output columns (axis 0), the K offsets of one step, and
-    its range of K [k_lo, k_hi) (axis 2: the split of K; one split is all of K)."""
-    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    its range of K [k_lo, k_hi) (axis 2: the split of K; one split is all of K). ROWS_FIRST: rows
+    on axis 0 and columns on axis 1, so the programs of one weight tile are launched side by side
+    (``Launch.rows_first``)."""
+    if ROWS_FIRST:
+        row_tile, column_tile = tl.program_id(0), tl.program_id(1)
+    else:
+        row_tile, column_tile = tl.program_id(1), tl.program_id(0)
+    rm = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = column_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     k_lo = tl.program_id(2) * K_CHUNK
     return rm, rn, tl.arange(0, BLOCK_K), k_lo, tl.minimum(k_lo + K_CHUNK, K)
 
@@ -117,13 +123,13 @@ def _tensor_core_kernel(
     X, W, Scale, XScale, Out,
     M, N, K, K_CHUNK,
     stride_xm, stride_wn, stride_om, stride_os,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CONVERT: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CONVERT: tl.constexpr, ROWS_FIRST: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """A tile of BLOCK_M rows (padding rows masked) on the tensor cores; W [N, K] 8-bit, K contiguous
     (int8 viewed as uint8 for "f16_bits" and "f16_ptx"), dequantized in registers. With those two,
     X is fp16, row r scaled by 1 / XScale[r] (``prescale_rows``)."""
     wait_for_previous(PDL)
-    rm, rn, rk, k_lo, k_hi = _program_tile(K, K_CHUNK, BLOCK_M, BLOCK_N, BLOCK_K)
+    rm, rn, rk, k_lo, k_hi = _program_tile(K, K_CHUNK, BLOCK_M, BLOCK_N, BLOCK_K, ROWS_FIRST)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + rk
@@ -169,7 +175,7 @@ def _weight_major_kernel(
     X, W, Scale, XScale, Out,
     M, N, K, K_CHUNK,
     stride_xm, stride_wn, stride_om, stride_os,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CONVERT: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CONVERT: tl.constexpr, ROWS_FIRST: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """out^T = W x^T on the tensor cores: the BLOCK_N weight rows take the MMA's wide side (Hopper's
     warpgroup MMA is 64 wide there), the few activation rows its narrow side (16-64). Computed as
@@ -180,7 +186,7 @@ def _weight_major_kernel(
     and down at 64; unsplit it was the pick nowhere (run 13,
     scripts/bench_decode_matmul.py). CONVERT as in ``_tensor_core_kernel``."""
     wait_for_previous(PDL)
-    rm, rn, rk, k_lo, k_hi = _program_tile(K, K_CHUNK, BLOCK_M, BLOCK_N, BLOCK_K)
+    rm, rn, rk, k_lo, k_hi = _program_tile(K, K_CHUNK, BLOCK_M, BLOCK_N, BLOCK_K, ROWS_FIRST)
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + rk
@@ -203,7 +209,7 @@ def _few_rows_kernel(
     X, W, Scale, Out,
     M, N, K, K_CHUNK,
     stride_xm, stride_wn, stride_om, stride_os,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT8: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT8: tl.constexpr, ROWS_FIRST: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """At most BLOCK_M rows on the CUDA cores, no tensor-core tile: each weight element is converted
     once and multiplied into the BLOCK_M rows; the sums over K are reduced at the end. On the H200
@@ -211,7 +217,7 @@ def _few_rows_kernel(
     for the best tensor-core tile; run 10, scripts/bench_decode_matmul.py). INT8: W is viewed as
     uint8 (``_weight_tile``).
     """
-    rm, rn, rk, k_lo, k_hi = _program_tile(K, K_CHUNK, BLOCK_M, BLOCK_N, BLOCK_K)
+    rm, rn, rk, k_lo, k_hi = _program_tile(K, K_CHUNK, BLOCK_M, BLOCK_N, BLOCK_K, ROWS_FIRST)
     # The first step's weights and the scales do not come from an earlier kernel: with programmatic
     # launch their loads are in flight while the previous kernel (the input's) finishes.
     w = _weight_tile(W, rn, k_lo + rk, stride_wn, N, K, INT8)
@@ -293,16 +299,20 @@ class Launch:
     stages: int = 4
     convert: str = "bf16"  # the tensor-core kernels' CONVERT; "f16_*": x prescaled into fp16 first
     split_k: int = 1
+    # The row tiles of one weight tile launched side by side (grid axis 0), so that its weights are
+    # read from memory once and from L2 by the others: for a batch of more rows than block_m.
+    rows_first: bool = False
 
     @property
     def family(self) -> str:
         """The kernel and how it runs, without the tile: "tc/bf16", "weight_major/split-k", ..."""
         name = self.kernel if self.kernel != "tensor_cores" else f"tc/{self.convert}"
-        return name + ("/split-k" if self.split_k > 1 else "")
+        return name + ("/rows-first" if self.rows_first else "") + ("/split-k" if self.split_k > 1 else "")
 
     @property
     def label(self) -> str:
-        return f"{self.family} {self.block_n}x{self.block_k} w{self.warps} s{self.stages} k/{self.split_k}"
+        rows = f"{self.block_m}:" if self.rows_first else ""  # otherwise one tile holds the rows
+        return f"{self.family} {rows}{self.block_n}x{self.block_k} w{self.warps} s{self.stages} k/{self.split_k}"
 
     @property
     def max_error(self) -> float:
@@ -321,8 +331,9 @@ class Launch:
         int8 = weight.dtype == torch.int8
         if int8 and (self.kernel == "few_rows" or self.convert.startswith("f16_")):
             weight = weight.view(torch.uint8)
-        grid = (triton.cdiv(n, self.block_n), triton.cdiv(m, self.block_m), self.split_k)
-        meta = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k, **launch_args(x)}
+        tiles = (triton.cdiv(m, self.block_m), triton.cdiv(n, self.block_n))
+        grid = (*(tiles if self.rows_first else tiles[::-1]), self.split_k)
+        meta = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k, "ROWS_FIRST": self.rows_first, **launch_args(x)}
         operands = (x, weight, scale)
         if self.kernel == "few_rows":
             kernel, meta["INT8"] = _few_rows_kernel, int8
@@ -379,6 +390,17 @@ def candidates(bucket: int, weight_dtype: torch.dtype, n: int = 0, k: int = 0, s
         out += [Launch("weight_major", block_m, n_, k_, w, s) for n_, k_, w, s in major]
         if weight_dtype == torch.int8:
             out += [Launch("weight_major", block_m, n_, k_, w, s, "f16_ptx") for n_, k_, w, s in major]
+    if weight_dtype == torch.int8 and bucket >= 32:
+        # A first guess, not swept: at 64 rows the int8 products took 1.72 ms a token against 1.08
+        # at 16 (H200, run 15), one 64-row tile converting each weight tile once. Tiles of 16-32
+        # rows instead, the rows' tiles of a weight tile side by side (its weights from L2 after
+        # the first), spend more conversions on fewer bytes of x per program; and 256 weight rows
+        # a tile, a quarter of the 64-row tiles' reads of x.
+        row_tiled = [("tensor_cores", 16, 32, 256, 4, 4), ("tensor_cores", 16, 64, 128, 4, 4), ("tensor_cores", 16, 16, 512, 4, 3),
+                     ("tensor_cores", 32, 32, 256, 4, 4), ("tensor_cores", 32, 64, 128, 4, 4), ("weight_major", 16, 64, 128, 4, 4),
+                     ("weight_major", 16, 128, 128, 8, 3), ("weight_major", 32, 64, 128, 4, 4), ("weight_major", 32, 128, 128, 8, 3)]  # fmt: skip
+        out += [Launch(kernel, m_, n_, k_, w, s, "f16_ptx", rows_first=True) for kernel, m_, n_, k_, w, s in row_tiled]
+        out += [Launch(kernel, block_m, 256, 64, 8, 3, "f16_ptx") for kernel in ("tensor_cores", "weight_major")]
     if bucket <= 4:
         # Also measured and never picked (H200, run 14, bench_decode_matmul.py at 1-4 rows): all of
         # K in one step (2x2048, 4x2048 with 8 warps) and smaller tiles (8x256, 16x128).
@@ -386,7 +408,7 @@ def candidates(bucket: int, weight_dtype: torch.dtype, n: int = 0, k: int = 0, s
         out += [Launch("few_rows", bucket, n_, k_, w, s) for n_, k_, w, s in few]
     if n and sms:
         for launch in list(out):
-            split = split_to_fill(triton.cdiv(n, launch.block_n), k, launch.block_k, sms)
+            split = split_to_fill(triton.cdiv(n, launch.block_n) * triton.cdiv(bucket, launch.block_m), k, launch.block_k, sms)
             if split > 1:
                 out.append(replace(launch, split_k=split))
     if weight_dtype == torch.float8_e4m3fn and bucket >= 16:
