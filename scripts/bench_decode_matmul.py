@@ -1,6 +1,12 @@
 """The decode step's 8-bit products as the engine picks them, against cuBLAS on bf16 weights.
 
     python scripts/bench_decode_matmul.py [--rows 1 4 8 16 64] [--modes int8 fp8] [--out decode_matmul.json]
+    python scripts/bench_decode_matmul.py --rows 64 --modes int8 --sweep --weights text.qkv text.gate_up
+
+--sweep times a grid of int8 tiles (both tensor-core kernels, the "f16_ptx" conversion, tiles of
+32-256 weight rows by 64-256 of K, 4 or 8 warps, 3 or 4 stages, split over K where the grid leaves
+SMs idle) instead of the tuner's candidates, and prints each shape's five fastest: where to look for
+tiles the candidates lack.
 
 For Qwen3-VL-2B's text weights (fused q/k/v, o, fused gate/up, down, the tied lm_head) and each
 row count of a decode batch, the 8-bit kernel's tuner (``kernels/int8_matmul.tune``) measures
@@ -19,7 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -62,24 +68,54 @@ def measure(name: str, n: int, k: int, m: int, mode: str) -> dict:
     return row
 
 
+def sweep_candidates(bucket: int, weight_dtype: torch.dtype, n: int = 0, k: int = 0, sms: int = 0) -> list[kernels.Launch]:
+    """The --sweep grid, in place of ``kernels.candidates`` (int8 only)."""
+    block_m = max(16, bucket)
+    out = []
+    for kernel in ("tensor_cores", "weight_major"):
+        for block_n in (32, 64, 128, 256):
+            for block_k in (64, 128, 256):
+                if block_n * block_k > 128 * 256:  # over the shared memory at 3-4 stages
+                    continue
+                for warps in (4, 8):
+                    for stages in (3, 4):
+                        launch = kernels.Launch(kernel, block_m, block_n, block_k, warps, stages, "f16_ptx")
+                        out.append(launch)
+                        split = kernels.split_to_fill(-(-n // block_n), k, block_k, sms) if n and sms else 1
+                        if split > 1:
+                            out.append(replace(launch, split_k=split))
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", nargs="+", type=int, default=[1, 4, 8, 16, 64])
     p.add_argument("--modes", nargs="+", default=["int8", "fp8"], choices=["int8", "fp8"])
     p.add_argument("--out", type=Path, default=Path("decode_matmul.json"))
+    p.add_argument("--weights", nargs="+", choices=list(TEXT), default=list(TEXT))
+    p.add_argument("--sweep", action="store_true", help="time a grid of int8 tiles instead of the tuner's candidates")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_decode_matmul.py needs a CUDA GPU")
+    if args.sweep:
+        if args.modes != ["int8"]:
+            sys.exit("--sweep is for --modes int8")
+        kernels.candidates = sweep_candidates
     results = []
     print("| mode | weight | rows | bf16 us | pick us | pick | GB/s | best per family us |")
     print("|---|---|---|---|---|---|---|---|")
     for mode in args.modes:
         for m in args.rows:
-            for name, (n, k) in TEXT.items():
+            for name in args.weights:
+                n, k = TEXT[name]
                 r = measure(name, n, k, m, mode)
                 results.append(r)
                 if "best" not in r:
                     continue
+                if args.sweep:
+                    timed = sorted((c for c in r["candidates"] if c["ms"] is not None), key=lambda c: c["ms"])
+                    fastest = "; ".join(f"{kernels.Launch(**{f: c[f] for f in r['best']}).label} {c['ms'] * 1e3:.1f}" for c in timed[:5])
+                    print(f"    fastest of {len(r['candidates'])}: {fastest}", flush=True)
                 pick = kernels.Launch(**r["best"]).label
                 families = ", ".join(f"{f} {ms * 1e3:.1f}" for f, ms in sorted(r["best_by_family_ms"].items()))
                 print(
