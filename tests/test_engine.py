@@ -495,3 +495,52 @@ def test_cancel_by_request_id_ends_a_running_sequence_and_one_not_yet_seen(engin
     assert [o.finish_reason for o in outputs["b"]] == [FinishReason.CANCELLED]
     assert engine.scheduler.slots.num_free == 2
     assert engine.metrics.snapshot()["default"].cancelled == 2
+
+
+def test_prefill_beside_decoding_joins_when_ready_and_changes_no_answer(engine_parts, monkeypatch):
+    """With others decoding, newcomers' prefill is launched beside the decode steps
+    (``prefill_stream``): until its tokens are ready its sequences do not decode and no other
+    prefill starts; then they join. On the CPU every launch is done at once, so "not ready yet"
+    (a GPU still computing it) is played by patching ``TokensToHost.ready``; stepped by hand."""
+    from model_repository.qwen3vl_runtime.engine import engine as engine_module
+
+    model, tokenizer = engine_parts
+    busy = {"gpu": False}
+    real_ready = engine_module.TokensToHost.ready
+    monkeypatch.setattr(engine_module.TokensToHost, "ready", lambda self: not busy["gpu"] and real_ready(self))
+
+    def serve(overlap: bool) -> tuple[dict[str, list[int]], list[int]]:
+        runner = ModelRunner(model, num_slots=4, max_len=64, image_token_id=151655)
+        engine = Engine(runner, tokenizer, eos_token_ids=set(), num_slots=4, clock=FakeClock(), overlap_prefill=overlap)
+        tokens, batches = {}, []
+
+        def submit(name: str, ids: list[int]) -> None:
+            prompt = PromptInputs(torch.tensor(ids), torch.arange(len(ids)).expand(3, -1))
+            tokens[name] = []
+            emit = lambda out: tokens[name].extend(out.token_ids)  # noqa: E731
+            engine.submit(Sequence(name, prompt, len(ids), 0, SamplingParams(max_tokens=6, ignore_eos=True), emit))
+
+        def step() -> None:
+            engine.step()
+            batches.append(engine.metrics.batch_size)
+
+        submit("a", [100, 200, 300])
+        step(), step()  # a's prefill (nothing decodes: on the decode stream), a's first decode step
+        submit("b", [101, 201]), submit("c", [102, 202, 302, 402])
+        busy["gpu"] = True
+        step()  # b and c prefilled; a decodes
+        submit("d", [103, 203])
+        step(), step()
+        if overlap:
+            assert engine._prefilling is not None and [s.request_id for s in engine._prefilling[0]] == ["b", "c"]
+            assert tokens["b"] == tokens["c"] == [] and len(engine.scheduler.waiting["default"]) == 1  # d not admitted
+        busy["gpu"] = False
+        while engine.scheduler.has_work() or engine._in_flight or engine._prefilling:
+            step()
+        return tokens, batches
+
+    beside, beside_batches = serve(overlap=True)
+    inline, inline_batches = serve(overlap=False)
+    assert beside == inline and all(len(t) == 6 for t in beside.values())
+    assert beside_batches[2:5] == [1, 1, 1]  # only a decodes while b and c's prefill is not ready
+    assert inline_batches[3:5] == [3, 4]  # on one stream b and c decode at the next step, d at the one after

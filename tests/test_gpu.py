@@ -82,14 +82,20 @@ def text_prompt(ids: list[int]):
     return PromptInputs(ids, torch.arange(len(ids)).expand(3, -1))
 
 
-def run_engine(parts, prompts, *, slots, max_tokens=16, runner=None):
-    """Each prompt's greedy tokens from an engine over ``runner`` (default: a new one of ``slots``)."""
+def run_engine(parts, prompts, *, slots, max_tokens=16, runner=None, gap_s=0.0, prefills_beside=None):
+    """Each prompt's greedy tokens from an engine over ``runner`` (default: a new one of ``slots``);
+    prompts submitted ``gap_s`` apart; ``prefills_beside`` (a list) gets one item per prefill
+    launched beside decode steps."""
     from model_repository.qwen3vl_runtime.engine import Engine, SamplingParams, Sequence
     from model_repository.qwen3vl_runtime.engine.runner import ModelRunner
 
     model, tokenizer = parts
     runner = runner or ModelRunner(model, num_slots=slots, max_len=256, image_token_id=151655)
-    engine = Engine(runner, tokenizer, eos_token_ids={151645}, num_slots=slots).start()
+    engine = Engine(runner, tokenizer, eos_token_ids={151645}, num_slots=slots)
+    if prefills_beside is not None:
+        prefilling = engine.streams.prefilling
+        engine.streams.prefilling = lambda: prefills_beside.append(1) or prefilling()
+    engine.start()
     outputs = {i: [] for i in range(len(prompts))}
     finished, done = set(), threading.Event()
 
@@ -105,6 +111,7 @@ def run_engine(parts, prompts, *, slots, max_tokens=16, runner=None):
         for i, ids in enumerate(prompts):
             params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
             engine.submit(Sequence(str(i), text_prompt(ids), len(ids), 0, params, lambda out, i=i: emit(i, out)))
+            time.sleep(gap_s)
         assert done.wait(120)
     finally:
         engine.stop()
@@ -169,6 +176,20 @@ def test_64_streams_answer_as_each_alone(gpu_parts):
     together = run_engine(gpu_parts, prompts, slots=64, max_tokens=24)
     for i in range(0, 64, 9):
         assert run_engine(gpu_parts, [prompts[i]], slots=1, max_tokens=24)[0] == together[i], i
+
+
+def test_prefills_beside_decoding_answer_as_each_alone(gpu_parts):
+    """float32, greedy, prompts arriving while others decode: their prefills (graphed, on the
+    prefill stream) run beside the decode steps, and no stream's tokens change."""
+    from model_repository.qwen3vl_runtime.engine.runner import ModelRunner
+
+    prompts = [[151644, 872, 198] + [100 + (i * 53 + j * 7) % 5000 for j in range(5 + i % 23)] + [151645, 198] for i in range(24)]
+    runner = ModelRunner(gpu_parts[0], num_slots=24, max_len=256, image_token_id=151655, graphed_prefill=True)
+    beside = []
+    together = run_engine(gpu_parts, prompts, slots=24, max_tokens=48, runner=runner, gap_s=0.004, prefills_beside=beside)
+    assert len(beside) >= 3, beside
+    for i in range(0, 24, 5):
+        assert run_engine(gpu_parts, [prompts[i]], slots=1, max_tokens=48)[0] == together[i], i
 
 
 @pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 import traceback
+from contextlib import nullcontext
 
 import torch
 
@@ -12,6 +13,7 @@ from ..tiers import TierTable
 from .cancellation import CancellationWatcher
 from .detokenizer import IncrementalDetokenizer
 from .metrics import EngineMetrics
+from .prefill_stream import PrefillStreams, overlap_from_env
 from .request import FinishReason, Sequence, StepOutput
 from .runner import ModelRunner, TokensToHost
 from .scheduler import UNLIMITED, QueueFull, Scheduler
@@ -29,7 +31,9 @@ class Engine:
     whole server (several GPUs); None: this engine is the server's only one.
     step_log: where to write one line per step (``StepLog``); None: nowhere.
     prefill_hold_s: how long newcomers may wait for more to share their prefill while many
-    streams decode (``Scheduler``); 0: never."""
+    streams decode (``Scheduler``); 0: never.
+    overlap_prefill: run a prefill beside the decode steps while others decode
+    (``prefill_stream``); None: as ``QWEN3VL_OVERLAP_PREFILL`` says (on unless "0")."""
 
     def __init__(
         self,
@@ -44,6 +48,7 @@ class Engine:
         server_counts: ServerTierCounts | None = None,
         step_log: StepLog | None = None,
         prefill_hold_s: float = 0.0,
+        overlap_prefill: bool | None = None,
         log=print,
     ):
         self.runner = runner
@@ -73,6 +78,11 @@ class Engine:
         self._generators: dict[Sequence, torch.Generator | None] = {}
         # The last step's launches whose tokens the host has not read yet: (sequences, tokens).
         self._in_flight: list[tuple[list[Sequence], TokensToHost]] = []
+        self.overlap_prefill = overlap_from_env() if overlap_prefill is None else overlap_prefill
+        self.streams = PrefillStreams(runner.device)
+        # A prefill launched beside the decode steps, its tokens not read yet: its sequences
+        # decode once they are (``_join_prefill``).
+        self._prefilling: tuple[list[Sequence], TokensToHost] | None = None
 
     def start(self) -> "Engine":
         self._thread.start()
@@ -151,16 +161,17 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._stopping and not self._inbox and not self.scheduler.has_work() and not self._in_flight:
+                while not self._stopping and not self._inbox and not self.scheduler.has_work() and not self._in_flight and not self._prefilling:
                     self._wake.wait()
                 if self._stopping:
                     return
             try:
-                self.step()
+                with self.streams.decoding():
+                    self.step()
             except Exception:  # a bug must not kill the loop: fail what was running, keep serving
                 message = traceback.format_exc()
                 self.log(f"decoder step failed:\n{message}")
-                self._in_flight = []
+                self._in_flight, self._prefilling = [], None
                 for seq in list(self.scheduler.running):
                     self._fail(seq, f"decoder error: {message.splitlines()[-1]}")
 
@@ -191,6 +202,11 @@ class Engine:
         The price: a sequence that stops on an end token or a stop string is decoded one step
         more, and that token is dropped (max_tokens and the context limit are known in advance).
 
+        While others decode, newcomers' prefill goes beside the decode steps instead
+        (``overlap_prefill``): no other prefill is launched and its sequences do not decode until
+        its tokens are read, at the first step that finds them ready (or, with nothing else left
+        to wait for, by waiting).
+
         Its wall time goes to metrics.phase_seconds: "schedule" (admission, cancels, timeouts),
         "prefill" and "decode" (launching them), "wait" (for the GPU to finish the previous
         step), "output" (detokenizing and handing responses over)."""
@@ -220,23 +236,32 @@ class Engine:
             self.metrics.add(seq.tier.name, "timed_out")
             waited = self.clock() - seq.enqueued_at
             self._fail(seq, f"timed out: waited {waited:.2f} s in the {seq.tier.name} queue (limit {seq.tier.queue_timeout_s:g} s)")
-        decoding = [seq for seq in self.scheduler.running if seq.launched and self._may_decode(seq)]
+        prefilling = set(self._prefilling[0]) if self._prefilling else set()
+        decoding = [seq for seq in self.scheduler.running if seq.launched and self._may_decode(seq) and seq not in prefilling]
         self.metrics.batch_size = len(decoding)
-        admitted = self.scheduler.admit(len(decoding))
+        admitted = self.scheduler.admit(len(decoding)) if self._prefilling is None else []
         waits = [self.clock() - seq.submitted_at for seq in admitted] if self.step_log else []
         phases, mark = {}, time.perf_counter()
         phases["schedule"] = mark - started
         launched = []
-        for phase, seqs, run in (("prefill", admitted, self.runner.prefill), ("decode", decoding, self.runner.decode)):
-            if seqs:
-                tokens = self.runner.sample(run(seqs), [s.params for s in seqs], [self._generators[s] for s in seqs])
-                self.runner.feed(tokens)
-                for seq in seqs:
-                    seq.launched += 1
-                launched.append((seqs, TokensToHost(tokens)))
-                phases[phase], mark = time.perf_counter() - mark, time.perf_counter()
+        if admitted:
+            beside = self.overlap_prefill and bool(decoding)
+            with self.streams.prefilling() if beside else nullcontext():
+                tokens = self._launch(admitted, self.runner.prefill)
+            if beside:
+                self._prefilling = (admitted, tokens)
+            else:
+                launched.append((admitted, tokens))
+            phases["prefill"], mark = time.perf_counter() - mark, time.perf_counter()
+        if decoding:
+            launched.append((decoding, self._launch(decoding, self.runner.decode)))
+            phases["decode"], mark = time.perf_counter() - mark, time.perf_counter()
         previous, self._in_flight = self._in_flight, launched
         phases["wait"] = phases["output"] = 0.0
+        if self._prefilling and (self._prefilling[1].ready() or not previous + launched):
+            previous.append(self._prefilling)  # ready, or nothing else to wait for
+            self.streams.join(self._prefilling[1].event)
+            self._prefilling = None
         for seqs, tokens in previous:
             ids = tokens.wait()
             phases["wait"], mark = phases["wait"] + time.perf_counter() - mark, time.perf_counter()
@@ -248,6 +273,15 @@ class Engine:
         if self.step_log:
             waiting = sum(len(queue) for queue in self.scheduler.waiting.values())
             self.step_log.write(started=started, phases=phases, decoded=len(decoding), prefill_waits=waits, waiting=waiting)
+
+    def _launch(self, seqs: list[Sequence], run) -> TokensToHost:
+        """Queue ``run`` (the runner's prefill or decode) for these sequences and the sampling of
+        their next tokens, fed to their next decode step on the device; the tokens' way to the host."""
+        tokens = self.runner.sample(run(seqs), [s.params for s in seqs], [self._generators[s] for s in seqs])
+        self.runner.feed(tokens)
+        for seq in seqs:
+            seq.launched += 1
+        return TokensToHost(tokens)
 
     def _may_decode(self, seq: Sequence) -> bool:
         """Whether one more token may be launched: not past max_tokens nor the context."""

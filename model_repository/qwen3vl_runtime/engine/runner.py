@@ -218,6 +218,15 @@ class TokensToHost:
         else:
             self._host, self._done = tokens, None
 
+    @property
+    def event(self) -> torch.cuda.Event | None:
+        """Recorded on the stream that computed the tokens, after their copy (None on the CPU)."""
+        return self._done
+
+    def ready(self) -> bool:
+        """Whether ``wait`` would return at once."""
+        return self._done is None or self._done.query()
+
     def wait(self) -> list[int]:
         if self._done is not None:
             self._done.synchronize()
