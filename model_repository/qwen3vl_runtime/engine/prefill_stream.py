@@ -37,6 +37,8 @@ class PrefillStreams:
             # Priorities out of the device's range are clamped to its ends: -1024 is the highest.
             self.decode = torch.cuda.Stream(device, priority=-1024)
             self.prefill = torch.cuda.Stream(device, priority=0)
+            for stream in (self.decode, self.prefill):  # after the runner's set-up (weights, graphs)
+                stream.wait_stream(torch.cuda.current_stream(device))
 
     def decoding(self):
         """The engine thread's steps: on the decode stream."""
