@@ -401,6 +401,9 @@ def candidates(bucket: int, weight_dtype: torch.dtype, n: int = 0, k: int = 0, s
                      ("weight_major", 16, 128, 128, 8, 3), ("weight_major", 32, 64, 128, 4, 4), ("weight_major", 32, 128, 128, 8, 3)]  # fmt: skip
         out += [Launch(kernel, m_, n_, k_, w, s, "f16_ptx", rows_first=True) for kernel, m_, n_, k_, w, s in row_tiled]
         out += [Launch(kernel, block_m, 256, 64, 8, 3, "f16_ptx") for kernel in ("tensor_cores", "weight_major")]
+        # The fastest for down at 64 rows in run 19's sweep (14.6 us split in eight, against the
+        # tuner's 16.4; bench_decode_matmul.py --sweep); nothing else there beat the picks by 3%.
+        out.append(Launch("tensor_cores", block_m, 128, 256, 8, 3, "f16_ptx"))
     if bucket <= 4:
         # Also measured and never picked (H200, run 14, bench_decode_matmul.py at 1-4 rows): all of
         # K in one step (2x2048, 4x2048 with 8 warps) and smaller tiles (8x256, 16x128).
