@@ -84,14 +84,14 @@ def text_prompt(ids: list[int]):
 
 def run_engine(parts, prompts, *, slots, max_tokens=16, runner=None, gap_s=0.0, prefills_beside=None):
     """Each prompt's greedy tokens from an engine over ``runner`` (default: a new one of ``slots``);
-    prompts submitted ``gap_s`` apart; ``prefills_beside`` (a list) gets one item per prefill
-    launched beside decode steps."""
+    prompts submitted ``gap_s`` apart; with ``prefills_beside`` (a list) the engine prefills beside
+    its decode steps (``prefill_stream``), the list getting one item per such prefill."""
     from model_repository.qwen3vl_runtime.engine import Engine, SamplingParams, Sequence
     from model_repository.qwen3vl_runtime.engine.runner import ModelRunner
 
     model, tokenizer = parts
     runner = runner or ModelRunner(model, num_slots=slots, max_len=256, image_token_id=151655)
-    engine = Engine(runner, tokenizer, eos_token_ids={151645}, num_slots=slots)
+    engine = Engine(runner, tokenizer, eos_token_ids={151645}, num_slots=slots, overlap_prefill=prefills_beside is not None)
     if prefills_beside is not None:
         prefilling = engine.streams.prefilling
         engine.streams.prefilling = lambda: prefills_beside.append(1) or prefilling()

@@ -33,7 +33,8 @@ class Engine:
     prefill_hold_s: how long newcomers may wait for more to share their prefill while many
     streams decode (``Scheduler``); 0: never.
     overlap_prefill: run a prefill beside the decode steps while others decode
-    (``prefill_stream``); None: as ``QWEN3VL_OVERLAP_PREFILL`` says (on unless "0")."""
+    (``prefill_stream``: measured no faster); None: as ``QWEN3VL_OVERLAP_PREFILL`` says (off
+    unless "1")."""
 
     def __init__(
         self,
@@ -202,8 +203,8 @@ class Engine:
         The price: a sequence that stops on an end token or a stop string is decoded one step
         more, and that token is dropped (max_tokens and the context limit are known in advance).
 
-        While others decode, newcomers' prefill goes beside the decode steps instead
-        (``overlap_prefill``): no other prefill is launched and its sequences do not decode until
+        With ``overlap_prefill``, while others decode, newcomers' prefill goes beside the decode
+        steps instead: no other prefill is launched and its sequences do not decode until
         its tokens are read, at the first step that finds them ready (or, with nothing else left
         to wait for, by waiting).
 

@@ -10,8 +10,17 @@ rest. The engine launches at most one prefill at a time and lets its sequences j
 batch once its tokens are on the host (``PrefillStreams`` does the stream order; the engine, the
 bookkeeping).
 
-On the CPU there are no streams: the engine takes the same path and finds each prefill done
-at once. ``QWEN3VL_OVERLAP_PREFILL=0`` keeps every prefill on the decode stream (an A/B switch).
+**Off by default: it did not pay.** Run 19 (H200, int8, on and off back to back on one server
+build; docs/benchmarks.md): through Triton 2,297 against 2,296 tok/s at 4 streams and 11,960
+against 12,091 at 64 (perf_analyzer 11,784 against 11,572), the first token's p99 at 64 streams
+349 against 271 ms. The share of time in prefill steps fell (8% against 12% at 4 streams, 21%
+against 41% at 64) and the steps ran more often (225 against 199 a second at 64), but each
+decoded fewer rows (52.7 against 60.4): newcomers waited longer for their prefill (p50 61
+against 27 ms), held while the one in flight ran. The engine alone at 4 streams: 2,112 against
+2,554 tok/s, a p99 first token of 145 against 23 ms; a guess, not profiled: the low-priority
+prefill starved by back-to-back decode graphs.
+``QWEN3VL_OVERLAP_PREFILL=1`` turns it on (an A/B switch). On the CPU there are no streams: the
+engine takes the same path and finds each prefill done at once.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ OVERLAP_ENV = "QWEN3VL_OVERLAP_PREFILL"
 
 
 def overlap_from_env() -> bool:
-    return os.environ.get(OVERLAP_ENV, "1") != "0"
+    return os.environ.get(OVERLAP_ENV, "0") == "1"
 
 
 class PrefillStreams:
