@@ -391,16 +391,17 @@ def candidates(bucket: int, weight_dtype: torch.dtype, n: int = 0, k: int = 0, s
         if weight_dtype == torch.int8:
             out += [Launch("weight_major", block_m, n_, k_, w, s, "f16_ptx") for n_, k_, w, s in major]
     if weight_dtype == torch.int8 and bucket >= 32:
-        # A first guess, not swept: at 64 rows the int8 products took 1.72 ms a token against 1.08
-        # at 16 (H200, run 15), one 64-row tile converting each weight tile once. Tiles of 16-32
-        # rows instead, the rows' tiles of a weight tile side by side (its weights from L2 after
-        # the first), spend more conversions on fewer bytes of x per program; and 256 weight rows
-        # a tile, a quarter of the 64-row tiles' reads of x.
+        # At 64 rows the int8 products took 1.72 ms a token against 1.08 at 16 (H200, run 15), one
+        # 64-row tile converting each weight tile once. Tiles of 16-32 rows instead, the rows'
+        # tiles of a weight tile side by side (its weights from L2 after the first), spend more
+        # conversions on fewer bytes of x per program: in run 19 (H200) the pick for down at 64
+        # rows and for most text and vision weights at 32, each within 1-3% of the best other
+        # launch (bench_decode_matmul.py; the engine's tuning log). Tiles of 256 weight rows,
+        # measured there too, were picked nowhere.
         row_tiled = [("tensor_cores", 16, 32, 256, 4, 4), ("tensor_cores", 16, 64, 128, 4, 4), ("tensor_cores", 16, 16, 512, 4, 3),
                      ("tensor_cores", 32, 32, 256, 4, 4), ("tensor_cores", 32, 64, 128, 4, 4), ("weight_major", 16, 64, 128, 4, 4),
                      ("weight_major", 16, 128, 128, 8, 3), ("weight_major", 32, 64, 128, 4, 4), ("weight_major", 32, 128, 128, 8, 3)]  # fmt: skip
         out += [Launch(kernel, m_, n_, k_, w, s, "f16_ptx", rows_first=True) for kernel, m_, n_, k_, w, s in row_tiled]
-        out += [Launch(kernel, block_m, 256, 64, 8, 3, "f16_ptx") for kernel in ("tensor_cores", "weight_major")]
         # The fastest for down at 64 rows in run 19's sweep (14.6 us split in eight, against the
         # tuner's 16.4; bench_decode_matmul.py --sweep); nothing else there beat the picks by 3%.
         out.append(Launch("tensor_cores", block_m, 128, 256, 8, 3, "f16_ptx"))
