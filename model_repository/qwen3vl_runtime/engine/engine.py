@@ -80,9 +80,9 @@ class Engine:
         # The last step's launches whose tokens the host has not read yet: (sequences, tokens).
         self._in_flight: list[tuple[list[Sequence], TokensToHost]] = []
         self.overlap_prefill = overlap_from_env() if overlap_prefill is None else overlap_prefill
-        self.streams = PrefillStreams(runner.device)
+        self.streams = PrefillStreams(runner.device, self.overlap_prefill)
         # A prefill launched beside the decode steps, its tokens not read yet: its sequences
-        # decode once they are (``_join_prefill``).
+        # decode once they are (``step``).
         self._prefilling: tuple[list[Sequence], TokensToHost] | None = None
 
     def start(self) -> "Engine":

@@ -38,11 +38,12 @@ def overlap_from_env() -> bool:
 
 
 class PrefillStreams:
-    """The decode stream and the prefill stream of one engine (None on the CPU)."""
+    """The decode stream and the prefill stream of an engine that overlaps them (``enabled``);
+    otherwise, and on the CPU, none: every step on the engine thread's current stream."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, enabled: bool):
         self.decode = self.prefill = None
-        if device.type == "cuda":
+        if enabled and device.type == "cuda":
             # Priorities out of the device's range are clamped to its ends: -1024 is the highest.
             self.decode = torch.cuda.Stream(device, priority=-1024)
             self.prefill = torch.cuda.Stream(device, priority=0)
