@@ -5,7 +5,9 @@ decode step reads half the bytes of bf16 weights, which pays only where the kern
 the memory. On the H200 the int8 products of a token take 0.90 / 0.995 / 1.076 / 1.720 ms at 1 /
 4 / 16 / 64 rows against cuBLAS bf16's 1.37 / 1.37 / 1.41 / 1.43 (run 15: the one-row figure from
 the engine's tuning log, the others scripts/bench_decode_matmul.py): faster up to 16 rows, not
-yet at 64. The scale multiplies the fp32 accumulator once per output.
+yet at 64. Run 19 (H200, the same script): 1.267 against 1.404 at 32 rows, 1.644 against 1.390
+at 64, and a sweep of 152-176 tiles a shape (--sweep) found none that closes the 64-row gap. The
+scale multiplies the fp32 accumulator once per output.
 
 Computing the down projection's input, silu(gate) * up, inside these kernels (one launch fewer
 per layer) was tried and taken out: on the H200 it tied the two launches in the few-rows kernel
