@@ -25,7 +25,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields
+from itertools import product
 from pathlib import Path
 
 import torch
@@ -70,21 +71,16 @@ def measure(name: str, n: int, k: int, m: int, mode: str) -> dict:
 
 def sweep_candidates(bucket: int, weight_dtype: torch.dtype, n: int = 0, k: int = 0, sms: int = 0) -> list[kernels.Launch]:
     """The --sweep grid, in place of ``kernels.candidates`` (int8 only)."""
-    block_m = max(16, bucket)
-    out = []
-    for kernel in ("tensor_cores", "weight_major"):
-        for block_n in (32, 64, 128, 256):
-            for block_k in (64, 128, 256):
-                if block_n * block_k > 128 * 256:  # over the shared memory at 3-4 stages
-                    continue
-                for warps in (4, 8):
-                    for stages in (3, 4):
-                        launch = kernels.Launch(kernel, block_m, block_n, block_k, warps, stages, "f16_ptx")
-                        out.append(launch)
-                        split = kernels.split_to_fill(-(-n // block_n), k, block_k, sms) if n and sms else 1
-                        if split > 1:
-                            out.append(replace(launch, split_k=split))
-    return out
+    tiles = product(("tensor_cores", "weight_major"), (32, 64, 128, 256), (64, 128, 256), (4, 8), (3, 4))
+    whole = [kernels.Launch(kernel, max(16, bucket), block_n, block_k, warps, stages, "f16_ptx")
+             for kernel, block_n, block_k, warps, stages in tiles
+             if block_n * block_k <= 128 * 256]  # fmt: skip  (larger: over the shared memory at 3-4 stages)
+    return kernels.with_splits(whole, bucket, n, k, sms)
+
+
+def launch_of(timing: dict) -> kernels.Launch:
+    """The launch of one of the JSON's candidate timings (its fields, without "ms" and "problem")."""
+    return kernels.Launch(**{f.name: timing[f.name] for f in fields(kernels.Launch)})
 
 
 def main() -> int:
@@ -114,7 +110,7 @@ def main() -> int:
                     continue
                 if args.sweep:
                     timed = sorted((c for c in r["candidates"] if c["ms"] is not None), key=lambda c: c["ms"])
-                    fastest = "; ".join(f"{kernels.Launch(**{f: c[f] for f in r['best']}).label} {c['ms'] * 1e3:.1f}" for c in timed[:5])
+                    fastest = "; ".join(f"{launch_of(c).label} {c['ms'] * 1e3:.1f}" for c in timed[:5])
                     print(f"    fastest of {len(r['candidates'])}: {fastest}", flush=True)
                 pick = kernels.Launch(**r["best"]).label
                 families = ", ".join(f"{f} {ms * 1e3:.1f}" for f, ms in sorted(r["best_by_family_ms"].items()))

@@ -237,8 +237,9 @@ class Engine:
             self.metrics.add(seq.tier.name, "timed_out")
             waited = self.clock() - seq.enqueued_at
             self._fail(seq, f"timed out: waited {waited:.2f} s in the {seq.tier.name} queue (limit {seq.tier.queue_timeout_s:g} s)")
-        prefilling = set(self._prefilling[0]) if self._prefilling else set()
-        decoding = [seq for seq in self.scheduler.running if seq.launched and self._may_decode(seq) and seq not in prefilling]
+        decoding = [seq for seq in self.scheduler.running if seq.launched and self._may_decode(seq)]
+        if self._prefilling:  # its sequences decode once its tokens are read
+            decoding = [seq for seq in decoding if seq not in self._prefilling[0]]
         self.metrics.batch_size = len(decoding)
         admitted = self.scheduler.admit(len(decoding)) if self._prefilling is None else []
         waits = [self.clock() - seq.submitted_at for seq in admitted] if self.step_log else []

@@ -369,6 +369,18 @@ def split_to_fill(programs: int, k: int, block_k: int, sms: int) -> int:
     return split
 
 
+def with_splits(launches: list[Launch], bucket: int, n: int, k: int, sms: int) -> list[Launch]:
+    """``launches``, then each split over K where its grid leaves SMs idle (``split_to_fill``);
+    none added without a shape or an SM count."""
+    out = list(launches)
+    if n and sms:
+        for launch in launches:
+            split = split_to_fill(triton.cdiv(n, launch.block_n) * triton.cdiv(bucket, launch.block_m), k, launch.block_k, sms)
+            if split > 1:
+                out.append(replace(launch, split_k=split))
+    return out
+
+
 def candidates(bucket: int, weight_dtype: torch.dtype, n: int = 0, k: int = 0, sms: int = 0) -> list[Launch]:
     """What the tuner measures for a product of ``bucket`` rows at most of an [n, k] weight on a GPU
     of ``sms`` SMs; the first is the default where nothing can be measured (the CPU, Triton's
@@ -396,10 +408,11 @@ def candidates(bucket: int, weight_dtype: torch.dtype, n: int = 0, k: int = 0, s
         # At 64 rows the int8 products took 1.72 ms a token against 1.08 at 16 (H200, run 15), one
         # 64-row tile converting each weight tile once. Tiles of 16-32 rows instead, the rows'
         # tiles of a weight tile side by side (its weights from L2 after the first), spend more
-        # conversions on fewer bytes of x per program: in run 19 (H200) the pick for down at 64
-        # rows and for most text and vision weights at 32, each within 1-3% of the best other
-        # launch (bench_decode_matmul.py; the engine's tuning log). Tiles of 256 weight rows,
-        # measured there too, were picked nowhere.
+        # conversions on fewer bytes of x per program. In run 19 (H200) the pick for down at 64
+        # rows and gate/up and lm_head at 32, 1-2% ahead of the best other launch there
+        # (bench_decode_matmul.py), and in the engine's tuning log for qkv and two vision weights
+        # at 32 (margins not logged). Tiles of 256 weight rows, measured there too, were picked
+        # nowhere.
         row_tiled = [("tensor_cores", 16, 32, 256, 4, 4), ("tensor_cores", 16, 64, 128, 4, 4), ("tensor_cores", 16, 16, 512, 4, 3),
                      ("tensor_cores", 32, 32, 256, 4, 4), ("tensor_cores", 32, 64, 128, 4, 4), ("weight_major", 16, 64, 128, 4, 4),
                      ("weight_major", 16, 128, 128, 8, 3), ("weight_major", 32, 64, 128, 4, 4), ("weight_major", 32, 128, 128, 8, 3)]  # fmt: skip
@@ -412,11 +425,7 @@ def candidates(bucket: int, weight_dtype: torch.dtype, n: int = 0, k: int = 0, s
         # K in one step (2x2048, 4x2048 with 8 warps) and smaller tiles (8x256, 16x128).
         few = [(4, 512, 4, 3), (4, 1024, 4, 1), (8, 512, 4, 3), (32, 128, 4, 3)]
         out += [Launch("few_rows", bucket, n_, k_, w, s) for n_, k_, w, s in few]
-    if n and sms:
-        for launch in list(out):
-            split = split_to_fill(triton.cdiv(n, launch.block_n) * triton.cdiv(bucket, launch.block_m), k, launch.block_k, sms)
-            if split > 1:
-                out.append(replace(launch, split_k=split))
+    out = with_splits(out, bucket, n, k, sms)
     if weight_dtype == torch.float8_e4m3fn and bucket >= 16:
         out.append(Launch("w8a8"))
     return out
