@@ -206,6 +206,77 @@ def _weight_major_kernel(
     tl.store(Out + tl.program_id(2) * stride_os + rm[None, :] * stride_om + rn[:, None], out.to(Out.dtype.element_ty), mask=(rm[None, :] < M) & (rn[:, None] < N))
 
 
+# The input as two int8 terms: each K-group of BLOCK_K entries of a row of x is q * s with q a
+# 16-bit integer (|q| <= TERMS_Q, s = the group's largest |x| / TERMS_Q) written as q = 256 hi + lo,
+# hi in [-127, 127] and lo in [-128, 127]. x W^T is then s (256 (hi W^T) + lo W^T) over each group:
+# two int8 MMAs on W's own bytes, exact in int32, so W needs no conversion at all. The input loses
+# only what 16 bits per group lose (half a step: |x| max / 65,024), far below the int8 weights'
+# own rounding; a group of at most 256 keeps each MMA's int32 sum (<= 256 * 127 * 128 * 257) in range.
+TERMS_Q = tl.constexpr(32512.0)
+TERMS_MAX_GROUP = 256
+
+
+@triton.jit
+def _split_terms_kernel(X, Terms, XScale, K, stride_xm, stride_tt, GROUP: tl.constexpr, PDL: tl.constexpr):
+    """Row r, K-group g of X -> Terms[0, r, g] (hi) and Terms[1, r, g] (lo), XScale[r, g] = s; one
+    program per (row, group)."""
+    wait_for_previous(PDL)
+    row, group = tl.program_id(0), tl.program_id(1)
+    cols = group * GROUP + tl.arange(0, GROUP)
+    x = tl.load(X + row * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32)
+    s = tl.max(tl.abs(x), axis=0) / TERMS_Q
+    q = tl.floor(x / tl.where(s > 0, s, 1.0) + 0.5)
+    hi = tl.floor((q + 128.0) / 256.0)
+    tl.store(XScale + row * tl.num_programs(1) + group, s)
+    tl.store(Terms + row * K + cols, hi.to(tl.int8), mask=cols < K)
+    tl.store(Terms + stride_tt + row * K + cols, (q - 256.0 * hi).to(tl.int8), mask=cols < K)
+
+
+def split_terms(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (int8 terms [2, M, K]: hi, lo; scales [M, cdiv(K, group)] float32)."""
+    m, k = x.shape
+    groups = triton.cdiv(k, group)
+    terms = torch.empty((2, m, k), device=x.device, dtype=torch.int8)
+    x_scale = torch.empty((m, groups), device=x.device, dtype=torch.float32)
+    _split_terms_kernel[(m, groups)](x, terms, x_scale, k, x.stride(0), terms.stride(0), GROUP=group, **launch_args(x))
+    return terms, x_scale
+
+
+@triton.jit
+def _two_term_kernel(
+    Terms, W, Scale, XScale, Out,
+    M, N, K, K_CHUNK,
+    stride_tt, stride_wn, stride_om, stride_os,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WEIGHT_MAJOR: tl.constexpr, ROWS_FIRST: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """x W^T from x's two int8 terms (``split_terms`` with group BLOCK_K) and int8 W [N, K] on the
+    int8 tensor cores, W's tile as loaded. WEIGHT_MAJOR: computed as W x^T (``_weight_major_kernel``'s
+    orientation: the weight rows on the MMA's wide side)."""
+    wait_for_previous(PDL)
+    rm, rn, rk, k_lo, k_hi = _program_tile(K, K_CHUNK, BLOCK_M, BLOCK_N, BLOCK_K, ROWS_FIRST)
+    acc = tl.zeros([BLOCK_N, BLOCK_M] if WEIGHT_MAJOR else [BLOCK_M, BLOCK_N], tl.float32)
+    groups = tl.cdiv(K, BLOCK_K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kk = k0 + rk
+        hi = _load_rows(Terms, rm, kk, K, M, K)
+        lo = _load_rows(Terms + stride_tt, rm, kk, K, M, K)
+        w = tl.load(W + rn[:, None] * stride_wn + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0)
+        s = tl.load(XScale + rm * groups + k0 // BLOCK_K, mask=rm < M, other=0.0)
+        if WEIGHT_MAJOR:
+            d = tl.dot(w, tl.trans(hi), out_dtype=tl.int32) * 256 + tl.dot(w, tl.trans(lo), out_dtype=tl.int32)
+            acc += d.to(tl.float32) * s[None, :]
+        else:
+            d = tl.dot(hi, tl.trans(w), out_dtype=tl.int32) * 256 + tl.dot(lo, tl.trans(w), out_dtype=tl.int32)
+            acc += d.to(tl.float32) * s[:, None]
+    scale = tl.load(Scale + rn, mask=rn < N, other=0.0)
+    if WEIGHT_MAJOR:
+        out = acc * scale[:, None]
+        mask = (rm[None, :] < M) & (rn[:, None] < N)
+        tl.store(Out + tl.program_id(2) * stride_os + rm[None, :] * stride_om + rn[:, None], out.to(Out.dtype.element_ty), mask=mask)
+    else:
+        _store_rows(Out, acc * scale[None, :], rm, rn, stride_om, stride_os, M, N)
+
+
 @triton.jit
 def _few_rows_kernel(
     X, W, Scale, Out,
@@ -299,7 +370,9 @@ class Launch:
     block_k: int = 256
     warps: int = 4
     stages: int = 4
-    convert: str = "bf16"  # the tensor-core kernels' CONVERT; "f16_*": x prescaled into fp16 first
+    # The tensor-core kernels' CONVERT; "f16_*": x prescaled into fp16 first; "int8x2" (int8 W):
+    # x split into two int8 terms, W's bytes into the int8 MMA as they are (``_two_term_kernel``).
+    convert: str = "bf16"
     split_k: int = 1
     # The row tiles of one weight tile launched side by side (grid axis 0), so that its weights are
     # read from memory once and from L2 by the others: for a batch of more rows than block_m.
@@ -307,8 +380,8 @@ class Launch:
 
     @property
     def family(self) -> str:
-        """The kernel and how it runs, without the tile: "tc/bf16", "weight_major/split-k", ..."""
-        name = self.kernel if self.kernel != "tensor_cores" else f"tc/{self.convert}"
+        """The kernel and how it runs, without the tile: "tc/bf16", "weight_major/int8x2/split-k", ..."""
+        name = self.kernel if self.kernel == "few_rows" else f"{'tc' if self.kernel == 'tensor_cores' else self.kernel}/{self.convert}"
         return name + ("/rows-first" if self.rows_first else "") + ("/split-k" if self.split_k > 1 else "")
 
     @property
@@ -330,12 +403,29 @@ class Launch:
 
             out.copy_(w8a8_matmul(x, weight, scale))
             return
-        int8 = weight.dtype == torch.int8
-        if int8 and (self.kernel == "few_rows" or self.convert.startswith("f16_")):
-            weight = weight.view(torch.uint8)
+        k_chunk = triton.cdiv(triton.cdiv(k, self.split_k), self.block_k) * self.block_k  # whole BLOCK_K steps; a last split past K computes zeros
+        target = out if self.split_k == 1 else torch.empty((self.split_k, m, n), device=x.device, dtype=torch.float32)
         tiles = (triton.cdiv(m, self.block_m), triton.cdiv(n, self.block_n))
         grid = (*(tiles if self.rows_first else tiles[::-1]), self.split_k)
         meta = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k, "ROWS_FIRST": self.rows_first, **launch_args(x)}
+        if self.convert == "int8x2":
+            terms, x_scale = split_terms(x, self.block_k)
+            _two_term_kernel[grid](terms, weight, scale, x_scale, target, m, n, k, k_chunk, terms.stride(0), weight.stride(0), target.stride(-2),
+                                   target.stride(0) if self.split_k > 1 else 0, WEIGHT_MAJOR=self.kernel == "weight_major", **meta,
+                                   num_warps=self.warps, num_stages=self.stages)  # fmt: skip
+        else:
+            self._launch(x, weight, scale, target, k_chunk, grid, meta)
+        if self.split_k > 1:
+            block = 1024
+            _sum_splits_kernel[(triton.cdiv(m * n, block),)](target, out, m, n, out.stride(0), SPLIT_K=self.split_k, BLOCK=block, **launch_args(x))
+
+    def _launch(self, x, weight, scale, target, k_chunk, grid, meta) -> None:
+        """The bf16- and fp16-operand kernels and the few-rows one, into ``target`` (``out`` or the
+        splits' partial products)."""
+        m, (n, k) = x.shape[0], weight.shape
+        int8 = weight.dtype == torch.int8
+        if int8 and (self.kernel == "few_rows" or self.convert.startswith("f16_")):
+            weight = weight.view(torch.uint8)
         operands = (x, weight, scale)
         if self.kernel == "few_rows":
             kernel, meta["INT8"] = _few_rows_kernel, int8
@@ -345,14 +435,8 @@ class Launch:
             fp16 = self.convert != "bf16"
             x16, x_scale = prescale_rows(x) if fp16 else (x, scale)  # scale: an unread placeholder
             operands = (x16, weight, scale, x_scale)
-        # Each split's K range is whole BLOCK_K steps; a last split past K computes zeros.
-        k_chunk = triton.cdiv(triton.cdiv(k, self.split_k), self.block_k) * self.block_k
-        target = out if self.split_k == 1 else torch.empty((self.split_k, m, n), device=x.device, dtype=torch.float32)
         kernel[grid](*operands, target, m, n, k, k_chunk, operands[0].stride(0), weight.stride(0), target.stride(-2),
                      target.stride(0) if self.split_k > 1 else 0, **meta, num_warps=self.warps, num_stages=self.stages)  # fmt: skip
-        if self.split_k > 1:
-            block = 1024
-            _sum_splits_kernel[(triton.cdiv(m * n, block),)](target, out, m, n, out.stride(0), SPLIT_K=self.split_k, BLOCK=block, **launch_args(x))
 
 
 def rows_bucket(m: int) -> int:
@@ -420,6 +504,13 @@ def candidates(bucket: int, weight_dtype: torch.dtype, n: int = 0, k: int = 0, s
         # The fastest for down at 64 rows in run 19's sweep (14.6 us split in eight, against the
         # tuner's 16.4; bench_decode_matmul.py --sweep); nothing else there beat the picks by 3%.
         out.append(Launch("tensor_cores", block_m, 128, 256, 8, 3, "f16_ptx"))
+    if weight_dtype == torch.int8:
+        # x as two int8 terms, W's bytes straight into the int8 MMA: no conversion of the weights,
+        # which run 19's sweep left as the suspect for the 64-row gap to cuBLAS. A first guess at
+        # the tiles (BLOCK_K is also the terms' group: at most TERMS_MAX_GROUP), not swept.
+        terms = [(64, 128, 4, 4), (128, 128, 4, 4), (128, 256, 8, 3), (256, 128, 8, 3), (32, 256, 4, 4), (64, 256, 4, 3), (64, 128, 8, 4), (32, 128, 4, 4)]
+        out += [Launch("tensor_cores", block_m, n_, k_, w, s, "int8x2") for n_, k_, w, s in terms]
+        out += [Launch("weight_major", block_m, n_, k_, w, s, "int8x2") for n_, k_, w, s in terms[:4]]
     if bucket <= 4:
         # Also measured and never picked (H200, run 14, bench_decode_matmul.py at 1-4 rows): all of
         # K in one step (2x2048, 4x2048 with 8 warps) and smaller tiles (8x256, 16x128).
