@@ -3,10 +3,10 @@
     python scripts/bench_decode_matmul.py [--rows 1 4 8 16 64] [--modes int8 fp8] [--out decode_matmul.json]
     python scripts/bench_decode_matmul.py --rows 64 --modes int8 --sweep --weights text.qkv text.gate_up
 
---sweep times a grid of int8 tiles (both tensor-core kernels, the "f16_ptx" conversion, tiles of
-32-256 weight rows by 64-256 of K, 4 or 8 warps, 3 or 4 stages, split over K where the grid leaves
-SMs idle) instead of the tuner's candidates, and prints each shape's five fastest: where to look for
-tiles the candidates lack.
+--sweep times a grid of int8 tiles (both tensor-core kernels, the "f16_ptx" conversion or with
+--sweep-convert int8x2 the two int8 terms, tiles of 32-256 weight rows by 64-256 of K, 4 or 8 warps,
+3 or 4 stages (int8x2: 3-5), split over K where the grid leaves SMs idle) instead of the tuner's
+candidates, and prints each shape's five fastest: where to look for tiles the candidates lack.
 
 For Qwen3-VL-2B's text weights (fused q/k/v, o, fused gate/up, down, the tied lm_head) and each
 row count of a decode batch, the 8-bit kernel's tuner (``kernels/int8_matmul.tune``) measures
@@ -69,13 +69,19 @@ def measure(name: str, n: int, k: int, m: int, mode: str) -> dict:
     return row
 
 
-def sweep_candidates(bucket: int, weight_dtype: torch.dtype, n: int = 0, k: int = 0, sms: int = 0) -> list[kernels.Launch]:
-    """The --sweep grid, in place of ``kernels.candidates`` (int8 only)."""
-    tiles = product(("tensor_cores", "weight_major"), (32, 64, 128, 256), (64, 128, 256), (4, 8), (3, 4))
-    whole = [kernels.Launch(kernel, max(16, bucket), block_n, block_k, warps, stages, "f16_ptx")
-             for kernel, block_n, block_k, warps, stages in tiles
-             if block_n * block_k <= 128 * 256]  # fmt: skip  (larger: over the shared memory at 3-4 stages)
-    return kernels.with_splits(whole, bucket, n, k, sms)
+def sweep_grid(convert: str):
+    """The --sweep grid, in place of ``kernels.candidates`` (int8 only), for one weight conversion."""
+
+    def sweep_candidates(bucket: int, weight_dtype: torch.dtype, n: int = 0, k: int = 0, sms: int = 0) -> list[kernels.Launch]:
+        # int8x2: BLOCK_K is the terms' group (at most TERMS_MAX_GROUP); stages to 5, the tiles being bytes
+        stages = (3, 4, 5) if convert == "int8x2" else (3, 4)
+        tiles = product(("tensor_cores", "weight_major"), (32, 64, 128, 256), (64, 128, 256), (4, 8), stages)
+        whole = [kernels.Launch(kernel, max(16, bucket), block_n, block_k, warps, stages, convert)
+                 for kernel, block_n, block_k, warps, stages in tiles
+                 if block_n * block_k <= 128 * 256]  # fmt: skip  (larger: over the shared memory at 3-4 stages)
+        return kernels.with_splits(whole, bucket, n, k, sms)
+
+    return sweep_candidates
 
 
 def launch_of(timing: dict) -> kernels.Launch:
@@ -90,13 +96,14 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("decode_matmul.json"))
     p.add_argument("--weights", nargs="+", choices=list(TEXT), default=list(TEXT))
     p.add_argument("--sweep", action="store_true", help="time a grid of int8 tiles instead of the tuner's candidates")
+    p.add_argument("--sweep-convert", default="f16_ptx", choices=["f16_ptx", "int8x2"], help="the weight conversion of the --sweep grid")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_decode_matmul.py needs a CUDA GPU")
     if args.sweep:
         if args.modes != ["int8"]:
             sys.exit("--sweep is for --modes int8")
-        kernels.candidates = sweep_candidates
+        kernels.candidates = sweep_grid(args.sweep_convert)
     results = []
     print("| mode | weight | rows | bf16 us | pick us | pick | GB/s | best per family us |")
     print("|---|---|---|---|---|---|---|---|")

@@ -508,7 +508,7 @@ def candidates(bucket: int, weight_dtype: torch.dtype, n: int = 0, k: int = 0, s
         # x as two int8 terms, W's bytes straight into the int8 MMA: no conversion of the weights,
         # which run 19's sweep left as the suspect for the 64-row gap to cuBLAS. A first guess at
         # the tiles (BLOCK_K is also the terms' group: at most TERMS_MAX_GROUP), not swept.
-        terms = [(64, 128, 4, 4), (128, 128, 4, 4), (128, 256, 8, 3), (256, 128, 8, 3), (32, 256, 4, 4), (64, 256, 4, 3), (64, 128, 8, 4), (32, 128, 4, 4)]
+        terms = [(64, 128, 4, 4), (128, 128, 4, 4), (128, 256, 8, 3), (256, 128, 8, 3), (32, 256, 4, 4), (64, 256, 4, 3), (64, 128, 8, 4), (32, 128, 4, 4), (128, 256, 4, 3)]
         out += [Launch("tensor_cores", block_m, n_, k_, w, s, "int8x2") for n_, k_, w, s in terms]
         out += [Launch("weight_major", block_m, n_, k_, w, s, "int8x2") for n_, k_, w, s in terms[:4]]
     if bucket <= 4:
