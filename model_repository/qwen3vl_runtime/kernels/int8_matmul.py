@@ -2,12 +2,13 @@
 
 W stays 8-bit in memory (int8 or float8_e4m3fn, [out, in], one float32 scale per output row): a
 decode step reads half the bytes of bf16 weights, which pays only where the kernel keeps up with
-the memory. On the H200 the int8 products of a token take 0.90 / 0.995 / 1.076 / 1.720 ms at 1 /
-4 / 16 / 64 rows against cuBLAS bf16's 1.37 / 1.37 / 1.41 / 1.43 (run 15: the one-row figure from
-the engine's tuning log, the others scripts/bench_decode_matmul.py): faster up to 16 rows, not
-yet at 64. Run 19 (H200, the same script): 1.267 against 1.404 at 32 rows, 1.644 against 1.390
-at 64, and a sweep of 152-176 tiles a shape (--sweep) found none that closes the 64-row gap. The
-scale multiplies the fp32 accumulator once per output.
+the memory. The scale multiplies the fp32 accumulator once per output. With the weights converted
+in the kernel (to bf16 or fp16 operands) the 64-row products stayed behind cuBLAS bf16 (H200, run
+19, scripts/bench_decode_matmul.py: 1.644 against 1.390 ms a token; a sweep of 152-176 tiles a
+shape found none that closed it). Splitting x into two int8 terms instead ("int8x2",
+``_two_term_kernel``), so that W's bytes go to the int8 MMA as loaded: 0.849 / 0.965 / 1.001 /
+1.375 ms at 1 / 4 / 16 / 64 rows against cuBLAS bf16's 1.34-1.39, and 1.328 against 1.424 at 64
+rows with the int8x2 sweep's tile for down (run 20, the same script).
 
 Computing the down projection's input, silu(gate) * up, inside these kernels (one launch fewer
 per layer) was tried and taken out: on the H200 it tied the two launches in the few-rows kernel
@@ -38,7 +39,8 @@ DECODE_MAX_ROWS = 64
 # only ever see a few rows (each prompt's last).
 DEQUANTIZE_MAX_ELEMENTS = 64 << 20
 
-# How the tensor-core kernels turn a weight tile into MMA operands (constexpr CONVERT):
+# How the tensor-core kernels turn a weight tile into MMA operands (constexpr CONVERT; the
+# "int8x2" launches do not convert it and run ``_two_term_kernel`` instead):
 #   "bf16": Triton's own conversion to x's dtype (int8: an int-to-float instruction per element);
 #   "f16_bits" (int8): exact fp16 from the byte's bits, no int-to-float instruction: the portable
 #     form of the next, slower wherever both were timed (runs 10-15), so not a candidate (a driver
@@ -234,6 +236,8 @@ def _split_terms_kernel(X, Terms, XScale, K, stride_xm, stride_tt, GROUP: tl.con
 
 def split_terms(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (int8 terms [2, M, K]: hi, lo; scales [M, cdiv(K, group)] float32)."""
+    if group > TERMS_MAX_GROUP:
+        raise ValueError(f"a group of {group} entries could overflow the int8 MMA's int32 sums (at most {TERMS_MAX_GROUP})")
     m, k = x.shape
     groups = triton.cdiv(k, group)
     terms = torch.empty((2, m, k), device=x.device, dtype=torch.int8)
@@ -506,8 +510,12 @@ def candidates(bucket: int, weight_dtype: torch.dtype, n: int = 0, k: int = 0, s
         out.append(Launch("tensor_cores", block_m, 128, 256, 8, 3, "f16_ptx"))
     if weight_dtype == torch.int8:
         # x as two int8 terms, W's bytes straight into the int8 MMA: no conversion of the weights,
-        # which run 19's sweep left as the suspect for the 64-row gap to cuBLAS. A first guess at
-        # the tiles (BLOCK_K is also the terms' group: at most TERMS_MAX_GROUP), not swept.
+        # which run 19's sweep left as the suspect for the 64-row gap to cuBLAS. BLOCK_K is also
+        # the terms' group (at most TERMS_MAX_GROUP). A first guess, and the int8x2 sweep's best
+        # for down at 64 rows (128x256, 4 warps: 12.6 us against 13.5; H200, run 20,
+        # bench_decode_matmul.py --sweep --sweep-convert int8x2), the other shapes' best there
+        # being candidates already. The pick for most weights from 4 rows, and at one row for down
+        # and lm_head.
         terms = [(64, 128, 4, 4), (128, 128, 4, 4), (128, 256, 8, 3), (256, 128, 8, 3), (32, 256, 4, 4), (64, 256, 4, 3), (64, 128, 8, 4), (32, 128, 4, 4), (128, 256, 4, 3)]
         out += [Launch("tensor_cores", block_m, n_, k_, w, s, "int8x2") for n_, k_, w, s in terms]
         out += [Launch("weight_major", block_m, n_, k_, w, s, "int8x2") for n_, k_, w, s in terms[:4]]
