@@ -114,6 +114,12 @@ def _store_rows(Out, out, rm, rn, stride_om, stride_os, M, N):
 
 
 @triton.jit
+def _store_transposed(Out, out, rm, rn, stride_om, stride_os, M, N):
+    """out [columns, rows] (the weight-major kernels' W x^T) into Out as ``_store_rows`` would."""
+    tl.store(Out + tl.program_id(2) * stride_os + rm[None, :] * stride_om + rn[:, None], out.to(Out.dtype.element_ty), mask=(rm[None, :] < M) & (rn[:, None] < N))
+
+
+@triton.jit
 def _f16_weights(W, rn, kk, stride_wn, w_mask, CONVERT: tl.constexpr):
     """Rows rn, columns kk of int8 W (viewed as uint8) as exact fp16 values (zeros outside it)."""
     w = tl.load(W + rn[:, None] * stride_wn + kk[None, :], mask=w_mask, other=0)  # byte 0 is v = 0
@@ -205,7 +211,7 @@ def _weight_major_kernel(
     out = acc * scale[:, None]
     if CONVERT != "bf16":
         out = out * tl.load(XScale + rm, mask=rm < M, other=1.0)[None, :]
-    tl.store(Out + tl.program_id(2) * stride_os + rm[None, :] * stride_om + rn[:, None], out.to(Out.dtype.element_ty), mask=(rm[None, :] < M) & (rn[:, None] < N))
+    _store_transposed(Out, out, rm, rn, stride_om, stride_os, M, N)
 
 
 # The input as two int8 terms: each K-group of BLOCK_K entries of a row of x is q * s with q a
@@ -274,9 +280,7 @@ def _two_term_kernel(
             acc += d.to(tl.float32) * s[:, None]
     scale = tl.load(Scale + rn, mask=rn < N, other=0.0)
     if WEIGHT_MAJOR:
-        out = acc * scale[:, None]
-        mask = (rm[None, :] < M) & (rn[:, None] < N)
-        tl.store(Out + tl.program_id(2) * stride_os + rm[None, :] * stride_om + rn[:, None], out.to(Out.dtype.element_ty), mask=mask)
+        _store_transposed(Out, acc * scale[:, None], rm, rn, stride_om, stride_os, M, N)
     else:
         _store_rows(Out, acc * scale[None, :], rm, rn, stride_om, stride_os, M, N)
 
