@@ -7,8 +7,8 @@ For each row of the benchmark (its ``monotonic_window_s``, the clock of the log'
 the engine steps inside that window: how many rows a step decoded on average (against the
 row's concurrency: the streams that were not decoding were before their first token), how many
 steps prefilled and how many prompts each took, how long a prompt had waited from its submit to
-its prefill (p50 / p99), how many were left waiting, the engine thread's ms per step by phase,
-the share of the window spent in prefill steps and the steps right after them, and the prefill
+its prefill (p50 / p99), how many were left waiting, the engine thread's ms per step by phase
+and how many of its host phases' ms it spent off the CPU (waiting for the GIL, most likely), the share of the window spent in prefill steps and the steps right after them, and the prefill
 steps by their prompts (the thread's ms launching each, the next step's ms). Prints a table,
 writes JSON.
 """
@@ -51,6 +51,19 @@ def by_prompts(inside: list[dict]) -> dict[str, dict]:
     }
 
 
+def off_cpu_ms(inside: list[dict]) -> dict[str, float] | None:
+    """Per host phase (all but "wait", where the CUDA runtime may spin), the engine thread's ms a
+    step off the CPU: the phase's wall time minus the thread's CPU time (``PhaseClock``). On the
+    GPU those phases only launch work and handle tokens, so this is time the thread waited to run
+    (for the GIL, most likely); on the CPU "prefill" and "decode" also wait for PyTorch's own
+    threads. None for a log written before the CPU times were."""
+    if not all("cpu_ms" in s for s in inside):
+        return None
+    names = sorted({name for s in inside for name in s["ms"]} - {"wait"})
+    # + 0.0: a phase whose CPU time the clocks' rounding puts a hair above its wall time reads 0.0, not -0.0
+    return {name: round(sum(s["ms"].get(name, 0.0) - s["cpu_ms"].get(name, 0.0) for s in inside) / len(inside), 3) + 0.0 for name in names}
+
+
 def summarize(steps: list[dict], start: float, end: float) -> dict:
     inside = [s for s in steps if start <= s["t"] < end]
     if not inside:
@@ -73,6 +86,7 @@ def summarize(steps: list[dict], start: float, end: float) -> dict:
         "prefill_wait_p99_ms": percentile(waits, 0.99),
         "waiting_mean": round(statistics.mean(s["waiting"] for s in inside), 2),
         "phase_ms_per_step": {name: round(sum(s["ms"].get(name, 0.0) for s in inside) / len(inside), 3) for name in phases},
+        "host_off_cpu_ms_per_step": off_cpu_ms(inside),
         "prefill_and_next_step_share": round(prefill_share, 3),
         "prefills_by_prompts": by_prompts(inside),
     }
@@ -90,13 +104,13 @@ def main() -> int:
     for row in bench["results"]:
         if "monotonic_window_s" in row:
             rows[f"{row['precision']} c={row['concurrency']}"] = summarize(steps, *row["monotonic_window_s"])
-    print("| load | steps/s | rows decoded (mean) | prefills | prompts each | prefill wait p50 / p99 ms | waiting (mean) | prefill + next step, share of time | ms per step by phase |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| load | steps/s | rows decoded (mean) | prefills | prompts each | prefill wait p50 / p99 ms | waiting (mean) | prefill + next step, share of time | ms per step by phase | ms off the CPU per step, by host phase |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         if r["steps"]:
             print(f"| {name} | {r['steps_per_s']} | {r['decoded_rows_mean']} | {r['prefill_steps']} | {r['prompts_per_prefill']} | "
                   f"{r['prefill_wait_p50_ms']} / {r['prefill_wait_p99_ms']} | {r['waiting_mean']} | {r['prefill_and_next_step_share']} | "
-                  f"{r['phase_ms_per_step']} |")  # fmt: skip
+                  f"{r['phase_ms_per_step']} | {r['host_off_cpu_ms_per_step']} |")  # fmt: skip
     print("\nPrefill steps by prompts (steps, ms launching the prefill, ms of the next step):")
     for name, r in rows.items():
         groups = r.get("prefills_by_prompts", {})

@@ -11,6 +11,7 @@ import torch
 
 from model_repository.qwen3vl_runtime.engine import Engine, FinishReason, SamplingParams, Sequence
 from model_repository.qwen3vl_runtime.engine.detokenizer import IncrementalDetokenizer
+from model_repository.qwen3vl_runtime.engine.phase_clock import PhaseClock
 from model_repository.qwen3vl_runtime.engine.runner import ModelRunner, PromptInputs
 from model_repository.qwen3vl_runtime.engine.scheduler import UNLIMITED, QueueFull, Scheduler
 from model_repository.qwen3vl_runtime.engine.slots import SlotPool
@@ -412,6 +413,23 @@ def test_engine_serves_queued_vip_before_free_within_caps_and_times_out(engine_p
     assert counters["vip"].tokens == 9 and counters["vip"].ttft_count == 3
 
 
+def test_phase_clock_tells_the_threads_work_from_its_waiting():
+    """A phase asleep (as a thread waiting for the GIL is) has wall time and almost no CPU time;
+    a busy one has both."""
+    import time
+
+    clock = PhaseClock()
+    time.sleep(0.05)
+    clock.lap("asleep")
+    end = time.perf_counter() + 0.05
+    while time.perf_counter() < end:
+        pass
+    clock.lap("busy")
+    clock.lap("asleep")  # laps of one name add up
+    assert clock.wall["asleep"] >= 0.05 and clock.cpu["asleep"] < 0.01
+    assert clock.wall["busy"] >= 0.05 and clock.cpu["busy"] > 0.5 * clock.wall["busy"]
+
+
 def test_step_log_has_a_line_per_step_with_rows_prefills_and_their_waits(engine_parts, tmp_path):
     """Three prompts for two slots, submitted at t=0 and first stepped at t=0.25 (a fake clock)."""
     import json
@@ -436,6 +454,8 @@ def test_step_log_has_a_line_per_step_with_rows_prefills_and_their_waits(engine_
     first = lines[0]
     assert (first["prefilled"], first["prefill_waits_ms"], first["waiting"], first["decoded"]) == (2, [250.0, 250.0], 1, 0)
     assert {"schedule", "prefill", "wait", "output"} <= set(first["ms"])
+    # the engine thread's CPU time per phase, never more than the phase's wall time (rounding aside)
+    assert set(first["cpu_ms"]) == set(first["ms"]) and all(0 <= first["cpu_ms"][name] <= wall + 0.01 for name, wall in first["ms"].items())
     assert sum(line["prefilled"] for line in lines) == 3 and max(line["decoded"] for line in lines) == 2
 
 

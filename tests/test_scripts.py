@@ -83,10 +83,12 @@ def test_bench_gpu_assembles_the_report_from_the_parts_a_run_left(tmp_path):
 
 def test_step_log_summary_cuts_the_log_at_each_measured_load(tmp_path):
     """Lines as the engine writes them (engine/step_log.py), two loads of a bench_triton.py JSON;
-    the step between the windows (warm-up) is in neither."""
+    the step between the windows (warm-up) is in neither. The first load's lines are as logs
+    were before they held the engine thread's CPU time."""
     line = lambda t, decoded, waits: {"t": t, "ms": {"decode": 3.0, "wait": 1.0}, "decoded": decoded,  # noqa: E731
                                       "prefilled": len(waits), "prefill_waits_ms": waits, "waiting": 2}  # fmt: skip
-    steps = [line(10.0, 0, [5.0]), line(10.5, 1, []), line(11.0, 1, []), line(15.0, 3, [1.0, 2.0, 30.0]), line(19.0, 4, [])]
+    with_cpu = lambda t, decoded, waits: {**line(t, decoded, waits), "cpu_ms": {"decode": 2.0, "wait": 0.9}}  # noqa: E731
+    steps = [line(10.0, 0, [5.0]), line(10.5, 1, []), line(11.0, 1, []), with_cpu(15.0, 3, [1.0, 2.0, 30.0]), with_cpu(19.0, 4, [])]
     (tmp_path / "steps.language_model_0.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
     bench = {"command": "bench_triton.py ...", "results": [{"precision": "int8", "concurrency": 1, "monotonic_window_s": [10.0, 12.0]},
                                                             {"precision": "int8", "concurrency": 4, "monotonic_window_s": [14.0, 20.0]}]}  # fmt: skip
@@ -96,6 +98,8 @@ def test_step_log_summary_cuts_the_log_at_each_measured_load(tmp_path):
     assert (one["steps"], one["steps_per_s"], one["decoded_rows_mean"], one["prefill_steps"], one["prefill_wait_p50_ms"]) == (3, 1.5, 0.67, 1, 5.0)
     assert (four["steps"], four["prompts_per_prefill"], four["prefill_wait_p50_ms"], four["prefill_wait_p99_ms"]) == (2, 3, 2.0, 30.0)
     assert four["phase_ms_per_step"] == {"decode": 3.0, "wait": 1.0}
+    # off the CPU: the host phases' wall time less the thread's CPU time ("wait" left out)
+    assert (one["host_off_cpu_ms_per_step"], four["host_off_cpu_ms_per_step"]) == (None, {"decode": 1.0})
     # the prefill at 15 s and the step after it (to 19 s, then the window's end at 20): 5 of 6 s
     assert four["prefill_and_next_step_share"] == round(5 / 6, 3) and four["prefills_by_prompts"] == {"3": {"steps": 1, "launch_ms": 0.0, "next_step_ms": 4.0}}
 

@@ -13,6 +13,7 @@ from ..tiers import TierTable
 from .cancellation import CancellationWatcher
 from .detokenizer import IncrementalDetokenizer
 from .metrics import EngineMetrics
+from .phase_clock import PhaseClock
 from .prefill_stream import PrefillStreams, overlap_from_env
 from .request import FinishReason, Sequence, StepOutput
 from .runner import ModelRunner, TokensToHost
@@ -211,7 +212,7 @@ class Engine:
         Its wall time goes to metrics.phase_seconds: "schedule" (admission, cancels, timeouts),
         "prefill" and "decode" (launching them), "wait" (for the GPU to finish the previous
         step), "output" (detokenizing and handing responses over)."""
-        started = time.perf_counter()
+        phases = PhaseClock()
         with self._wake:
             inbox, self._inbox = self._inbox, []
             client_cancelled, self._client_cancelled = self._client_cancelled, []
@@ -243,8 +244,7 @@ class Engine:
         self.metrics.batch_size = len(decoding)
         admitted = self.scheduler.admit(len(decoding)) if self._prefilling is None else []
         waits = [self.clock() - seq.submitted_at for seq in admitted] if self.step_log else []
-        phases, mark = {}, time.perf_counter()
-        phases["schedule"] = mark - started
+        phases.lap("schedule")
         launched = []
         if admitted:
             beside = self.overlap_prefill and bool(decoding)
@@ -254,27 +254,28 @@ class Engine:
                 self._prefilling = (admitted, tokens)
             else:
                 launched.append((admitted, tokens))
-            phases["prefill"], mark = time.perf_counter() - mark, time.perf_counter()
+            phases.lap("prefill")
         if decoding:
             launched.append((decoding, self._launch(decoding, self.runner.decode)))
-            phases["decode"], mark = time.perf_counter() - mark, time.perf_counter()
+            phases.lap("decode")
         previous, self._in_flight = self._in_flight, launched
-        phases["wait"] = phases["output"] = 0.0
+        phases.wall.update(wait=0.0, output=0.0)
+        phases.cpu.update(wait=0.0, output=0.0)
         if self._prefilling and (self._prefilling[1].ready() or not previous + launched):
             previous.append(self._prefilling)  # ready, or nothing else to wait for
             self.streams.join(self._prefilling[1].event)
             self._prefilling = None
         for seqs, tokens in previous:
             ids = tokens.wait()
-            phases["wait"], mark = phases["wait"] + time.perf_counter() - mark, time.perf_counter()
+            phases.lap("wait")
             for seq, token in zip(seqs, ids):
                 if not seq.finished:  # else it stopped a step ago: this token is past its end
                     self._append(seq, token)
-            phases["output"], mark = phases["output"] + time.perf_counter() - mark, time.perf_counter()
-        self.metrics.step_phases(phases, len(admitted))
+            phases.lap("output")
+        self.metrics.step_phases(phases.wall, len(admitted))
         if self.step_log:
             waiting = sum(len(queue) for queue in self.scheduler.waiting.values())
-            self.step_log.write(started=started, phases=phases, decoded=len(decoding), prefill_waits=waits, waiting=waiting)
+            self.step_log.write(started=phases.started, phases=phases.wall, cpu=phases.cpu, decoded=len(decoding), prefill_waits=waits, waiting=waiting)
 
     def _launch(self, seqs: list[Sequence], run) -> TokensToHost:
         """Queue ``run`` (the runner's prefill or decode) for these sequences and the sampling of

@@ -3,7 +3,8 @@
 Counters (``EngineMetrics``) say how much time each phase took in all; they cannot say how many
 newcomers waited while 60 streams decoded, or how long a prompt sat queued before its prefill.
 The log can: each line is one step's start (``time.perf_counter``: CLOCK_MONOTONIC on Linux, so
-a load generator's timestamps compare), its phases in ms, the rows it decoded, the prompts it
+a load generator's timestamps compare), its phases in ms (wall, and the engine thread's CPU
+time: ``PhaseClock``), the rows it decoded, the prompts it
 prefilled with how long each had waited since it was submitted, and how many were still queued
 after admission. Tritonserver's decoder writes it where ``QWEN3VL_STEP_LOG`` says
 (``STEP_LOG_ENV``); scripts/bench_triton.py --step-log sets it. A diagnostic for load tests: about
@@ -26,12 +27,14 @@ class StepLog:
         # engine's stop() still leaves every step it ran.
         self._file = self.path.open("a", buffering=1)
 
-    def write(self, *, started: float, phases: dict[str, float], decoded: int, prefill_waits: list[float], waiting: int) -> None:
-        """started: perf_counter seconds; prefill_waits: seconds each prefilled prompt spent
-        between its submit and its admission in this step."""
+    def write(self, *, started: float, phases: dict[str, float], cpu: dict[str, float], decoded: int, prefill_waits: list[float], waiting: int) -> None:
+        """started: perf_counter seconds; phases, cpu: seconds of wall time and of the engine
+        thread's CPU time per phase (``PhaseClock``); prefill_waits: seconds each prefilled prompt
+        spent between its submit and its admission in this step."""
         line = {
             "t": round(started, 6),
             "ms": {name: round(seconds * 1e3, 3) for name, seconds in phases.items()},
+            "cpu_ms": {name: round(seconds * 1e3, 3) for name, seconds in cpu.items()},
             "decoded": decoded,
             "prefilled": len(prefill_waits),
             "prefill_waits_ms": [round(w * 1e3, 1) for w in prefill_waits],
