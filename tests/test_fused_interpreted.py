@@ -27,7 +27,8 @@ def test_fused_prefill_and_int8_product_match_the_reference(tiny_checkpoint):
     errors = json.loads(out.stdout.strip().splitlines()[-1])
     fp16_operands = {name: e for name, e in errors.items() if "convert='f16" in name}
     int8_terms = {name: e for name, e in errors.items() if "int8x2" in name}
-    assert len(errors) == 1 + 5 + 3 + 2 + 2 * 6 + 2 + 3 + 5 + 1 + 4 + 1 and (len(fp16_operands), len(int8_terms)) == (3 + 3, 4 + 4 + 1), errors
+    prefill = 1 + 6  # dequantize, the int8x2 prefill tiles
+    assert len(errors) == 1 + 5 + 3 + 2 + 2 * 6 + 2 + prefill + 3 + 5 + 1 + 4 + 1 and (len(fp16_operands), len(int8_terms)) == (3 + 3, 4 + 4 + 1 + 6), errors
     # float32 activations rounded to fp16 operands: ~2^-11 relative; as two int8 terms, 16 bits per
     # group of K: half a step is 2^-16 of the group's largest, ~2e-5 of these products (measured
     # 2.0-2.5e-5); everything else float32 throughout
@@ -54,7 +55,7 @@ def _compare(checkpoint: Path) -> dict[str, float]:
     from model_repository.qwen3vl_runtime.decoder_weights import load_text_model
     from model_repository.qwen3vl_runtime.fused_forward import fused_prefill
     from model_repository.qwen3vl_runtime.kernels.decode_attention import decode_attention
-    from model_repository.qwen3vl_runtime.kernels.int8_matmul import DECODE_MAX_ROWS, Launch, candidates, int8_matmul, rows_bucket, split_terms
+    from model_repository.qwen3vl_runtime.kernels.int8_matmul import DECODE_MAX_ROWS, Launch, candidates, int8_matmul, prefill_candidates, rows_bucket, split_terms
     from model_repository.qwen3vl_runtime.kernels.vision_rope import vision_rope
     from model_repository.qwen3vl_runtime.quant import dequantize_weight, quantize_weight
     from model_repository.qwen3vl_runtime.text_model import sdpa_decode_attention
@@ -96,6 +97,13 @@ def _compare(checkpoint: Path) -> dict[str, float]:
         errors["int8 product, many rows"] = rel(int8_matmul(x, q, scale), x.double() @ dequantize_weight(q, scale, torch.float64).T)
         bias = torch.randn(96)
         errors["int8 product and bias, many rows"] = rel(int8_matmul(x, q, scale, bias=bias), x.double() @ dequantize_weight(q, scale, torch.float64).T + bias.double())
+        # ... and every launch the GPU's tuner may pick for those rows (a partial row tile, K in a
+        # whole and a partial group)
+        expected = x.double() @ dequantize_weight(q, scale, torch.float64).T
+        for launch in prefill_candidates(torch.int8, q.numel()):
+            out = torch.empty(len(x), 96)
+            launch(x, q, scale, out)
+            errors[f"int8 prefill {launch.label}"] = rel(out, expected)
         # Decode-sized products: every kernel the GPU's tuner may pick (PTX has no interpreter)
         x = torch.randn(3, 160)
         expected = x.double() @ dequantize_weight(q, scale, torch.float64).T

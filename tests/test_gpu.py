@@ -63,6 +63,34 @@ def test_8bit_matmul_kernels_match_the_reference(mode, bound, m):
     assert rel_error(_fast_matmul(q.dtype)(x, q, scale), reference) < bound
 
 
+@pytest.mark.parametrize("m", [200, 2000])
+def test_int8_prefill_launches_match_the_reference_and_are_tuned_only_at_start_up(m, tmp_path, monkeypatch):
+    """Every launch the tuner may pick for a prefill-sized int8 product; outside ``tuning_prefills``
+    such a key is not tuned (it dequantizes), inside it is, every candidate timed."""
+    from model_repository.qwen3vl_runtime.kernels import int8_matmul, tuning_cache
+    from model_repository.qwen3vl_runtime.quant import dequantize_weight, quantize_weight
+
+    torch.manual_seed(m)
+    q, scale = quantize_weight(torch.randn(4096, 2048, device="cuda"), "int8")
+    x = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(4096, device="cuda")
+    reference = x.double() @ dequantize_weight(q, scale, torch.float64).T
+    launches = int8_matmul.prefill_candidates(torch.int8, q.numel())
+    for launch in launches:
+        out = torch.empty(m, 4096, device="cuda", dtype=torch.bfloat16)
+        launch(x, q, scale, out)
+        assert rel_error(out, reference) < 1e-2, launch.label
+    monkeypatch.setenv(tuning_cache.ENV, str(tmp_path / "tuning.json"))
+    monkeypatch.setattr(int8_matmul, "TUNED", {})
+    key = (int8_matmul.rows_bucket(m), 4096, 2048, torch.int8, torch.bfloat16)
+    assert rel_error(int8_matmul.int8_matmul(x, q, scale), reference) < 1e-2
+    assert key not in int8_matmul.TUNED
+    with int8_matmul.tuning_prefills():
+        out = int8_matmul.int8_matmul(x, q, scale, bias)
+    assert len([ms for _, ms, _ in int8_matmul.TUNED[key].timings if ms is not None]) == len(launches)
+    assert rel_error(out, reference + bias.double()) < 1e-2
+
+
 @pytest.fixture(scope="module")
 def gpu_parts(tiny_checkpoint, tmp_path_factory):
     from transformers import AutoTokenizer

@@ -265,6 +265,19 @@ def test_decode_tuner_splits_k_only_to_fill_the_gpu_and_only_where_it_clearly_wi
     assert pick([(whole, 10.0), (split, 8.0)]) is split
 
 
+def test_prefill_sizes_default_to_dequantizing_and_offer_the_int8x2_kernel():
+    """Above DECODE_MAX_ROWS rows: "dequantize" first (what runs untuned), int8x2 tiles for int8 W."""
+    from model_repository.qwen3vl_runtime.kernels.int8_matmul import DECODE_MAX_ROWS, DEQUANTIZE_MAX_ELEMENTS, candidates
+
+    int8 = candidates(2 * DECODE_MAX_ROWS, torch.int8, 4096, 2048, 132)
+    assert int8[0].kernel == "dequantize" and int8[0].family == "dequantize"
+    assert {c.convert for c in int8[1:]} == {"int8x2"} and all(c.block_k <= 256 for c in int8[1:])
+    assert [c.kernel for c in candidates(4096, torch.float8_e4m3fn, 4096, 2048)] == ["dequantize"]
+    # the tied lm_head is too large to dequantize per call: only the kernels that read it as it is
+    assert all(c.kernel != "dequantize" for c in candidates(128, torch.int8, DEQUANTIZE_MAX_ELEMENTS // 1024 + 1, 1024))
+    assert candidates(DECODE_MAX_ROWS, torch.int8)[0].kernel == "tensor_cores"  # decode sizes as before
+
+
 def test_tuning_cache_keeps_picks_per_fingerprint(tmp_path, monkeypatch):
     """kernels/tuning_cache.py on its own (the GPU path that fills it needs CUDA)."""
     from model_repository.qwen3vl_runtime.kernels import tuning_cache

@@ -71,6 +71,7 @@ class ModelRunner:
         self.prefill_graphs: GraphedPrefill | None = None
         if on_gpu:
             from ..gpu import use_gpu_kernels
+            from ..kernels.int8_matmul import tuning_prefills
             from .cuda_graphs import GraphedDecodeStep, GraphedPrefill, GraphedSampler
 
             use_gpu_kernels(model)
@@ -80,12 +81,15 @@ class ModelRunner:
                 use_gpu_kernels(vision.visual)
                 vision.warm_up()
             self._prefill = self._graphed_or_eager_prefill
-            self._warm_up_prefill(scratch_slot=num_slots)
-            if cuda_graphs:
-                self.graphed_decode = GraphedDecodeStep(model, self.kv, self.tokens_by_slot, max_batch=num_slots, scratch_slot=num_slots)
-                self.graphed_sampler = GraphedSampler(self.graphed_decode.logits)
-                if graphed_prefill:
-                    self.prefill_graphs = GraphedPrefill(model, self.kv, scratch_slot=num_slots)
+            # The text model's int8 products are tuned for its prefill sizes here, at start; the
+            # vision tower's sizes come with the first images, and keep dequantizing.
+            with tuning_prefills():
+                self._warm_up_prefill(scratch_slot=num_slots)
+                if cuda_graphs:
+                    self.graphed_decode = GraphedDecodeStep(model, self.kv, self.tokens_by_slot, max_batch=num_slots, scratch_slot=num_slots)
+                    self.graphed_sampler = GraphedSampler(self.graphed_decode.logits)
+                    if graphed_prefill:
+                        self.prefill_graphs = GraphedPrefill(model, self.kv, scratch_slot=num_slots)
 
     @torch.inference_mode()
     def _warm_up_prefill(self, scratch_slot: int) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -29,15 +30,24 @@ import triton.language as tl
 
 from .pdl import launch_args, wait_for_previous
 
-# Above this many rows (a prefill, an image's patches) the product is bound by the tensor cores,
-# not by reading W. On the H100 the tensor-core kernel below, even given 128-256-row tiles, took
-# about twice bf16's time at 784-4,096 rows (scripts/bench_matmul.py, run 5), and dequantizing for
-# the call then cuBLAS cut the engine's prefill at 64 streams from 16.7 to 9.1 ms per step
-# (bench_engine.py, run 6; docs/benchmarks.md). Decode batches are at most this size.
+# Decode batches are at most this size; above it (a prefill, an image's patches) the product moves
+# towards the tensor cores' bound. There the bf16-conversion kernel below, even given 128-256-row
+# tiles, took about twice bf16's time at 784-4,096 rows (H100, scripts/bench_matmul.py, run 5),
+# and dequantizing W for the call then cuBLAS ("dequantize") cut the engine's prefill at 64
+# streams from 16.7 to 9.1 ms per step (bench_engine.py, run 6; docs/benchmarks.md); but that
+# writes and reads W in bf16 each call: 1.5 ms of a one-prompt int8 prefill (H200, run 12), where
+# bf16 weights need none. The int8x2 kernel reads W as it is, so prefill sizes are tuned too, with
+# "dequantize" among the candidates and their default (``candidates``), but only inside
+# ``tuning_prefills`` (the runner's start-up): tuning a size first seen while serving (the vision
+# tower's) would stall that request for seconds.
 DECODE_MAX_ROWS = 64
-# ... except for weights too large to copy per call (the tied lm_head: 622 MB in bf16), which
-# only ever see a few rows (each prompt's last).
+# Weights too large to copy per call (the tied lm_head: 622 MB in bf16) are never dequantized;
+# they only ever see a few rows (each prompt's last).
 DEQUANTIZE_MAX_ELEMENTS = 64 << 20
+# int8x2 tiles for prefill sizes, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): a first guess, not
+# swept; BLOCK_K is the terms' group, so at most TERMS_MAX_GROUP.
+PREFILL_TERMS_TILES = [(128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (128, 128, 64, 4, 4), (64, 128, 128, 4, 4), (64, 256, 128, 8, 3), (128, 64, 128, 4, 4)]
+_tune_prefills = False  # set inside ``tuning_prefills``
 
 # How the tensor-core kernels turn a weight tile into MMA operands (constexpr CONVERT; the
 # "int8x2" launches do not convert it and run ``_two_term_kernel`` instead):
@@ -369,10 +379,12 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 
 @dataclass(frozen=True)
 class Launch:
-    """One way to compute a decode-sized product: a kernel, its tile, and how many programs share
-    each tile's K (``split_k``: float32 partial products, then ``_sum_splits_kernel``)."""
+    """One way to compute an 8-bit product: a kernel, its tile, and how many programs share each
+    tile's K (``split_k``: float32 partial products, then ``_sum_splits_kernel``)."""
 
-    kernel: str  # "tensor_cores", "weight_major", "few_rows", "w8a8" (fp8 weights: cuBLASLt on fp8 activations)
+    # "tensor_cores", "weight_major", "few_rows", "w8a8" (fp8 weights: cuBLASLt on fp8 activations),
+    # "dequantize" (prefill sizes: W in x's dtype for the call, then cuBLAS)
+    kernel: str
     block_m: int = 16
     block_n: int = 32
     block_k: int = 256
@@ -389,12 +401,14 @@ class Launch:
     @property
     def family(self) -> str:
         """The kernel and how it runs, without the tile: "tc/bf16", "weight_major/int8x2/split-k", ..."""
-        name = self.kernel if self.kernel == "few_rows" else f"{'tc' if self.kernel == 'tensor_cores' else self.kernel}/{self.convert}"
+        name = self.kernel if self.kernel in ("few_rows", "dequantize") else f"{'tc' if self.kernel == 'tensor_cores' else self.kernel}/{self.convert}"
         return name + ("/rows-first" if self.rows_first else "") + ("/split-k" if self.split_k > 1 else "")
 
     @property
     def label(self) -> str:
-        rows = f"{self.block_m}:" if self.rows_first else ""  # otherwise one tile holds the rows
+        if self.kernel in ("dequantize", "w8a8"):  # cuBLAS's tiles, not ours
+            return self.family
+        rows = "" if self.kernel == "few_rows" else f"{self.block_m}:"  # few_rows: one tile holds the rows
         return f"{self.family} {rows}{self.block_n}x{self.block_k} w{self.warps} s{self.stages} k/{self.split_k}"
 
     @property
@@ -410,6 +424,9 @@ class Launch:
             from .fp8_matmul import w8a8_matmul
 
             out.copy_(w8a8_matmul(x, weight, scale))
+            return
+        if self.kernel == "dequantize":
+            torch.mm(x, dequantize(weight, scale, x.dtype).T, out=out)
             return
         k_chunk = triton.cdiv(triton.cdiv(k, self.split_k), self.block_k) * self.block_k  # whole BLOCK_K steps; a last split past K computes zeros
         target = out if self.split_k == 1 else torch.empty((self.split_k, m, n), device=x.device, dtype=torch.float32)
@@ -448,7 +465,7 @@ class Launch:
 
 
 def rows_bucket(m: int) -> int:
-    return 1 << (m - 1).bit_length()  # 1, 2, 4, ..., 64
+    return 1 << (m - 1).bit_length()  # 1, 2, 4, ..., 64, 128, ...
 
 
 def split_to_fill(programs: int, k: int, block_k: int, sms: int) -> int:
@@ -480,7 +497,10 @@ def candidates(bucket: int, weight_dtype: torch.dtype, n: int = 0, k: int = 0, s
     (run 9, scripts/bench_decode_matmul.py); the weight-major kernel's four (from 2 rows) are a first
     guess, not swept. Each tile of the bf16 conversion whose grid leaves SMs idle is also measured
     split over K (``split_to_fill``; none without a shape or SM count), and so is each of "f16_ptx",
-    in both tensor-core kernels (run 15: the pick for most weights at 4 and 16 rows)."""
+    in both tensor-core kernels (run 15: the pick for most weights at 4 and 16 rows). Above
+    DECODE_MAX_ROWS: ``prefill_candidates``."""
+    if bucket > DECODE_MAX_ROWS:
+        return prefill_candidates(weight_dtype, n * k)
     block_m = max(16, bucket)  # the tensor cores' smallest tile; padding rows are masked
     tiles = [(32, 256, 4, 4), (16, 256, 4, 4), (16, 512, 4, 3), (64, 128, 4, 4), (128, 64, 4, 4)]
     out = [Launch("tensor_cores", block_m, n_, k_, w, s) for n_, k_, w, s in tiles]
@@ -532,6 +552,30 @@ def candidates(bucket: int, weight_dtype: torch.dtype, n: int = 0, k: int = 0, s
     if weight_dtype == torch.float8_e4m3fn and bucket >= 16:
         out.append(Launch("w8a8"))
     return out
+
+
+def prefill_candidates(weight_dtype: torch.dtype, elements: int = 0) -> list[Launch]:
+    """For more than DECODE_MAX_ROWS rows of a weight of ``elements`` entries (0: unknown):
+    "dequantize" first (the default, and what every such product ran before), then for int8 W the
+    int8x2 kernel in PREFILL_TERMS_TILES; a weight too large to dequantize (DEQUANTIZE_MAX_ELEMENTS)
+    gets only those."""
+    out = [Launch("dequantize")] if weight_dtype != torch.int8 or elements <= DEQUANTIZE_MAX_ELEMENTS else []
+    if weight_dtype == torch.int8:
+        out += [Launch("tensor_cores", m_, n_, k_, w, s, "int8x2") for m_, n_, k_, w, s in PREFILL_TERMS_TILES]
+    return out
+
+
+@contextmanager
+def tuning_prefills():
+    """Within it, a prefill-sized product (above DECODE_MAX_ROWS rows) with no pick yet is tuned on
+    first use, as decode-sized ones always are; outside it, such a product takes the pick already
+    made for its key, or "dequantize". Not thread-safe: for start-up, before the engine runs."""
+    global _tune_prefills
+    _tune_prefills, before = True, _tune_prefills
+    try:
+        yield
+    finally:
+        _tune_prefills = before
 
 
 @dataclass(frozen=True)
@@ -646,22 +690,23 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
     """x: [..., K] (bf16/fp16) @ 8-bit weight [N, K]^T, times scale [N] (+ bias [N]) -> [..., N] in
     x's dtype.
 
-    Above DECODE_MAX_ROWS rows: dequantize, then cuBLAS, the bias added in its epilogue (added
-    apart, it was 208 kernels and 7.5 of the 31.8 ms of sixteen images' int8 vision tower on the
-    H200: scripts/profile_prefill.py, run 12). Otherwise the fastest launch measured on
-    this GPU for the weight's shape and the rows' bucket (``tune``, once per key: the runner's
-    warm-up and graph captures run every decode bucket eagerly first)."""
+    The fastest launch measured on this GPU for the weight's shape and the rows' bucket (``tune``,
+    once per key: the runner's warm-up and graph captures run every decode bucket, and within
+    ``tuning_prefills`` its prefill buckets, eagerly first). "dequantize" adds the bias in cuBLAS's
+    epilogue (added apart, it was 208 kernels and 7.5 of the 31.8 ms of sixteen images' int8
+    vision tower on the H200: scripts/profile_prefill.py, run 12)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     m, n = x2.shape[0], weight.shape[0]
-    if m > DECODE_MAX_ROWS and weight.numel() <= DEQUANTIZE_MAX_ELEMENTS:
+    launch = launch_for(x2, weight, scale)
+    if launch.kernel == "dequantize":
         dense = dequantize(weight, scale, x.dtype).T
         out = x2 @ dense if bias is None else torch.addmm(bias.to(x.dtype), x2, dense)
         return out.reshape(*shape[:-1], n)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    launch_for(x2, weight, scale)(x2, weight, scale, out)
+    launch(x2, weight, scale, out)
     if bias is not None:
         out += bias.to(x.dtype)
     return out.reshape(*shape[:-1], n)
@@ -669,10 +714,10 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
 
 def launch_for(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> Launch:
     """The launch for rows x [M, K] of this weight: tuned (or taken from the tuning cache) on first
-    use of its key."""
+    use of its key (a prefill-sized key only inside ``tuning_prefills``)."""
     bucket, (n, k) = rows_bucket(x.shape[0]), weight.shape
     key = (bucket, n, k, weight.dtype, x.dtype)
     tuning = TUNED.get(key)
-    if tuning is None and _measurable(x):
+    if tuning is None and _measurable(x) and (bucket <= DECODE_MAX_ROWS or _tune_prefills):
         tuning = TUNED[key] = cached_or_tuned(key, weight, scale)
-    return tuning.best if tuning is not None else candidates(bucket, weight.dtype)[0]
+    return tuning.best if tuning is not None else candidates(bucket, weight.dtype, n, k)[0]
