@@ -2,6 +2,7 @@
 
     python scripts/bench_decode_matmul.py [--rows 1 4 8 16 64] [--modes int8 fp8] [--out decode_matmul.json]
     python scripts/bench_decode_matmul.py --rows 64 --modes int8 --sweep --weights text.qkv text.gate_up
+    python scripts/bench_decode_matmul.py --rows 256 1024 4096 --modes int8    # prefill sizes
 
 --sweep times a grid of int8 tiles (both tensor-core kernels, the "f16_ptx" conversion or with
 --sweep-convert int8x2 the two int8 terms, tiles of 32-256 weight rows by 64-256 of K, 4 or 8 warps,
@@ -15,6 +16,10 @@ replays of a CUDA graph over copies of the weight that do not fit in L2 (``graph
 neither Python's launch cost nor a cached weight shows. Prints, per shape: cuBLAS bf16, the tuner's pick, the best
 of each kernel/conversion family, the weight bandwidth of the pick; then per-token sums (28 layers
 + lm_head) and the candidates that did not run; writes every timing to JSON. GPU only.
+
+Rows above DECODE_MAX_ROWS are a prefill's: int8 only (fp8 prefills run W8A8 in cuBLASLt, not
+tuned), no lm_head (it sees each prompt's last row only), the sums per pass of 28 layers, and
+"before" is "dequantize" (W in bf16 for the call, then cuBLAS).
 
 Run 9 (docs/benchmarks.md) swept a wider set of tiles with the first version of this script;
 its JSON lists them. The tuner's candidates are that sweep's winners plus the fp16 conversions.
@@ -56,7 +61,8 @@ def measure(name: str, n: int, k: int, m: int, mode: str) -> dict:
     row = {"weight": name, "n": n, "k": k, "rows": m, "mode": mode,
            "bf16_ms": graph_ms([lambda w=w: torch.matmul(x, w.T, out=out) for w in dense])}  # fmt: skip
     del dense
-    _fast_matmul(q.dtype)(x, q, scale)  # tunes this key, as the engine's warm-up does
+    with kernels.tuning_prefills():
+        _fast_matmul(q.dtype)(x, q, scale)  # tunes this key, as the engine's warm-up does
     tuning = kernels.TUNED[(kernels.rows_bucket(m), n, k, q.dtype, x.dtype)]
     row["best"] = asdict(tuning.best)
     row["best_ms"] = next(ms for launch, ms, _ in tuning.timings if launch == tuning.best)
@@ -110,6 +116,8 @@ def main() -> int:
     for mode in args.modes:
         for m in args.rows:
             for name in args.weights:
+                if m > kernels.DECODE_MAX_ROWS and (mode != "int8" or name == "text.lm_head"):
+                    continue
                 n, k = TEXT[name]
                 r = measure(name, n, k, m, mode)
                 results.append(r)
@@ -126,16 +134,17 @@ def main() -> int:
                     f"{n * k / r['best_ms'] / 1e6:.0f} | {families} |",
                     flush=True,
                 )
-    print("\nPer token (28 layers + lm_head), ms:")
-    print("| mode | rows | bf16 | 8-bit as picked | 8-bit, bf16 conversion only (the kernel before) |")
+    print("\nPer token (28 layers + lm_head) or, above DECODE_MAX_ROWS rows, per prefill pass (28 layers), ms:")
+    print("| mode | rows | bf16 | 8-bit as picked | 8-bit before: the bf16 conversion (decode) or dequantize (prefill) |")
     print("|---|---|---|---|---|")
     for mode in args.modes:
         for m in args.rows:
             rs = [r for r in results if r["mode"] == mode and r["rows"] == m and "best" in r]
-            if len(rs) != len(TEXT):
+            prefill = m > kernels.DECODE_MAX_ROWS
+            if len(rs) != len(TEXT) - prefill:
                 continue
             times = lambda key: sum((1 if r["weight"] == "text.lm_head" else LAYERS) * key(r) for r in rs)  # noqa: E731
-            before = times(lambda r: r["best_by_family_ms"].get("tc/bf16", float("nan")))
+            before = times(lambda r: r["best_by_family_ms"].get("dequantize" if prefill else "tc/bf16", float("nan")))
             print(f"| {mode} | {m} | {times(lambda r: r['bf16_ms']):.3f} | {times(lambda r: r['best_ms']):.3f} | {before:.3f} |")
     problems = {(c["kernel"], c["convert"], c["problem"]) for r in results for c in r.get("candidates", []) if c["problem"]}
     for kernel, convert, problem in sorted(problems):
