@@ -23,6 +23,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import cache
 
 import torch
 import triton
@@ -39,7 +40,7 @@ from .pdl import launch_args, wait_for_previous
 # bf16 weights need none. The int8x2 kernel reads W as it is, so prefill sizes are tuned too, with
 # "dequantize" among the candidates and their default (``candidates``), but only inside
 # ``tuning_prefills`` (the runner's start-up): tuning a size first seen while serving (the vision
-# tower's) would stall that request for seconds.
+# tower's) would stall that request for the whole measurement.
 DECODE_MAX_ROWS = 64
 # Weights too large to copy per call (the tied lm_head: 622 MB in bf16) are never dequantized;
 # they only ever see a few rows (each prompt's last).
@@ -720,4 +721,10 @@ def launch_for(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> La
     tuning = TUNED.get(key)
     if tuning is None and _measurable(x) and (bucket <= DECODE_MAX_ROWS or _tune_prefills):
         tuning = TUNED[key] = cached_or_tuned(key, weight, scale)
-    return tuning.best if tuning is not None else candidates(bucket, weight.dtype, n, k)[0]
+    return tuning.best if tuning is not None else _untuned_launch(bucket, weight.dtype, n, k)
+
+
+@cache
+def _untuned_launch(bucket: int, weight_dtype: torch.dtype, n: int, k: int) -> Launch:
+    # Built once per key: a prefill size left untuned (the vision tower's) asks on every call.
+    return candidates(bucket, weight_dtype, n, k)[0]
