@@ -1,7 +1,7 @@
 """The decode tuner's picks kept on disk, per GPU and kernel code, for the next start.
 
-Every decode-sized 8-bit product is tuned at start (35 keys of up to 44 candidates each): the
-int8 engine started in 15.2 s on the H200 against bf16's 1.6, which has nothing to tune (run 13,
+Every decode-sized 8-bit product, and the text model's prefill sizes, is tuned at start. The decode
+sizes alone (35 keys of up to 44 candidates each) had the int8 engine start in 15.2 s on the H200 against bf16's 1.6, which has nothing to tune (run 13,
 bench_engine.py's startup_s; the tuning's share not timed apart). And two processes of the same
 code could pick differently where candidates time within noise: in run 13 that moved the one-row
 step between 1.349 and 1.549 ms (docs/benchmarks.md). With the picks kept, a restart skips the
