@@ -266,13 +266,13 @@ def test_batched_prefill_equals_one_by_one(gpu_parts):
 @pytest.mark.parametrize("lengths", [[9, 40], [9, 40, 300, 200, 120]])
 def test_graphed_prefill_equals_eager_prefill(gpu_parts, lengths):
     """Prompts, the first with image rows and deepstack features, through the captured graphs:
-    two in the 64-token bucket, five (669 tokens) in the 768 one."""
+    two in the 64-token bucket, five (669 tokens) in the 768 one, then the last three of those
+    five again (620 tokens, the same bucket)."""
     from model_repository.qwen3vl_runtime.engine.cuda_graphs import GraphedPrefill
     from model_repository.qwen3vl_runtime.fused_forward import fused_prefill
-    from model_repository.qwen3vl_runtime.kernels.decode_attention import decode_attention
+    from model_repository.qwen3vl_runtime.gpu import use_gpu_kernels
 
-    model = gpu_parts[0]
-    model.decode_attention = decode_attention
+    model = use_gpu_kernels(gpu_parts[0])  # the graphs need the prompt attention's kernel
     torch.manual_seed(2)
     slots = [1, 3, 0, 2, 5][: len(lengths)]
     tokens = sum(lengths)
@@ -290,6 +290,11 @@ def test_graphed_prefill_equals_eager_prefill(gpu_parts, lengths):
     assert rel_error(graphed, eager) < 1e-5
     for slot, n in zip(slots, lengths):
         assert rel_error(kv_graph[0][1][slot, :, :n], kv_eager[0][1][slot, :, :n]) < 1e-5
+    if len(lengths) > 2:  # the same bucket again with fewer prompts and no image: none of the
+        # first call's attention tiles may be left in the graph's table
+        first = sum(lengths[:2])
+        again = graphs(embeds[first:], positions[:, first:], slots[2:], lengths[2:], rows[:0], None)
+        assert rel_error(again, fused_prefill(model, kv_eager, embeds[first:], positions[:, first:], slots[2:], lengths[2:])) < 1e-5
 
 
 @pytest.fixture(scope="module")
