@@ -24,7 +24,8 @@ import triton.language as tl
 from .pdl import launch_args, wait_for_previous
 
 BLOCK_M = 64  # query rows (tokens) of one prompt per program
-BLOCK_N = 64  # keys per inner step
+BLOCK_N = 64  # keys per inner step (16-bit); float32 takes half, so that two stages of keys and
+# values beside the queries stay within a Hopper SM's shared memory at head_dim 128
 TILE_FIELDS = 3  # first row, rows, slot
 
 
@@ -116,13 +117,14 @@ def prompt_attention(q, k_cache, v_cache, token_slots, cache_positions, tiles) -
     group = heads // kv_heads
     out = torch.empty_like(q)
     q = q.contiguous()
+    ieee = q.dtype == torch.float32
     _prompt_attention_kernel[(tiles.shape[0], kv_heads)](
         q, k_cache, v_cache, out, tiles, cache_positions,
         head_dim**-0.5,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), out.stride(1),
-        GROUP=group, BLOCK_Q=triton.next_power_of_2(BLOCK_M * group), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        HEAD_DIM=head_dim, IEEE=q.dtype == torch.float32, num_warps=8, **launch_args(q),
+        GROUP=group, BLOCK_Q=triton.next_power_of_2(BLOCK_M * group), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N // 2 if ieee else BLOCK_N,
+        HEAD_DIM=head_dim, IEEE=ieee, num_warps=8, num_stages=2, **launch_args(q),
     )  # fmt: skip
     return out
