@@ -32,6 +32,25 @@ def test_decode_attention_kernel_matches_sdpa(dtype, bound, splits):
     assert rel_error(out, sdpa_decode_attention(q.double(), k.double(), v.double(), slots, lengths)) < bound
 
 
+@pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_prompt_attention_kernel_matches_sdpa(dtype, bound):
+    """The real model's heads (16 over 8 KV heads, head_dim 128): prompts of 1, 64, 65 and 300
+    rows (the last after 100 keys already in its slot), then 7 padding rows on a scratch slot."""
+    from model_repository.qwen3vl_runtime.kernels.prompt_attention import prompt_attention, tile_table
+    from model_repository.qwen3vl_runtime.text_model import sdpa_prompt_attention
+
+    torch.manual_seed(0)
+    k = torch.randn(6, 8, 512, 128, device="cuda", dtype=dtype)
+    v = torch.randn_like(k)
+    slots, lengths, starts = [4, 0, 2, 1], [1, 64, 65, 300], [0, 0, 0, 100]
+    token_slots = torch.tensor([s for s, n in zip(slots, lengths) for _ in range(n)] + [5] * 7, device="cuda")
+    cache_positions = torch.cat([torch.arange(a, a + n) for a, n in zip(starts, lengths)] + [torch.zeros(7, dtype=torch.long)]).cuda()
+    q = torch.randn(len(token_slots), 16, 128, device="cuda", dtype=dtype)
+    tiles = tile_table(slots, lengths, len(q), 5, max_prompts=16).cuda()
+    out = prompt_attention(q, k, v, token_slots, cache_positions, tiles)
+    assert rel_error(out, sdpa_prompt_attention(q.double(), k.double(), v.double(), token_slots, cache_positions, tiles)) < bound
+
+
 @pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-6), (torch.bfloat16, 1e-3)])
 def test_vision_rope_kernel_matches_transformers(dtype, bound):
     """The tower's q/k rotary kernel against transformers' float32 function, on the real shape
@@ -266,13 +285,13 @@ def test_batched_prefill_equals_one_by_one(gpu_parts):
 @pytest.mark.parametrize("lengths", [[9, 40], [9, 40, 300, 200, 120]])
 def test_graphed_prefill_equals_eager_prefill(gpu_parts, lengths):
     """Prompts, the first with image rows and deepstack features, through the captured graphs:
-    two in the 64-token bucket, five (669 tokens) in the 768 one."""
+    two in the 64-token bucket, five (669 tokens) in the 768 one, then the last three of those
+    five again (620 tokens, the same bucket)."""
     from model_repository.qwen3vl_runtime.engine.cuda_graphs import GraphedPrefill
     from model_repository.qwen3vl_runtime.fused_forward import fused_prefill
-    from model_repository.qwen3vl_runtime.kernels.decode_attention import decode_attention
+    from model_repository.qwen3vl_runtime.gpu import use_gpu_kernels
 
-    model = gpu_parts[0]
-    model.decode_attention = decode_attention
+    model = use_gpu_kernels(gpu_parts[0])  # the graphs need the prompt attention's kernel
     torch.manual_seed(2)
     slots = [1, 3, 0, 2, 5][: len(lengths)]
     tokens = sum(lengths)
@@ -290,6 +309,11 @@ def test_graphed_prefill_equals_eager_prefill(gpu_parts, lengths):
     assert rel_error(graphed, eager) < 1e-5
     for slot, n in zip(slots, lengths):
         assert rel_error(kv_graph[0][1][slot, :, :n], kv_eager[0][1][slot, :, :n]) < 1e-5
+    if len(lengths) > 2:  # the same bucket again with fewer prompts and no image: none of the
+        # first call's attention tiles may be left in the graph's table
+        first = sum(lengths[:2])
+        again = graphs(embeds[first:], positions[:, first:], slots[2:], lengths[2:], rows[:0], None)
+        assert rel_error(again, fused_prefill(model, kv_eager, embeds[first:], positions[:, first:], slots[2:], lengths[2:])) < 1e-5
 
 
 @pytest.fixture(scope="module")

@@ -88,21 +88,21 @@ def fused_prefill(model: TextModel, kv, embeds, positions, slots: list[int], len
     return model.logits(hidden[last_rows])
 
 
-def static_prefill(model: TextModel, kv, embeds, positions, token_slots, cache_positions, visual_rows, deepstack, last_rows) -> torch.Tensor:
+def static_prefill(model: TextModel, kv, embeds, positions, token_slots, cache_positions, visual_rows, deepstack, last_rows, tiles) -> torch.Tensor:
     """Prefill with fixed-size inputs and no host synchronisation, so it can be captured in a CUDA graph.
 
     embeds: [T + 1, hidden] where row T (and any padding) is a dump row; positions: [3, T + 1];
     token_slots, cache_positions: [T + 1] (padding: a scratch slot, position 0); visual_rows: [R]
     rows of embeds that hold image tokens (padding: T); deepstack: [layers, R, hidden] (padding:
-    zeros); last_rows: [S] each prompt's last row (padding: T) -> logits [S, vocab].
+    zeros); last_rows: [S] each prompt's last row (padding: T); tiles: the rows in tiles of one
+    prompt (``kernels.prompt_attention.tile_table``) -> logits [S, vocab].
     Each token attends over its own slot's keys 0..position, written just before by the same
-    layer: the decode-attention kernel with one query per token, no per-prompt loop.
+    layer: ``model.prompt_attention``, tile by tile, no per-prompt loop on the host.
     """
     cos, sin = model.rope(positions, embeds.dtype)  # [3, T + 1]: M-RoPE, not the 1-D table
-    valid = cache_positions + 1
 
     def attend(i, q, k, v):
-        return model.decode_attention(q, kv[i][0], kv[i][1], token_slots, valid)
+        return model.prompt_attention(q, kv[i][0], kv[i][1], token_slots, cache_positions, tiles)
 
     def add_deepstack(i, x, delta):
         if i >= deepstack.shape[0]:

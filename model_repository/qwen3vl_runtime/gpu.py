@@ -1,5 +1,5 @@
-"""Switch a loaded decoder (or vision tower) to its GPU kernels: decode attention over the slot
-cache, fused 8-bit matmuls. The CPU code paths stay the reference they are compared against."""
+"""Switch a loaded decoder (or vision tower) to its GPU kernels: decode and prompt attention over
+the slot cache, fused 8-bit matmuls. The CPU code paths stay the reference they are compared against."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from .text_model import TextModel
 def use_gpu_kernels(model: nn.Module) -> nn.Module:
     if isinstance(model, TextModel):
         from .kernels.decode_attention import decode_attention
+        from .kernels.prompt_attention import prompt_attention
 
         model.decode_attention = decode_attention
+        model.prompt_attention = prompt_attention
     for module in model.modules():
         if isinstance(module, (QuantLinear, QuantEmbedding)):
             module.matmul = _fast_matmul(module.weight.dtype)

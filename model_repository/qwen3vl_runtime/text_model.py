@@ -135,6 +135,13 @@ def sdpa_decode_attention(q, k_cache, v_cache, slots, lengths) -> torch.Tensor:
     return out[:, :, 0]
 
 
+def sdpa_prompt_attention(q, k_cache, v_cache, token_slots, cache_positions, tiles) -> torch.Tensor:
+    """Causal attention of prompt rows already in the cache, in plain PyTorch (the reference for
+    ``kernels.prompt_attention``, whose schedule ``tiles`` is): q [T, H, D], each row over its
+    slot's keys 0..cache_positions[row] -> [T, H, D]."""
+    return sdpa_decode_attention(q, k_cache, v_cache, token_slots, cache_positions + 1)
+
+
 class Attention(nn.Module):
     def __init__(self, config: TextConfig):
         super().__init__()
@@ -220,8 +227,10 @@ class TextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rope = MRoPE(config)
-        # Decode attention over the slot cache; the runner swaps in a GPU kernel on CUDA.
+        # Decode attention, and a captured prefill's prompt attention, over the slot cache; the
+        # runner swaps in GPU kernels on CUDA (gpu.use_gpu_kernels).
         self.decode_attention = sdpa_decode_attention
+        self.prompt_attention = sdpa_prompt_attention
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 

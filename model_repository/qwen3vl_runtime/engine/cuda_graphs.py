@@ -12,7 +12,8 @@ from collections.abc import Callable
 import torch
 
 from ..fused_forward import fused_decode, prompt_rows, static_prefill
-from ..host_to_device import pinned_cat
+from ..host_to_device import pinned_cat, to_device
+from ..kernels.prompt_attention import max_tiles, tile_table
 from ..text_model import TextModel
 from .request import SamplingParams
 from .sampler import GRAPH_MAX_ROWS, PADDING_ROW, SETTINGS, graph_settings, sample_graphed
@@ -131,8 +132,9 @@ class GraphedPrefill:
     16 prompts). Run 16 (H200, int8, scripts/profile_prefill.py --graphed-prefill): captured in
     1.4 s, 0.46 GiB; four image prompts 18.5 ms against 48.1 eager, eight 32.7 against 42.9, and
     sixteen 58.7 against 57.3 (GPU-bound there, but the engine thread is not held launching).
-    A prompt longer than LONGEST_PROMPT runs eagerly: the per-token attention here re-reads each
-    prompt's prefix (quadratic in a prompt's length, not in the batch's).
+    A prompt longer than LONGEST_PROMPT runs eagerly: the attention here re-reads each prompt's
+    prefix once per tile of 64 rows (quadratic in a prompt's length, not in the batch's); the limit
+    dates from when it did so once per row, and was not measured again.
     """
 
     # Steps of half an octave past 512: a burst of n 243-token image prompts pads to at most 1.5x
@@ -153,8 +155,10 @@ class GraphedPrefill:
         self.visual_rows = torch.zeros(max_image_rows, dtype=torch.long, device=device)
         self.deepstack = torch.zeros(3, max_image_rows, hidden, device=device, dtype=self.embeds.dtype)
         self.last_rows = torch.zeros(max_prompts, dtype=torch.long, device=device)
-        # _reset: in-range indices for each bucket while it is captured.
-        self.graphs, self.logits = capture_buckets(self.TOKEN_BUCKETS, self._run, prepare=self._reset)
+        # The prompt attention's tiles (kernels/prompt_attention.py): a bucket's graph runs as many
+        # as its rows in max_prompts prompts may need.
+        self.tiles = torch.zeros(max_tiles(top + 1, max_prompts), 3, dtype=torch.int32, device=device)
+        self.graphs, self.logits = capture_buckets(self.TOKEN_BUCKETS, self._run, prepare=self._prepare_capture)
 
     def fits(self, lengths: list[int], image_rows: int) -> bool:
         """Whether prompts of these lengths (and image rows) can be replayed from a graph."""
@@ -165,8 +169,18 @@ class GraphedPrefill:
         n = b + 1  # the bucket's rows plus its dump row
         return static_prefill(
             self.model, self.kv, self.embeds[:n], self.positions[:, :n], self.token_slots[:n],
-            self.cache_positions[:n], self.visual_rows, self.deepstack, self.last_rows,
+            self.cache_positions[:n], self.visual_rows, self.deepstack, self.last_rows, self.tiles[: max_tiles(n, self.max_prompts)],
         )  # fmt: skip
+
+    def _prepare_capture(self, b: int) -> None:
+        """In-range indices for bucket b while it is captured: every row padding."""
+        self._reset(b)
+        self._set_tiles(b, [], [])
+
+    def _set_tiles(self, b: int, slots: list[int], lengths: list[int]) -> None:
+        """Bucket b's tiles: the prompts', then its padding rows and dump row on the scratch slot."""
+        table = tile_table(slots, lengths, b + 1, self.scratch_slot, self.max_prompts)  # the grid of b's graph
+        self.tiles[: len(table)].copy_(to_device(table, self.tiles.device))
 
     def _reset(self, b: int) -> None:
         """Point every row of bucket b, and every image row, at the dump row and scratch slot."""
@@ -191,5 +205,6 @@ class GraphedPrefill:
             self.visual_rows[: len(visual_rows)].copy_(visual_rows)
             self.deepstack[:, : len(visual_rows)].copy_(deepstack)
         self.last_rows[: len(lengths)].copy_(last_rows)
+        self._set_tiles(b, slots, lengths)
         self.graphs[b].replay()
         return self.logits[b][: len(lengths)]
