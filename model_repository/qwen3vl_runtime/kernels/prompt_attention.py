@@ -12,7 +12,9 @@ Here one program takes a tile of up to ``BLOCK_M`` consecutive rows of one promp
 softmax, flash-attention style: the keys are read once per tile, not once per row. The tiles come
 in a device table (first row, rows, slot) that the host fills before each replay, so the grid is
 fixed and the kernel can be captured. The table names every row, padding included (on a scratch
-slot), so no row of the output is left unwritten.
+slot), so no row of the output is left unwritten. On the H100 (run 22, the same script, one
+session) sixteen such prompts replay in 47.8 ms against the per-row attention's 58.6, level with
+the eager prefill (47.6).
 """
 
 from __future__ import annotations
