@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .online_softmax import attend_block
 from .pdl import launch_args, wait_for_previous
 
 BLOCK_L = 64  # keys per inner step
@@ -56,23 +57,7 @@ def _decode_attention_kernel(
         offs = start + tl.arange(0, BLOCK_L)
         valid = offs < length
         kv_offsets = base + offs[:, None] * stride_kl + d[None, :]
-        k = tl.load(K + kv_offsets, mask=valid[:, None], other=0.0)  # [BLOCK_L, D]
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(valid[None, :], s * sm_scale, float("-inf"))  # [BLOCK_G, BLOCK_L]
-        m_new = tl.maximum(m, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        l = l * alpha + tl.sum(p, 1)
-        v = tl.load(V + kv_offsets, mask=valid[:, None], other=0.0)  # [BLOCK_L, D]
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m = m_new
+        m, l, acc = attend_block(q, K, V, kv_offsets, valid[:, None], valid[None, :], m, l, acc, sm_scale, IEEE)
     real = g < GROUP
     if SPLITS == 1:
         out = acc / l[:, None]

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .online_softmax import attend_block
 from .pdl import launch_args, wait_for_previous
 
 BLOCK_M = 64  # query rows (tokens) of one prompt per program
@@ -67,23 +68,8 @@ def _prompt_attention_kernel(
         for start in range(0, end, BLOCK_N):
             offs = start + tl.arange(0, BLOCK_N)
             kv_offsets = base + offs[:, None] * stride_kl + d[None, :]
-            k = tl.load(K + kv_offsets, mask=offs[:, None] < end, other=0.0)  # [BLOCK_N, D]
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = tl.where(offs[None, :] <= last[:, None], s * sm_scale, float("-inf"))  # key 0 is always in
-            m_new = tl.maximum(m, tl.max(s, 1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m - m_new)
-            l = l * alpha + tl.sum(p, 1)
-            v = tl.load(V + kv_offsets, mask=offs[:, None] < end, other=0.0)
-            if IEEE:
-                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m = m_new
+            # causal within the prompt; key 0 is always in, so no row's sum stays zero
+            m, l, acc = attend_block(q, K, V, kv_offsets, offs[:, None] < end, offs[None, :] <= last[:, None], m, l, acc, sm_scale, IEEE)
         out = acc / l[:, None]
         tl.store(Out + rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :], out.to(Out.dtype.element_ty), mask=live[:, None])
 
