@@ -13,7 +13,7 @@ import torch
 
 from ..fused_forward import fused_decode, prompt_rows, static_prefill
 from ..host_to_device import pinned_cat, to_device
-from ..kernels.prompt_attention import max_tiles, tile_table
+from ..kernels.prompt_attention import TILE_FIELDS, max_tiles, tile_table
 from ..text_model import TextModel
 from .request import SamplingParams
 from .sampler import GRAPH_MAX_ROWS, PADDING_ROW, SETTINGS, graph_settings, sample_graphed
@@ -160,7 +160,7 @@ class GraphedPrefill:
         self.last_rows = torch.zeros(max_prompts, dtype=torch.long, device=device)
         # The prompt attention's tiles (kernels/prompt_attention.py): a bucket's graph runs as many
         # as its rows in max_prompts prompts may need.
-        self.tiles = torch.zeros(max_tiles(top + 1, max_prompts), 3, dtype=torch.int32, device=device)
+        self.tiles = torch.zeros(max_tiles(top + 1, max_prompts), TILE_FIELDS, dtype=torch.int32, device=device)
         self.graphs, self.logits = capture_buckets(self.TOKEN_BUCKETS, self._run, prepare=self._prepare_capture)
 
     def fits(self, lengths: list[int], image_rows: int) -> bool:

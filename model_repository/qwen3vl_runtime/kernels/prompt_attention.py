@@ -40,17 +40,17 @@ def _prompt_attention_kernel(
     stride_ks, stride_kh, stride_kl,
     stride_ot, stride_oh,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, FIELDS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (tile, KV head). Query i of the block is row first + i // GROUP, head
     kv_head * GROUP + i % GROUP; each row attends to its slot's keys 0..CachePositions[row]."""
     wait_for_previous(PDL)
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
-    first = tl.load(Tiles + tile * 3)
-    count = tl.load(Tiles + tile * 3 + 1)
+    first = tl.load(Tiles + tile * FIELDS)
+    count = tl.load(Tiles + tile * FIELDS + 1)
     if count > 0:
-        slot = tl.load(Tiles + tile * 3 + 2).to(tl.int64)
+        slot = tl.load(Tiles + tile * FIELDS + 2).to(tl.int64)
         i = tl.arange(0, BLOCK_Q)
         r = i // GROUP
         live = (r < count) & (i < BLOCK_M * GROUP)
@@ -80,12 +80,12 @@ def max_tiles(rows: int, prompts: int) -> int:
     return triton.cdiv(rows, BLOCK_M) + prompts + 1
 
 
-def tile_table(slots: list[int], lengths: list[int], rows: int, padding_slot: int, max_prompts: int | None = None) -> torch.Tensor:
-    """[max_tiles(rows, max_prompts or len(slots)), 3] int32 on the host: the prompts laid end to
+def tile_table(slots: list[int], lengths: list[int], rows: int, padding_slot: int, max_prompts: int) -> torch.Tensor:
+    """[max_tiles(rows, max_prompts), TILE_FIELDS] int32 on the host: the prompts laid end to
     end from row 0, each in tiles of its own slot, then rows sum(lengths)..rows-1 (padding) in
     tiles of ``padding_slot``; the entries left have no rows (a captured grid runs them all, so a
     table for fewer prompts than it was captured for must still fill it)."""
-    table = torch.zeros(max_tiles(rows, len(slots) if max_prompts is None else max_prompts), TILE_FIELDS, dtype=torch.int32)
+    table = torch.zeros(max_tiles(rows, max_prompts), TILE_FIELDS, dtype=torch.int32)
     entries, first = [], 0
     for slot, n in [*zip(slots, lengths), (padding_slot, rows - sum(lengths))]:
         entries += [(start, min(BLOCK_M, first + n - start), slot) for start in range(first, first + n, BLOCK_M)]
@@ -113,6 +113,6 @@ def prompt_attention(q, k_cache, v_cache, token_slots, cache_positions, tiles) -
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), out.stride(1),
         GROUP=group, BLOCK_Q=triton.next_power_of_2(BLOCK_M * group), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N // 2 if ieee else BLOCK_N,
-        HEAD_DIM=head_dim, IEEE=ieee, num_warps=8, num_stages=2, **launch_args(q),
+        HEAD_DIM=head_dim, FIELDS=TILE_FIELDS, IEEE=ieee, num_warps=8, num_stages=2, **launch_args(q),
     )  # fmt: skip
     return out
