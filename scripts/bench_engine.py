@@ -12,7 +12,9 @@ embeddings come from transformers' vision tower on the GPU (its time is reported
 --vision-in-engine the engine encodes each request's image itself, as with build-repo
 --vision-backend decoder (rows "engine+vision": the Triton path minus preprocessing and transport).
 Prints a table and writes JSON: per (system, precision, concurrency) ttft_p50_ms, ttft_p99_ms,
-tpot_p50_ms, output_tok_per_s, gpu_mem_gib.
+tpot_p50_ms, output_tok_per_s, gpu_mem_gib, and the engine's own account of the measured window
+(steps, ms per step by phase, prefills, vision graphs captured); with --step-log the engine's
+per-step log too, which scripts/step_log_summary.py cuts at each row's monotonic_window_s.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from builder.decoder_export import write_decoder, write_vision  # noqa: E402
 from model_repository.qwen3vl_runtime.decoder_weights import load_text_model, load_vision_tower  # noqa: E402
 from model_repository.qwen3vl_runtime.engine import Engine, SamplingParams, Sequence  # noqa: E402
 from model_repository.qwen3vl_runtime.engine.runner import ModelRunner, PromptInputs  # noqa: E402
+from model_repository.qwen3vl_runtime.engine.step_log import StepLog  # noqa: E402
 from model_repository.qwen3vl_runtime.engine.vision import ImageEncoder, ImageInputs  # noqa: E402
 from model_repository.qwen3vl_runtime.patches import checkpoint_pixel_table  # noqa: E402
 from model_repository.qwen3vl_runtime.preprocessing import PreprocessLimits, Preprocessor  # noqa: E402
@@ -177,6 +180,8 @@ class ClosedLoop:
             "ttft_p99_ms": percentile(ttft, 99),
             "tpot_p50_ms": percentile(tpot, 50),
             "output_tok_per_s": sum(len(r["times"]) for r in records) / wall,
+            # perf_counter, the step log's clock: step_log_summary.py cuts the log at this window
+            "monotonic_window_s": [start, start + wall],
         }
 
 
@@ -203,13 +208,16 @@ def bench_engine(checkpoint: Path, precision: str, prompt: PromptInputs, inputs:
             torch.cuda.reset_peak_memory_stats()
         model = load_text_model(Path(folder), args.device)
         visual = load_vision_tower(Path(folder), args.device) if args.vision_in_engine else None
+    # build-repo --vision-graph-sizes 448x448: every bucket of the request's image captured at start.
+    graph_grids = (tuple(int(n) for n in inputs["image_grid_thw"][0]),) if args.vision_graphs_at_start else ()
     start = time.perf_counter()
     runner = ModelRunner(
         model, num_slots=slots, max_len=args.max_len, image_token_id=151655, graphed_prefill=args.graphed_prefill,
-        vision=ImageEncoder(visual, checkpoint_pixel_table(checkpoint)) if visual is not None else None,
+        vision=ImageEncoder(visual, checkpoint_pixel_table(checkpoint), graph_grids=graph_grids) if visual is not None else None,
     )  # fmt: skip
     startup = time.perf_counter() - start
-    engine = Engine(runner, AutoTokenizer.from_pretrained(checkpoint), eos_token_ids={151645}, num_slots=slots).start()
+    step_log = StepLog(f"{args.step_log}.{precision}.jsonl") if args.step_log else None
+    engine = Engine(runner, AutoTokenizer.from_pretrained(checkpoint), eos_token_ids={151645}, num_slots=slots, step_log=step_log).start()
     loop = ClosedLoop(engine, prompt, len(inputs["input_ids"]), int(inputs["rope_delta"][0]), request_params(checkpoint, args.sampled))
     loop.run(2, 4)  # warm-up
     rows = []
@@ -218,10 +226,12 @@ def bench_engine(checkpoint: Path, precision: str, prompt: PromptInputs, inputs:
             # One unmeasured wave of c requests first: the first time c images arrive together the
             # vision tower captures a CUDA graph for that many (a once-per-server cost, kept as
             # first_wave_*). Without it, run 13's rows at 4-64 streams had first-token p99s of
-            # 323-434 ms against p50s of 44-93 (the capture's share not measured apart).
+            # 323-434 ms against p50s of 44-93 (the capture's share not measured apart). The wave
+            # only captures the buckets its arrivals happen to form: the measured window counts
+            # its own captures (vision_graph_captures); --vision-graphs-at-start leaves none.
             first_wave = loop.run(c, c)
             totals = engine.metrics.step_totals()
-            result = loop.run(c, max(3 * c, 8))
+            result = loop.run(c, max(3 * c, args.min_requests))
             result.update(first_wave_ttft_p99_ms=first_wave["ttft_p99_ms"], first_wave_tok_per_s=first_wave["output_tok_per_s"])
             result.update(engine.metrics.step_totals().since(totals))
             system = "engine+vision" if args.vision_in_engine else "engine"
@@ -230,7 +240,8 @@ def bench_engine(checkpoint: Path, precision: str, prompt: PromptInputs, inputs:
             rows.append(result)
             print(_row(result), flush=True)
             print(f"|   steps {result['steps']}, ms per step: {result['phase_ms_per_step']}; {result['prefill_steps']} prefills of "
-                  f"{result['prompts_per_prefill']} prompts on average", flush=True)  # fmt: skip
+                  f"{result['prompts_per_prefill']} prompts on average; vision graphs captured: {result['vision_graph_captures']} "
+                  f"({result['vision_graph_capture_ms']} ms)", flush=True)  # fmt: skip
     finally:
         engine.stop()
         del engine, runner, model, loop
@@ -261,6 +272,14 @@ def main() -> int:
     p.add_argument("--device", default="cuda", help="cpu runs the same code slowly (a smoke test)")
     p.add_argument("--graphed-prefill", action="store_true", help="replay short prompts' prefill from CUDA graphs")
     p.add_argument("--vision-in-engine", action="store_true", help="the engine encodes the image (--vision-backend decoder)")
+    p.add_argument("--vision-graphs-at-start", action="store_true",
+                   help="with --vision-in-engine: capture the tower's graphs for the image's size at start, every bucket "
+                        "(build-repo --vision-graph-sizes 448x448), so that none is captured inside a measurement")  # fmt: skip
+    p.add_argument("--min-requests", type=int, default=8,
+                   help="measured requests at each concurrency c: max(3c, this); at 4 streams the default's 12 take 0.7 s on an H100, "
+                        "where one stall of 80 ms is a tenth")  # fmt: skip
+    p.add_argument("--step-log", metavar="PREFIX",
+                   help="the engine's step log, PREFIX.<precision>.jsonl (scripts/step_log_summary.py PREFIX.*.jsonl --bench OUT)")
     p.add_argument("--sampled", action="store_true", help="the engine's requests sample as the generation config says (default: greedy)")
     args = p.parse_args()
 

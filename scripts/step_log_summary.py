@@ -1,16 +1,19 @@
-"""What the engine did during each measured load of a bench_triton.py run, from its step log.
+"""What the engine did during each measured load of a bench_triton.py or bench_engine.py run, from its step log.
 
     python scripts/bench_triton.py --repository R --step-log /tmp/steps --out triton.json ...
     python scripts/step_log_summary.py /tmp/steps.*.jsonl --bench triton.json [--out steps.json]
+    python scripts/bench_engine.py --checkpoint C --step-log /tmp/alone --out engine.json ...   # the engine alone
+    python scripts/step_log_summary.py /tmp/alone.*.jsonl --bench engine.json
 
 For each row of the benchmark (its ``monotonic_window_s``, the clock of the log's lines), over
 the engine steps inside that window: how many rows a step decoded on average (against the
 row's concurrency: the streams that were not decoding were before their first token), how many
 steps prefilled and how many prompts each took, how long a prompt had waited from its submit to
 its prefill (p50 / p99), how many were left waiting, the engine thread's ms per step by phase
-and how many of its host phases' ms it spent off the CPU (waiting for the GIL, most likely), the share of the window spent in prefill steps and the steps right after them, and the prefill
-steps by their prompts (the thread's ms launching each, the next step's ms). Prints a table,
-writes JSON.
+and how many of its host phases' ms it spent off the CPU (waiting for the GIL, most likely), the
+share of the window spent in prefill steps and the steps right after them, the prefill steps by
+their prompts (the thread's ms launching each, the next step's ms), and the vision graphs
+captured inside the window with their ms. Prints a table, writes JSON.
 """
 
 from __future__ import annotations
@@ -89,6 +92,9 @@ def summarize(steps: list[dict], start: float, end: float) -> dict:
         "host_off_cpu_ms_per_step": off_cpu_ms(inside),
         "prefill_and_next_step_share": round(prefill_share, 3),
         "prefills_by_prompts": by_prompts(inside),
+        # Vision graphs captured on first sight of a size inside the window: stalls of every stream.
+        "vision_graph_captures": sum("captured_ms" in s for s in inside),
+        "vision_graph_capture_ms": round(sum(s.get("captured_ms", 0.0) for s in inside), 1),
     }
 
 
@@ -104,13 +110,13 @@ def main() -> int:
     for row in bench["results"]:
         if "monotonic_window_s" in row:
             rows[f"{row['precision']} c={row['concurrency']}"] = summarize(steps, *row["monotonic_window_s"])
-    print("| load | steps/s | rows decoded (mean) | prefills | prompts each | prefill wait p50 / p99 ms | waiting (mean) | prefill + next step, share of time | ms per step by phase | ms off the CPU per step, by host phase |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| load | steps/s | rows decoded (mean) | prefills | prompts each | prefill wait p50 / p99 ms | waiting (mean) | prefill + next step, share of time | vision graph captures (ms) | ms per step by phase | ms off the CPU per step, by host phase |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         if r["steps"]:
             print(f"| {name} | {r['steps_per_s']} | {r['decoded_rows_mean']} | {r['prefill_steps']} | {r['prompts_per_prefill']} | "
                   f"{r['prefill_wait_p50_ms']} / {r['prefill_wait_p99_ms']} | {r['waiting_mean']} | {r['prefill_and_next_step_share']} | "
-                  f"{r['phase_ms_per_step']} | {r['host_off_cpu_ms_per_step']} |")  # fmt: skip
+                  f"{r['vision_graph_captures']} ({r['vision_graph_capture_ms']}) | {r['phase_ms_per_step']} | {r['host_off_cpu_ms_per_step']} |")  # fmt: skip
     print("\nPrefill steps by prompts (steps, ms launching the prefill, ms of the next step):")
     for name, r in rows.items():
         groups = r.get("prefills_by_prompts", {})

@@ -377,7 +377,7 @@ def test_graphed_vision_tower_equals_eager(well_conditioned_checkpoint, tiny_che
     """The tower replayed from CUDA graphs (the engine's default) against the same tower run
     eagerly, float32: two calls with different images, so that a graph replaying stale static
     inputs (an earlier call's patches) fails, and sizes that need a padded bucket (three of one
-    size: a bucket of 4) and two graphs in one call."""
+    size: a bucket of 4) and two graphs in one call. One size's graphs were captured at start."""
     import numpy as np
 
     from builder.decoder_export import write_vision
@@ -388,7 +388,9 @@ def test_graphed_vision_tower_equals_eager(well_conditioned_checkpoint, tiny_che
     from model_repository.qwen3vl_runtime.vision_inputs import vision_position_inputs
 
     write_vision(well_conditioned_checkpoint, tmp_path, quantization="none", dtype="float32")
-    encoder = ImageEncoder(use_gpu_kernels(load_vision_tower(tmp_path, "cuda")), checkpoint_pixel_table(tiny_checkpoint))
+    # 28x28 patches (a 448 px image) prepared at start, as build-repo --vision-graph-sizes 448x448 does
+    encoder = ImageEncoder(use_gpu_kernels(load_vision_tower(tmp_path, "cuda")), checkpoint_pixel_table(tiny_checkpoint), graph_grids=((1, 28, 28),))
+    assert encoder.warm_up() == {(1, 28, 28): [1, 2, 4, 8]}  # 16 x 784 patches is over MAX_PATCHES
     visual = encoder.visual
 
     def images(grids, seed):
@@ -406,7 +408,9 @@ def test_graphed_vision_tower_equals_eager(well_conditioned_checkpoint, tiny_che
         for g, e in zip(graphed, eager):
             assert g.shape == e.shape
             assert rel_error(g, e) < 1e-5
-    assert len(encoder._encode.graphs) >= 2  # the calls above replayed graphs, not the eager fallback
+    assert len(encoder.graphs.graphs) >= 2  # the calls above replayed graphs, not the eager fallback
+    # only the 14x20 size was captured while serving (buckets of 1), the 28x28 ones were prepared
+    assert encoder.captures.count == 1 and encoder.captures.seconds > 0
 
 
 def test_batched_sampler_on_the_gpu_keeps_transformers_filter_and_its_seeds():

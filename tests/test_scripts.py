@@ -21,15 +21,22 @@ def run(script: str, *args: str) -> None:
 
 
 def test_bench_engine_with_the_vision_tower_in_the_engine(tiny_checkpoint, tmp_path):
+    """With its step log, which step_log_summary.py cuts at the measured window (on the CPU
+    --vision-graphs-at-start has no graphs to capture, and none is captured inside)."""
     out = tmp_path / "engine.json"
     run("bench_engine.py", "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--precisions", "int8",
         "--concurrency", "1", "--skip-transformers", "--slots", "2", "--max-len", "512", "--vision-in-engine",
-        "--sampled", "--out", str(out))  # fmt: skip
+        "--vision-graphs-at-start", "--sampled", "--step-log", str(tmp_path / "steps"), "--out", str(out))  # fmt: skip
     (row,) = json.loads(out.read_text())["results"]
     assert row["system"] == "engine+vision" and row["output_tok_per_s"] > 0 and row["ttft_p50_ms"] > 0 and row["sampled"]
     # 8 requests x 128 tokens, one at a time: a step per token, and every phase timed
     assert row["steps"] >= 8 * 128 and set(row["phase_ms_per_step"]) == {"schedule", "prefill", "decode", "wait", "output"}
     assert (row["prefill_steps"], row["prompts_per_prefill"]) == (8, 1.0)  # one stream: each prompt alone
+    assert (row["vision_graph_captures"], row["vision_graph_capture_ms"]) == (0, 0.0)
+    run("step_log_summary.py", str(tmp_path / "steps.int8.jsonl"), "--bench", str(out), "--out", str(tmp_path / "summary.json"))
+    (summary,) = json.loads((tmp_path / "summary.json").read_text())["results"].values()
+    # the log's steps inside the window: the engine's own count, give or take the window's edges
+    assert abs(summary["steps"] - row["steps"]) <= 2 and summary["prefill_steps"] == 8 and summary["vision_graph_captures"] == 0
 
 
 def test_bench_engine_transformers_baselines(tiny_checkpoint, tmp_path):
@@ -88,7 +95,8 @@ def test_step_log_summary_cuts_the_log_at_each_measured_load(tmp_path):
     line = lambda t, decoded, waits: {"t": t, "ms": {"decode": 3.0, "wait": 1.0}, "decoded": decoded,  # noqa: E731
                                       "prefilled": len(waits), "prefill_waits_ms": waits, "waiting": 2}  # fmt: skip
     with_cpu = lambda t, decoded, waits: {**line(t, decoded, waits), "cpu_ms": {"decode": 2.0, "wait": 0.9}}  # noqa: E731
-    steps = [line(10.0, 0, [5.0]), line(10.5, 1, []), line(11.0, 1, []), with_cpu(15.0, 3, [1.0, 2.0, 30.0]), with_cpu(19.0, 4, [])]
+    captured = {**with_cpu(15.0, 3, [1.0, 2.0, 30.0]), "captured_ms": 70.5}  # its prefill captured a vision graph
+    steps = [line(10.0, 0, [5.0]), line(10.5, 1, []), line(11.0, 1, []), captured, with_cpu(19.0, 4, [])]
     (tmp_path / "steps.language_model_0.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
     bench = {"command": "bench_triton.py ...", "results": [{"precision": "int8", "concurrency": 1, "monotonic_window_s": [10.0, 12.0]},
                                                             {"precision": "int8", "concurrency": 4, "monotonic_window_s": [14.0, 20.0]}]}  # fmt: skip
@@ -102,6 +110,7 @@ def test_step_log_summary_cuts_the_log_at_each_measured_load(tmp_path):
     assert (one["host_off_cpu_ms_per_step"], four["host_off_cpu_ms_per_step"]) == (None, {"decode": 1.0})
     # the prefill at 15 s and the step after it (to 19 s, then the window's end at 20): 5 of 6 s
     assert four["prefill_and_next_step_share"] == round(5 / 6, 3) and four["prefills_by_prompts"] == {"3": {"steps": 1, "launch_ms": 0.0, "next_step_ms": 4.0}}
+    assert (one["vision_graph_captures"], four["vision_graph_captures"], four["vision_graph_capture_ms"]) == (0, 1, 70.5)
 
 
 @pytest.mark.parametrize("script", ["bench_matmul.py", "bench_decode_matmul.py", "profile_prefill.py", "profile_decode.py"])

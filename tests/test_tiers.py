@@ -42,6 +42,9 @@ def test_tier_parameter_reaches_the_engine_and_its_metrics(server):
     prefills = [re.findall(rf"^qwen3vl_{name}_total\{{[^}}]*\}} ([0-9.e+-]+)$", text, re.MULTILINE) for name in ("prefill_steps", "prefilled_prompts")]
     steps, prompts = (sum(map(float, found)) for found in prefills)
     assert 1 <= steps <= prompts
+    # no vision graph is ever captured on the CPU (and none at all without the tower in the decoder)
+    captures = [re.findall(rf"^qwen3vl_vision_graph_{name}_total\{{[^}}]*\}} ([0-9.e+-]+)$", text, re.MULTILINE) for name in ("captures", "capture_seconds")]
+    assert captures == [["0"], ["0"]]
 
 
 def test_unknown_tier_and_tier_token_limit_are_clear_errors(server):

@@ -1,4 +1,5 @@
-"""The vision tower's graph buckets: grouping by image size, padding, chunking and reassembly.
+"""The vision tower's graph buckets: grouping by image size, padding, chunking and reassembly, and
+the captures made before serving (``prepare``) and while serving (counted by the engine).
 
 The graphs themselves need CUDA (tests/test_gpu.py compares them with the eager tower there);
 here each bucket's padded call runs eagerly (``capture=False``) on the tiny checkpoint's tower, so
@@ -75,3 +76,80 @@ def test_chunks_past_the_largest_bucket_and_eager_past_the_limits(encoder, monke
     monkeypatch.setattr(vision_graphs, "MAX_PATCHES", 16)
     big = [image(encoder, (1, 4, 6), 11)]  # over MAX_PATCHES: eager, no graph
     assert_same(GraphedTower(encoder.visual, encoder.pixel_values, encoder.encode_eager, capture=False)(big), encoder.encode_eager(big))
+
+
+def test_prepare_captures_every_bucket_of_a_size_and_only_first_sights_count(encoder, monkeypatch):
+    """build-repo --vision-graph-sizes: ``prepare`` makes each bucket a size fits (largest first,
+    within MAX_GRAPHS) before serving, so serving that size captures nothing; a size first seen
+    while serving is counted (on the GPU each such call stalls every stream)."""
+    monkeypatch.setattr(vision_graphs, "MAX_PATCHES", 96)  # 24-patch images: buckets of 1, 2 and 4
+    tower = GraphedTower(encoder.visual, encoder.pixel_values, encoder.encode_eager, capture=False)
+    assert tower.prepare((24,)) == [1, 2, 4] and tower.prepare((24,)) == []
+    three = [image(encoder, (1, 4, 6), seed) for seed in range(3)]
+    assert_same(tower(three), encoder.encode_eager(three))
+    assert tower.captures == vision_graphs.Captures() and len(tower.graphs) == 3
+    other = [image(encoder, (1, 4, 4), 7)]
+    assert_same(tower(other), encoder.encode_eager(other))
+    assert tower.captures.count == 1 and tower.captures.seconds > 0
+    monkeypatch.setattr(vision_graphs, "MAX_GRAPHS", 2)
+    assert GraphedTower(encoder.visual, encoder.pixel_values, encoder.encode_eager, capture=False).prepare((24,)) == [2, 4]
+
+
+def test_engine_counts_and_logs_the_vision_graphs_its_prefills_capture(tiny_checkpoint, encoder, tmp_path):
+    """Two requests with a 64x64 image (a size prepared at start), then one with a 96x64 image
+    (first seen while serving): the engine's totals and step log hold that one capture and its
+    time, in the step that prefilled it. The buckets run eagerly here (``capture=False``); on the
+    GPU the same calls capture CUDA graphs."""
+    import io
+    import json
+
+    import torch
+    from PIL import Image
+    from transformers import AutoTokenizer
+
+    from builder.decoder_export import write_decoder
+    from model_repository.qwen3vl_runtime.decoder_weights import load_text_model
+    from model_repository.qwen3vl_runtime.engine import Engine, SamplingParams, Sequence
+    from model_repository.qwen3vl_runtime.engine.runner import ModelRunner, PromptInputs
+    from model_repository.qwen3vl_runtime.engine.step_log import StepLog
+    from model_repository.qwen3vl_runtime.patches import patch_grid
+    from model_repository.qwen3vl_runtime.preprocessing import PreprocessLimits, Preprocessor
+
+    write_decoder(tiny_checkpoint, tmp_path / "decoder", quantization="none", dtype="float32")
+    limits = PreprocessLimits(max_context=256, max_pixels=64 * 96, min_pixels=32 * 32, max_images=1, max_source_pixels=10**6)
+    pre = Preprocessor(tiny_checkpoint, limits, pixel_bytes=True)
+    grid = patch_grid(64, 64, patch=16, merge=2, min_pixels=limits.min_pixels, max_pixels=limits.max_pixels)
+    assert grid == (1, 4, 4)
+    vision = ImageEncoder(encoder.visual, checkpoint_pixel_table(tiny_checkpoint))
+    vision.graphs = GraphedTower(vision.visual, vision.pixel_values, vision.encode_eager, capture=False)
+    vision.graphs.prepare((grid[1] * grid[2],))
+    runner = ModelRunner(load_text_model(tmp_path / "decoder"), num_slots=2, max_len=256, image_token_id=151655, vision=vision)
+    log = tmp_path / "steps.jsonl"
+    engine = Engine(runner, AutoTokenizer.from_pretrained(tiny_checkpoint), eos_token_ids=set(), num_slots=2, step_log=StepLog(log))
+    done = []
+
+    def submit(i: int, width: int, height: int):
+        png = io.BytesIO()
+        Image.new("RGB", (width, height), (i * 40, 90, 200)).save(png, format="PNG")
+        inputs = pre("What is this?", [png.getvalue()])
+        prompt = PromptInputs(torch.from_numpy(inputs["input_ids"]), torch.from_numpy(inputs["position_ids"]), images=ImageInputs.from_arrays(inputs))
+        params = SamplingParams(max_tokens=2, ignore_eos=True)
+        engine.submit(Sequence(str(i), prompt, len(inputs["input_ids"]), int(inputs["rope_delta"][0]), params, lambda out: done.append(out) if out.finish_reason else None))  # fmt: skip
+
+    submit(0, 64, 64)
+    submit(1, 64, 64)
+    while len(done) < 2:
+        engine.step()
+    assert engine.metrics.step_totals().vision_captures == 0
+    submit(2, 96, 64)
+    while len(done) < 3:
+        engine.step()
+    engine.step_log.close()
+    totals = engine.metrics.step_totals()
+    assert not any(out.error for out in done)
+    assert totals.vision_captures == 1 and totals.vision_capture_seconds > 0
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    captured = [line for line in lines if "captured_ms" in line]
+    assert len(captured) == 1 and captured[0]["prefilled"] == 1
+    assert 0 < captured[0]["captured_ms"] <= captured[0]["ms"]["prefill"] + 0.01
+    assert abs(captured[0]["captured_ms"] - totals.vision_capture_seconds * 1e3) < 0.01

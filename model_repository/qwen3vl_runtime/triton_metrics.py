@@ -51,6 +51,9 @@ class EngineMetricsPublisher(Periodic):
         self._phase_family = family("engine_phase_seconds_total", "engine thread's wall seconds per step phase (Engine.step)", counter)
         self.prefill_steps = family("prefill_steps_total", "engine steps that prefilled newcomers", counter).Metric(labels=engine_only)
         self.prefilled = family("prefilled_prompts_total", "prompts prefilled (over prefill_steps_total: how many a prefill batches)", counter).Metric(labels=engine_only)
+        # Each capture stalls every stream (engine/vision_graphs.py); build-repo --vision-graph-sizes avoids them.
+        self.vision_captures = family("vision_graph_captures_total", "vision tower CUDA graphs captured while serving (first sight of an image size)", counter).Metric(labels=engine_only)
+        self.vision_capture_seconds = family("vision_graph_capture_seconds_total", "engine thread's seconds spent capturing them (every stream waits)", counter).Metric(labels=engine_only)
         self._engine_labels = engine_only
         self.phase_metrics = {}  # phase -> its counter, made when the engine first reports the phase
         self._published = {}  # counter key -> the total already added to the Prometheus counter
@@ -84,6 +87,8 @@ class EngineMetricsPublisher(Periodic):
         self._increment_to(self.steps, "steps", totals.steps)
         self._increment_to(self.prefill_steps, "prefill_steps", totals.prefill_steps)
         self._increment_to(self.prefilled, "prefilled", totals.prefilled)
+        self._increment_to(self.vision_captures, "vision_captures", totals.vision_captures)
+        self._increment_to(self.vision_capture_seconds, "vision_capture_seconds", totals.vision_capture_seconds)
         for phase, total in totals.seconds.items():
             if phase not in self.phase_metrics:
                 self.phase_metrics[phase] = self._phase_family.Metric(labels={"phase": phase, **self._engine_labels})

@@ -211,7 +211,8 @@ class Engine:
 
         Its wall time goes to metrics.phase_seconds: "schedule" (admission, cancels, timeouts),
         "prefill" and "decode" (launching them), "wait" (for the GPU to finish the previous
-        step), "output" (detokenizing and handing responses over)."""
+        step), "output" (detokenizing and handing responses over); the vision graphs captured
+        inside "prefill" are counted apart (metrics.vision_captured)."""
         phases = PhaseClock()
         with self._wake:
             inbox, self._inbox = self._inbox, []
@@ -246,8 +247,10 @@ class Engine:
         waits = [self.clock() - seq.submitted_at for seq in admitted] if self.step_log else []
         phases.lap("schedule")
         launched = []
+        captured_s = 0.0  # seconds this step's prefill spent capturing vision graphs (a stall)
         if admitted:
             beside = self.overlap_prefill and bool(decoding)
+            before = self.runner.vision_captures
             with self.streams.prefilling() if beside else nullcontext():
                 tokens = self._launch(admitted, self.runner.prefill)
             if beside:
@@ -255,6 +258,9 @@ class Engine:
             else:
                 launched.append((admitted, tokens))
             phases.lap("prefill")
+            after = self.runner.vision_captures
+            captured_s = after.seconds - before.seconds
+            self.metrics.vision_captured(after.count - before.count, captured_s)
         if decoding:
             launched.append((decoding, self._launch(decoding, self.runner.decode)))
             phases.lap("decode")
@@ -275,7 +281,9 @@ class Engine:
         self.metrics.step_phases(phases.wall, len(admitted))
         if self.step_log:
             waiting = sum(len(queue) for queue in self.scheduler.waiting.values())
-            self.step_log.write(started=phases.started, phases=phases.wall, cpu=phases.cpu, decoded=len(decoding), prefill_waits=waits, waiting=waiting)
+            self.step_log.write(
+                started=phases.started, phases=phases.wall, cpu=phases.cpu, decoded=len(decoding), prefill_waits=waits, waiting=waiting, captured_s=captured_s
+            )  # fmt: skip
 
     def _launch(self, seqs: list[Sequence], run) -> TokensToHost:
         """Queue ``run`` (the runner's prefill or decode) for these sequences and the sampling of

@@ -22,19 +22,26 @@ class TierCounters:
 @dataclass(frozen=True)
 class StepTotals:
     """The engine thread's totals so far: steps, wall seconds per step phase, prefill steps and
-    the prompts they took (prompts per prefill says whether newcomers are batched or trickle in)."""
+    the prompts they took (prompts per prefill says whether newcomers are batched or trickle in),
+    and the vision graphs captured while serving with their seconds (each a stall of every stream)."""
 
     steps: int
     seconds: dict[str, float]
     prefill_steps: int
     prefilled: int
+    vision_captures: int = 0
+    vision_capture_seconds: float = 0.0
 
     def since(self, before: "StepTotals") -> dict:
         """What happened between ``before`` and these totals, as the benchmarks report it."""
         steps, prefills = self.steps - before.steps, self.prefill_steps - before.prefill_steps
         per_step = {name: round((total - before.seconds.get(name, 0.0)) / max(steps, 1) * 1e3, 3) for name, total in self.seconds.items()}
         prompts = round((self.prefilled - before.prefilled) / prefills, 2) if prefills else None
-        return {"steps": steps, "phase_ms_per_step": per_step, "prefill_steps": prefills, "prompts_per_prefill": prompts}
+        return {
+            "steps": steps, "phase_ms_per_step": per_step, "prefill_steps": prefills, "prompts_per_prefill": prompts,
+            "vision_graph_captures": self.vision_captures - before.vision_captures,
+            "vision_graph_capture_ms": round((self.vision_capture_seconds - before.vision_capture_seconds) * 1e3, 1),
+        }  # fmt: skip
 
 
 @dataclass
@@ -49,6 +56,8 @@ class EngineMetrics:
     steps: int = 0
     prefill_steps: int = 0
     prefilled: int = 0  # prompts, over prefill_steps
+    vision_captures: int = 0  # the vision tower's CUDA graphs captured while serving
+    vision_capture_seconds: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self):
@@ -73,9 +82,16 @@ class EngineMetrics:
             for name, seconds in phases.items():
                 self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + seconds
 
+    def vision_captured(self, count: int, seconds: float) -> None:
+        """Add graphs the vision tower captured in a step's prefill, and the seconds they took."""
+        if count:
+            with self._lock:
+                self.vision_captures += count
+                self.vision_capture_seconds += seconds
+
     def step_totals(self) -> StepTotals:
         with self._lock:
-            return StepTotals(self.steps, dict(self.phase_seconds), self.prefill_steps, self.prefilled)
+            return StepTotals(self.steps, dict(self.phase_seconds), self.prefill_steps, self.prefilled, self.vision_captures, self.vision_capture_seconds)
 
     def snapshot(self) -> dict[str, TierCounters]:
         with self._lock:

@@ -11,7 +11,7 @@ from ..host_to_device import pinned_cat, to_device
 from ..text_model import TextModel
 from .request import SamplingParams, Sequence
 from .sampler import graphable, sample
-from .vision import ImageEncoder, ImageInputs
+from .vision import Captures, ImageEncoder, ImageInputs
 
 if TYPE_CHECKING:  # CUDA only at run time: its kernels import triton
     from .cuda_graphs import GraphedPrefill
@@ -69,6 +69,8 @@ class ModelRunner:
         # On the GPU with graphed_prefill: the graphs that replay prompts that fit them; None: every
         # prefill eager (scripts/profile_prefill.py sets it to time both on one runner).
         self.prefill_graphs: GraphedPrefill | None = None
+        # Per patch grid the vision graphs' buckets captured at start (ImageEncoder.graph_grids).
+        self.prepared_vision_graphs: dict[tuple[int, int, int], list[int]] = {}
         if on_gpu:
             from ..gpu import use_gpu_kernels
             from ..kernels.int8_matmul import tuning_prefills
@@ -79,7 +81,7 @@ class ModelRunner:
             model.rope.prepare_decode(max_len, self.device, self.dtype)
             if vision is not None:
                 use_gpu_kernels(vision.visual)
-                vision.warm_up()
+                self.prepared_vision_graphs = vision.warm_up()
             self._prefill = self._graphed_or_eager_prefill
             # The text model's int8 products are tuned for its prefill sizes here, at start; the
             # vision tower's sizes come with the first images, and keep dequantizing.
@@ -90,6 +92,11 @@ class ModelRunner:
                     self.graphed_sampler = GraphedSampler(self.graphed_decode.logits)
                     if graphed_prefill:
                         self.prefill_graphs = GraphedPrefill(model, self.kv, scratch_slot=num_slots)
+
+    @property
+    def vision_captures(self) -> Captures:
+        """The vision tower's CUDA graphs captured while serving (each stalls every stream)."""
+        return self.vision.captures if self.vision is not None else Captures()
 
     @torch.inference_mode()
     def _warm_up_prefill(self, scratch_slot: int) -> None:

@@ -54,6 +54,15 @@ class ImageInputs:
         return self.pixel_bytes.shape[0]
 
 
+@dataclass(frozen=True)
+class Captures:
+    """The tower's CUDA graphs captured while serving (on first sight of an image size in a bucket),
+    and the seconds those calls spent capturing: every stream stalls meanwhile (``vision_graphs``)."""
+
+    count: int = 0
+    seconds: float = 0.0
+
+
 def patch_bytes_width(visual: nn.Module) -> int:
     """Bytes in one patch row of ``pixel_bytes`` (C*P*P: one frame of the patch embedding's input)."""
     return visual.patch_embed.proj.weight[0].numel() // visual.patch_embed.temporal_patch_size
@@ -82,16 +91,21 @@ class ImageEncoder:
     patch bytes, with ``pixel_table`` [C, 256] the image processor's map of each channel's bytes
     (``patches.pixel_table``).
 
-    cuda_graphs: on CUDA, replay the tower from CUDA graphs per image size (``vision_graphs``)."""
+    cuda_graphs: on CUDA, replay the tower from CUDA graphs per image size (``vision_graphs``):
+    ``graphs``, None on the CPU (where tests set a ``GraphedTower(capture=False)`` to run the
+    buckets' logic). graph_grids: patch grids (t, h, w) whose every bucket ``warm_up`` captures
+    before serving (build-repo --vision-graph-sizes)."""
 
-    def __init__(self, visual: nn.Module, pixel_table: np.ndarray, *, cuda_graphs: bool = True):
+    def __init__(self, visual: nn.Module, pixel_table: np.ndarray, *, cuda_graphs: bool = True, graph_grids: tuple[tuple[int, int, int], ...] = ()):  # fmt: skip
         self.visual = visual
         proj = visual.patch_embed.proj
         self.device = proj.weight.device
         self.pixel_values = PixelValues(pixel_table, visual.patch_embed.temporal_patch_size, self.device, proj.weight.dtype)
         self.patch_width = patch_bytes_width(visual)
         self.merge_unit = visual.spatial_merge_size**2  # patches per image token
-        self.rotate, self._encode = rotate_qk, self.encode_eager
+        self.graph_grids = tuple(graph_grids)
+        self.rotate = rotate_qk
+        self.graphs = None
         if self.device.type == "cuda":
             from ..kernels.vision_rope import vision_rope
 
@@ -99,7 +113,11 @@ class ImageEncoder:
             if cuda_graphs:
                 from .vision_graphs import GraphedTower
 
-                self._encode = GraphedTower(visual, self.pixel_values, self.encode_eager, self.rotate)
+                self.graphs = GraphedTower(visual, self.pixel_values, self.encode_eager, self.rotate)
+
+    @property
+    def captures(self) -> Captures:
+        return self.graphs.captures if self.graphs is not None else Captures()
 
     def check(self, images: ImageInputs) -> None:
         """Raise ValueError unless the patch rows are this tower's width: a wrong width would fail
@@ -112,7 +130,7 @@ class ImageEncoder:
     def __call__(self, images: list[ImageInputs]) -> tuple[torch.Tensor, torch.Tensor]:
         """(image_embeds [tokens, hidden], deepstack [layers, tokens, hidden]) of all ``images``,
         in order, on the tower's device."""
-        return self._encode(images)
+        return self.graphs(images) if self.graphs is not None else self.encode_eager(images)
 
     @torch.inference_mode()
     def encode_eager(self, images: list[ImageInputs]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,12 +142,17 @@ class ImageEncoder:
         attend = SegmentAttention([n for i in images for n in i.lengths], self.device)
         return encode_images(self.visual, self.pixel_values(patch_bytes), indices, weights, rotary, attend, self.rotate)
 
-    def warm_up(self, grids=((1, 16, 16), (1, 4, 8), (1, 2, 2))) -> None:
-        """Encode blank images of a few sizes: the GPU kernels pick their tile sizes (Triton
-        autotuning) here rather than in the first requests' time to first token."""
+    def warm_up(self, grids=((1, 16, 16), (1, 4, 8), (1, 2, 2))) -> dict[tuple[int, int, int], list[int]]:
+        """Encode blank images of a few sizes, eagerly: the GPU kernels pick their tile sizes
+        (Triton autotuning) here rather than in the first requests' time to first token (no graph
+        slot goes to sizes no client may send). Then capture every bucket of ``graph_grids`` ->
+        the buckets captured per grid (none without graphs)."""
         visual = self.visual
         side = visual.num_grid_per_side
         for grid in grids:
             arrays = vision_position_inputs(np.array([grid]), num_grid_per_side=side, spatial_merge_size=visual.spatial_merge_size)
             arrays[PIXEL_BYTES] = np.zeros((int(np.prod(grid)), self.patch_width), np.uint8)
-            self([ImageInputs.from_arrays(arrays)])
+            self.encode_eager([ImageInputs.from_arrays(arrays)])
+        if self.graphs is None:
+            return {}
+        return {grid: self.graphs.prepare((grid[1] * grid[2],) * grid[0]) for grid in self.graph_grids}

@@ -5,14 +5,21 @@ attention): one 448 px image took 16-34 ms of wall time for a few ms of kernels,
 (H200, run 9: scripts/profile_prefill.py, docs/benchmarks.md), in every first token and in every
 engine step that prefills a newcomer.
 
-A graph is captured the first time its image size is seen (that call pays two eager runs and the
-capture; not timed apart), for a bucket of images of that size; padding images are whatever the
-static buffers hold (zeros or an earlier call's patches), attended only among themselves.
+A graph is captured the first time its image size arrives in that bucket's number (that call pays
+two eager runs and the capture), for a bucket of images of that size; padding images are whatever
+the static buffers hold (zeros or an earlier call's patches), attended only among themselves.
 Past ``MAX_GRAPHS`` graphs, and for images of more than ``MAX_PATCHES`` patches, the tower runs eagerly.
+
+A capture while serving stalls every stream: it synchronises the device, and the engine thread
+launches nothing else meanwhile (a 3-prompt prefill's launch took 77.4 ms for it on the H200, run
+20, docs/benchmarks.md). ``captures`` counts them and their seconds, for the engine's metrics and
+step log; ``prepare`` captures every bucket of a size before serving (build-repo
+--vision-graph-sizes), so that size never stalls.
 """
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -22,7 +29,7 @@ from ..host_to_device import pinned_cat
 from ..segment_attention import SegmentAttention
 from ..vision_tower import Rotate, encode_images, rotate_qk
 from .cuda_graphs import capture_buckets
-from .vision import ImageInputs, PixelValues, patch_bytes_width
+from .vision import Captures, ImageInputs, PixelValues, patch_bytes_width
 
 IMAGE_BUCKETS = (1, 2, 4, 8, 16)
 # Patches per graph (bucket x patches per image): bounds the graphs' activation memory (at 8,192
@@ -46,6 +53,26 @@ class GraphedTower:
         self.merge_unit = visual.spatial_merge_size**2
         self.graphs: dict[tuple[tuple[int, ...], int], _BucketGraph] = {}
         self._pool = None  # one memory pool for every bucket: they never run at the same time
+        self.captures = Captures()  # while serving; ``prepare``'s are not counted
+
+    def prepare(self, lengths: tuple[int, ...]) -> list[int]:
+        """Capture every bucket of images of this size (patches per frame) that has no graph yet,
+        largest first (the others reuse its pool), within MAX_PATCHES and MAX_GRAPHS -> the buckets
+        captured."""
+        fitting = [b for b in IMAGE_BUCKETS if b * sum(lengths) <= MAX_PATCHES and (lengths, b) not in self.graphs]
+        made = []
+        for bucket in sorted(fitting, reverse=True):
+            if len(self.graphs) >= MAX_GRAPHS:
+                break
+            self._capture(lengths, bucket)
+            made.append(bucket)
+        return sorted(made)
+
+    def _capture(self, lengths: tuple[int, ...], bucket: int) -> "_BucketGraph":
+        graph = _BucketGraph(self.visual, self.pixel_values, lengths, bucket, self.rotate, self.capture, self._pool)
+        self.graphs[(lengths, bucket)] = graph
+        self._pool = graph.pool
+        return graph
 
     def __call__(self, images: list[ImageInputs]) -> Encoded:
         """Same contract as ``ImageEncoder.__call__``: every image's rows, in order."""
@@ -76,9 +103,9 @@ class GraphedTower:
         if graph is None:
             if len(self.graphs) >= MAX_GRAPHS:
                 return self.encode_eager(images)
-            graph = _BucketGraph(self.visual, self.pixel_values, lengths, bucket, self.rotate, self.capture, self._pool)
-            self.graphs[(lengths, bucket)] = graph
-            self._pool = graph.pool
+            started = time.perf_counter()
+            graph = self._capture(lengths, bucket)
+            self.captures = Captures(self.captures.count + 1, self.captures.seconds + time.perf_counter() - started)
         return graph(images)
 
 
