@@ -138,6 +138,10 @@ def language_model_config(options: BuildOptions, text_hidden: int) -> mc.ModelCo
                 "dtype": options.dtype,
                 "graphed_prefill": options.graphed_prefill,
                 "prefill_hold_ms": options.prefill_hold_ms,
+                # The tower's graphs at start: the sizes, and the resize that turns them into patch grids.
+                "vision_graph_sizes": options.vision_graph_sizes,
+                "min_pixels": options.min_pixels,
+                "max_pixels": options.max_pixels,
                 "tiers": options.tier_table.to_json(),
             }
         ),

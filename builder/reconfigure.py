@@ -39,6 +39,7 @@ SERVING_OPTIONS = (
     "gpus",
     "graphed_prefill",
     "prefill_hold_ms",
+    "vision_graph_sizes",
 )
 
 

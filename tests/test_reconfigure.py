@@ -68,6 +68,35 @@ def test_graphed_prefill_reaches_the_decoder_config(build, tmp_path):
     assert not (tmp_path / "graphed" / "vision_encoder").exists()  # the layout is kept
 
 
+@pytest.mark.server
+def test_vision_graph_sizes_reach_the_decoder_which_serves_with_them(build, tmp_path, capsys):
+    """--vision-graph-sizes is a serving option of the tower in the decoder: the decoder's config
+    carries the sizes and the resize limits that make them patch grids, and the decoder starts and
+    answers an image request with them (on the CPU the tower has no graphs to capture; tests/test_gpu.py
+    captures them on CUDA)."""
+    import io
+
+    from PIL import Image
+
+    source, _ = build("none", "decoder")
+    assert _parameters(source)["vision_graph_sizes"] == ""
+    target = tmp_path / "sized"
+    assert configure_repo([str(source), "--output", str(target), "--vision-graph-sizes", "448x448, 1280x720"]) == 0
+    parameters = _parameters(target)
+    assert parameters["vision_graph_sizes"] == "448x448, 1280x720" and int(parameters["max_pixels"]) > 0
+    png = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(png, format="PNG")
+    with TritonServer(target) as server:
+        responses = list(stream_generate(server.grpc_url, "What is this?", [png.getvalue()], parameters={"max_tokens": 3, "temperature": 0}))
+    assert sum(len(r["token_ids"]) for r in responses) == 3
+    # the tower's graphs are the decoder's: a repository with a vision model refuses the option
+    onnx_source, _ = build("none")
+    assert configure_repo([str(onnx_source), "--output", str(tmp_path / "x"), "--vision-graph-sizes", "448x448"]) == 2
+    assert "--vision-graph-sizes needs --vision-backend decoder" in capsys.readouterr().err
+    assert configure_repo([str(source), "--output", str(tmp_path / "y"), "--vision-graph-sizes", "448"]) == 2
+    assert "--vision-graph-sizes: '448' is not an image size WIDTHxHEIGHT" in capsys.readouterr().err
+
+
 def test_refuses_what_needs_a_rebuild_and_bad_values(build, tmp_path, capsys):
     source, _ = build("none")
     with pytest.raises(SystemExit):  # not a configure-repo option at all

@@ -38,6 +38,26 @@ def checkpoint_pixel_table(folder) -> np.ndarray:
     return pixel_table(AutoImageProcessor.from_pretrained(folder, backend="pil"))
 
 
+def parse_image_sizes(text: str) -> tuple[tuple[int, int], ...]:
+    """"448x448,1280x720" -> ((448, 448), (1280, 720)) (width x height); "" -> (); ValueError
+    naming the entry that is not two positive integers."""
+    sizes = []
+    for entry in (part.strip() for part in text.split(",")):
+        if not entry:
+            continue
+        width, sep, height = entry.lower().partition("x")
+        if not (sep and width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
+            raise ValueError(f"{entry!r} is not an image size WIDTHxHEIGHT in pixels (e.g. 448x448)")
+        sizes.append((int(width), int(height)))
+    return tuple(sizes)
+
+
+def patch_grid(width: int, height: int, *, patch: int, merge: int, min_pixels: int, max_pixels: int) -> tuple[int, int, int]:
+    """(1, rows, columns) of patches of a width x height image after the processor's resize (``PatchMaker``'s)."""
+    resized_h, resized_w = smart_resize(height, width, factor=patch * merge, min_pixels=min_pixels, max_pixels=max_pixels)
+    return (1, resized_h // patch, resized_w // patch)
+
+
 class PatchMaker:
     """``make(images)`` -> (patch bytes [patches, C*P*P] uint8, grid_thw [images, 3] int64);
     ``pixel_values(patch bytes)`` [patches, C*T*P*P] float32 and that grid equal

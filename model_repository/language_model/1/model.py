@@ -23,7 +23,7 @@ from qwen3vl_runtime.engine.runner import ModelRunner, PromptInputs  # noqa: E40
 from qwen3vl_runtime.engine.server_caps import ServerTierCounts, default_path  # noqa: E402
 from qwen3vl_runtime.engine.step_log import STEP_LOG_ENV, StepLog  # noqa: E402
 from qwen3vl_runtime.engine.vision import ImageEncoder, ImageInputs  # noqa: E402
-from qwen3vl_runtime.patches import checkpoint_pixel_table  # noqa: E402
+from qwen3vl_runtime.patches import checkpoint_pixel_table, parse_image_sizes, patch_grid  # noqa: E402
 from qwen3vl_runtime.specs import DECODER_VISION_INPUTS, NUMPY_DTYPES  # noqa: E402
 from qwen3vl_runtime.streaming import ResponseStreamer  # noqa: E402
 from qwen3vl_runtime.tiers import TierTable  # noqa: E402
@@ -52,6 +52,14 @@ def _step_log(instance_name: str) -> StepLog | None:
     return StepLog(f"{prefix}.{instance_name.replace(' ', '_')}.jsonl") if prefix else None
 
 
+def _vision_graph_grids(settings: dict, visual) -> tuple[tuple[int, int, int], ...]:
+    """The patch grids of build-repo --vision-graph-sizes, resized as the preprocess model resizes
+    (repositories built before the option name none)."""
+    sizes = parse_image_sizes(settings.get("vision_graph_sizes", ""))
+    limits = {"min_pixels": int(settings.get("min_pixels", 0)), "max_pixels": int(settings.get("max_pixels", 0))}
+    return tuple(patch_grid(w, h, patch=visual.config.patch_size, merge=visual.spatial_merge_size, **limits) for w, h in sizes)
+
+
 def engines(model_config: dict) -> int:
     """The decoder instances of this server: one per listed GPU times each group's count."""
     return sum(int(g.get("count", 1)) * max(len(g.get("gpus", [])), 1) for g in model_config.get("instance_group", []))
@@ -73,15 +81,20 @@ class TritonPythonModel:
         # With --vision-backend decoder the tower runs here and requests carry the images' patch bytes.
         visual = load_vision_tower(DECODER_DIR, device)
         self.vision_in_process = visual is not None
+        vision = None
+        if visual is not None:
+            vision = ImageEncoder(visual, checkpoint_pixel_table(DECODER_DIR), graph_grids=_vision_graph_grids(settings, visual))
         runner = ModelRunner(
             load_text_model(DECODER_DIR, device),
             num_slots=num_slots,
             max_len=int(settings["max_context"]),
             image_token_id=config["image_token_id"],
             graphed_prefill=settings.get("graphed_prefill") == "True",
-            vision=ImageEncoder(visual, checkpoint_pixel_table(DECODER_DIR)) if visual is not None else None,
+            vision=vision,
         )
         self.logger = pb_utils.Logger
+        for grid, buckets in runner.prepared_vision_graphs.items():
+            self.logger.log_info(f"vision tower: CUDA graphs for {grid[1]}x{grid[2]} patches captured, {buckets} images per call")
         # Sends leave the decode loop's thread; with many streams each gets fewer, larger responses.
         self.streamer = ResponseStreamer(log=self.logger.log_error, streams=lambda: len(self.engine.scheduler.running)).start()
         tiers = TierTable.from_json(settings["tiers"])
