@@ -3,7 +3,7 @@
 CI has no GPU, so without this the batched prefill (prompts of one length attended as one batch,
 ragged ones grouped by length, grouped-query heads, deepstack rows), the int8 product of many
 rows (a dequantizing kernel, then a dense product), the decode-sized kernels (whole and split over
-K; x prescaled into fp16 or split into two int8 terms), the decode attention (whole and split over the keys), a captured prefill's prompt attention and the vision tower's rotary kernel
+K; x prescaled into fp16 or split into two int8 terms), the decode attention (whole and split over the keys), a captured prefill's prompt attention (both also over an fp8 cache) and the vision tower's rotary kernel
 would only be tested on the GPU machine. TRITON_INTERPRET must be set before Triton compiles
 anything: the comparison runs in a child process (this file run as a script), and the test reads
 its verdict.
@@ -28,7 +28,7 @@ def test_fused_prefill_and_int8_product_match_the_reference(tiny_checkpoint):
     fp16_operands = {name: e for name, e in errors.items() if "convert='f16" in name}
     int8_terms = {name: e for name, e in errors.items() if "int8x2" in name}
     prefill = 1 + 6  # dequantize, the int8x2 prefill tiles
-    assert len(errors) == 1 + 5 + 3 + 2 + 2 * 6 + 2 + prefill + 3 + 5 + 1 + 4 + 1 + 2 and (len(fp16_operands), len(int8_terms)) == (3 + 3 + 1, 4 + 4 + 1 + 6), errors
+    assert len(errors) == 1 + 5 + 3 + 2 + 2 * 6 + 2 + prefill + 3 + 5 + 1 + 4 + 1 + 2 + 3 and (len(fp16_operands), len(int8_terms)) == (3 + 3 + 1, 4 + 4 + 1 + 6), errors
     # float32 activations rounded to fp16 operands: ~2^-11 relative; as two int8 terms, 16 bits per
     # group of K: half a step is 2^-16 of the group's largest, ~2e-5 of these products (measured
     # 2.0-2.5e-5); everything else float32 throughout
@@ -58,6 +58,7 @@ def _compare(checkpoint: Path) -> dict[str, float]:
     from model_repository.qwen3vl_runtime.kernels.int8_matmul import DECODE_MAX_ROWS, Launch, candidates, int8_matmul, prefill_candidates, rows_bucket, split_terms
     from model_repository.qwen3vl_runtime.kernels.prompt_attention import prompt_attention, tile_table
     from model_repository.qwen3vl_runtime.kernels.vision_rope import vision_rope
+    from model_repository.qwen3vl_runtime.kv_cache import FP8, to_cache
     from model_repository.qwen3vl_runtime.quant import dequantize_weight, quantize_weight
     from model_repository.qwen3vl_runtime.text_model import sdpa_decode_attention, sdpa_prompt_attention
     from model_repository.qwen3vl_runtime.vision_tower import rotate_qk
@@ -147,6 +148,12 @@ def _compare(checkpoint: Path) -> dict[str, float]:
         expected = sdpa_decode_attention(q_rows.double(), k_cache.double(), v_cache.double(), slots_, lengths_)
         for splits in (1, 4):
             errors[f"decode attention, {splits} splits"] = rel(decode_attention(q_rows, k_cache, v_cache, slots_, lengths_, splits), expected)
+        # over an fp8 cache (kv_cache.py), against the same cache widened; x40: values up to ~200,
+        # the upper binades of e4m3 (the queries /40 keep the scores as above)
+        k8, v8 = to_cache(k_cache * 40, torch.empty(0, dtype=FP8)), to_cache(v_cache * 40, torch.empty(0, dtype=FP8))
+        expected8 = sdpa_decode_attention(q_rows.double() / 40, k8.double(), v8.double(), slots_, lengths_)
+        for splits in (1, 4):
+            errors[f"decode attention, fp8 cache, {splits} splits"] = rel(decode_attention(q_rows / 40, k8, v8, slots_, lengths_, splits), expected8)
         # A captured prefill's prompt attention: three prompts in tiles of 64 rows (70 rows: a
         # partial second tile; 5; 20 rows after 60 keys already in the slot), then 6 padding rows
         # on a scratch slot; 3 query heads per KV head (not a power of two: masked query rows)
@@ -157,6 +164,8 @@ def _compare(checkpoint: Path) -> dict[str, float]:
         tiles = tile_table(slots_, lengths_, len(q_rows), 4, max_prompts=5)
         expected = sdpa_prompt_attention(q_rows.double(), k_cache.double(), v_cache.double(), token_slots, cache_positions, tiles)
         errors["prompt attention"] = rel(prompt_attention(q_rows, k_cache, v_cache, token_slots, cache_positions, tiles), expected)
+        expected8 = sdpa_prompt_attention(q_rows.double() / 40, k8.double(), v8.double(), token_slots, cache_positions, tiles)
+        errors["prompt attention, fp8 cache"] = rel(prompt_attention(q_rows / 40, k8, v8, token_slots, cache_positions, tiles), expected8)
         # in fp16 (the interpreter has no bf16), the 16-bit path's key step
         half = [t.half() for t in (q_rows, k_cache, v_cache)]
         errors["prompt attention, convert='f16' (q, k, v in fp16)"] = rel(prompt_attention(*half, token_slots, cache_positions, tiles), expected)

@@ -265,6 +265,50 @@ def test_fused_forward_matches_the_reference_model(gpu_parts, dtype, bound):
         model.to(torch.float32)
 
 
+@pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-3), (torch.bfloat16, 3e-2)])
+def test_fp8_cache_fused_forward_matches_the_reference_model(gpu_parts, dtype, bound):
+    """Over an fp8 cache (kv_cache.py): the GPU kernel stores the keys and values the reference
+    model's to_cache stores (the same fp8 values but where the two paths' unrounded keys straddle
+    a rounding boundary: float32 ~1e-7 apart), and the fused prefill's and decode step's logits
+    match the reference model's over its own fp8 cache."""
+    from model_repository.qwen3vl_runtime.fused_forward import fused_decode, fused_prefill
+    from model_repository.qwen3vl_runtime.kernels.decode_attention import decode_attention
+    from model_repository.qwen3vl_runtime.kv_cache import FP8
+
+    model = gpu_parts[0].to(dtype)
+    try:
+        torch.manual_seed(3)
+        n = 60
+        ids = torch.randint(100, 5000, (n,), device="cuda")
+        positions = torch.arange(n, device="cuda").expand(3, -1)
+        kv_ref, kv_fused = model.new_cache(3, 128, dtype=FP8), model.new_cache(3, 128, dtype=FP8)
+        ref = model.prefill(model.embed(ids), positions, kv_ref, 2)
+        fused = fused_prefill(model, kv_fused, model.embed(ids), positions, [2], [n])[0]
+        assert rel_error(fused, ref) < bound
+        for (k_ref, v_ref), (k_fused, v_fused) in zip(kv_ref, kv_fused):
+            for a, b in ((k_fused, k_ref), (v_fused, v_ref)):
+                assert a.dtype == FP8
+                same = (a[2, :, :n].float() == b[2, :, :n].float()).float().mean().item()
+                assert same > (0.999 if dtype == torch.float32 else 0.98), same
+        model.decode_attention = decode_attention
+        step = [torch.tensor(t, device="cuda") for t in ([int(ref.argmax())], [n], [2], [n])]
+        assert rel_error(fused_decode(model, *step[:2], kv_fused, *step[2:]), model.decode(*step[:2], kv_ref, *step[2:])) < bound
+    finally:
+        model.to(torch.float32)
+
+
+def test_64_streams_over_an_fp8_cache_answer_as_each_alone(gpu_parts):
+    """float32, greedy, the KV cache in fp8: batching still changes no stream's tokens."""
+    from model_repository.qwen3vl_runtime.engine.runner import ModelRunner
+    from model_repository.qwen3vl_runtime.kv_cache import FP8
+
+    prompts = [[151644, 872, 198] + [100 + (i * 41 + j * 13) % 5000 for j in range(3 + i % 17)] + [151645, 198] for i in range(64)]
+    fp8_runner = lambda slots: ModelRunner(gpu_parts[0], num_slots=slots, max_len=256, image_token_id=151655, kv_dtype=FP8)  # noqa: E731
+    together = run_engine(gpu_parts, prompts, slots=64, max_tokens=24, runner=fp8_runner(64))
+    for i in range(0, 64, 9):
+        assert run_engine(gpu_parts, [prompts[i]], slots=1, max_tokens=24, runner=fp8_runner(1))[0] == together[i], i
+
+
 def test_batched_prefill_equals_one_by_one(gpu_parts):
     """Prompts prefilled together (concatenated) give each one's own logits and cache."""
     from model_repository.qwen3vl_runtime.fused_forward import fused_prefill
@@ -282,11 +326,13 @@ def test_batched_prefill_equals_one_by_one(gpu_parts):
         assert rel_error(kv_batch[1][0][slot, :, : len(i)], kv_single[1][0][slot, :, : len(i)]) < 1e-5
 
 
+@pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn], ids=["model-dtype-cache", "fp8-cache"])
 @pytest.mark.parametrize("lengths", [[9, 40], [9, 40, 300, 200, 120]])
-def test_graphed_prefill_equals_eager_prefill(gpu_parts, lengths):
+def test_graphed_prefill_equals_eager_prefill(gpu_parts, lengths, kv_dtype):
     """Prompts, the first with image rows and deepstack features, through the captured graphs:
     two in the 64-token bucket, five (669 tokens) in the 768 one, then the last three of those
-    five again (620 tokens, the same bucket)."""
+    five again (620 tokens, the same bucket). Over an fp8 cache the eager prefill attends over the
+    keys it kept, widened from the cache's, and the graphs over the cache itself: the same values."""
     from model_repository.qwen3vl_runtime.engine.cuda_graphs import GraphedPrefill
     from model_repository.qwen3vl_runtime.fused_forward import fused_prefill
     from model_repository.qwen3vl_runtime.gpu import use_gpu_kernels
@@ -300,7 +346,7 @@ def test_graphed_prefill_equals_eager_prefill(gpu_parts, lengths):
     visual = torch.zeros(tokens, dtype=torch.bool, device="cuda")
     visual[15:19] = True
     deepstack = torch.randn(3, 4, model.config.hidden_size, device="cuda")
-    kv_eager, kv_graph = model.new_cache(7, 512), model.new_cache(7, 512)
+    kv_eager, kv_graph = model.new_cache(7, 512, dtype=kv_dtype), model.new_cache(7, 512, dtype=kv_dtype)
     rows = visual.nonzero().flatten()
     eager = fused_prefill(model, kv_eager, embeds, positions, slots, lengths, rows, deepstack)
     graphs = GraphedPrefill(model, kv_graph, scratch_slot=6)

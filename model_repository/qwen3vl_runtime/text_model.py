@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kv_cache import to_cache
+
 
 @dataclass(frozen=True)
 class TextConfig:
@@ -129,7 +131,7 @@ def sdpa_decode_attention(q, k_cache, v_cache, slots, lengths) -> torch.Tensor:
     sequence (the new token's included) -> [B, H, D]. Pads to the longest sequence in the batch.
     """
     span = int(lengths.max())
-    keys, values = k_cache[slots, :, :span], v_cache[slots, :, :span]  # [B, Hkv, span, D]
+    keys, values = k_cache[slots, :, :span].to(q.dtype), v_cache[slots, :, :span].to(q.dtype)  # [B, Hkv, span, D]
     mask = torch.arange(span, device=q.device)[None, :] < lengths[:, None]  # [B, span]
     out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask[:, None, None], enable_gqa=True)
     return out[:, :, 0]
@@ -169,9 +171,9 @@ class Attention(nn.Module):
         n = x.shape[0]
         q, k, v = self.project(x, cos, sin)
         end = start + n
-        k_cache[slot, :, start:end] = k.transpose(0, 1)
-        v_cache[slot, :, start:end] = v.transpose(0, 1)
-        keys, values = k_cache[slot, :, :end], v_cache[slot, :, :end]  # [Hkv, end, D]
+        k_cache[slot, :, start:end] = to_cache(k.transpose(0, 1), k_cache)
+        v_cache[slot, :, start:end] = to_cache(v.transpose(0, 1), v_cache)
+        keys, values = k_cache[slot, :, :end].to(q.dtype), v_cache[slot, :, :end].to(q.dtype)  # [Hkv, end, D], as cached
         if start == 0:  # a whole prompt: the fused causal kernels apply
             out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, is_causal=True, enable_gqa=True)
         else:  # token i (absolute start + i) sees keys 0..start + i
@@ -186,8 +188,8 @@ class Attention(nn.Module):
         """
         b = x.shape[0]
         q, k, v = self.project(x, cos, sin)
-        k_cache[slots, :, lengths] = k
-        v_cache[slots, :, lengths] = v
+        k_cache[slots, :, lengths] = to_cache(k, k_cache)
+        v_cache[slots, :, lengths] = to_cache(v, v_cache)
         return self.o_proj(attend(q, k_cache, v_cache, slots, lengths + 1).reshape(b, -1))
 
 
@@ -284,11 +286,12 @@ class TextModel(nn.Module):
         make = lambda: torch.zeros(shape, device=device or like.device, dtype=dtype or like.dtype)  # noqa: E731
         return [(make(), make()) for _ in range(c.num_layers)]
 
-    def sequence_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced logits of a text-only sequence: [L] -> [L, vocab] (accuracy checks)."""
+    def sequence_logits(self, input_ids: torch.Tensor, kv_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Teacher-forced logits of a text-only sequence: [L] -> [L, vocab] (accuracy checks), over
+        a cache of ``kv_dtype`` (default the model's dtype)."""
         input_ids = input_ids.to(self.norm.weight.device)
         positions = torch.arange(len(input_ids), device=input_ids.device).expand(3, -1)
-        kv = self.new_cache(1, len(input_ids))
+        kv = self.new_cache(1, len(input_ids), dtype=kv_dtype)
         return self.prefill(self.embed(input_ids), positions, kv, slot=0, all_logits=True)
 
     @torch.inference_mode()

@@ -18,7 +18,7 @@ def attend_block(q, K, V, kv_offsets, loaded, visible, m, l, acc, sm_scale, IEEE
     """q [Q, D]; kv_offsets [N, D] a block of keys (and values) of one slot and head, ``loaded`` [N, 1]
     which of them exist, ``visible`` [Q, N] which each query sees (at least one per query over the
     whole walk) -> (m, l, acc) with the block folded in."""
-    k = tl.load(K + kv_offsets, mask=loaded, other=0.0)  # [N, D]
+    k = tl.load(K + kv_offsets, mask=loaded, other=0.0).to(q.dtype)  # [N, D]; an fp8 cache widened (kv_cache.py)
     if IEEE:
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
@@ -28,7 +28,7 @@ def attend_block(q, K, V, kv_offsets, loaded, visible, m, l, acc, sm_scale, IEEE
     p = tl.exp(s - m_new[:, None])
     alpha = tl.exp(m - m_new)
     l = l * alpha + tl.sum(p, 1)
-    v = tl.load(V + kv_offsets, mask=loaded, other=0.0)  # [N, D]
+    v = tl.load(V + kv_offsets, mask=loaded, other=0.0).to(q.dtype)  # [N, D]
     if IEEE:
         pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
     else:
