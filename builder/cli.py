@@ -8,6 +8,8 @@ import sys
 import typing
 from pathlib import Path
 
+from model_repository.qwen3vl_runtime.kv_cache import KV_CACHE_DTYPES
+
 from .options import (
     DEVICES,
     DTYPES,
@@ -22,6 +24,7 @@ from .options import (
 CHOICES = {
     "quant": QUANT_MODES,
     "dtype": DTYPES,
+    "kv_cache_dtype": KV_CACHE_DTYPES,
     "device": DEVICES,
     "vision_backend": VISION_BACKENDS,
     "vision_weights": VISION_WEIGHTS,

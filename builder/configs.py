@@ -134,6 +134,7 @@ def language_model_config(options: BuildOptions, text_hidden: int) -> mc.ModelCo
             {
                 "max_context": options.max_context,
                 "kv_cache_slots": options.kv_cache_slots,
+                "kv_cache_dtype": options.kv_cache_dtype,
                 "default_max_tokens": options.default_max_tokens,
                 "dtype": options.dtype,
                 "graphed_prefill": options.graphed_prefill,

@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from model_repository.qwen3vl_runtime.kv_cache import KV_CACHE_DTYPES
 from model_repository.qwen3vl_runtime.patches import parse_image_sizes
 from model_repository.qwen3vl_runtime.tiers import DEFAULT_TIERS, TierTable
 
@@ -45,6 +46,10 @@ class BuildOptions:
     max_context: int = field(default=4096, metadata={"help": "tokens per sequence, prompt + answer"})
     kv_cache_slots: int = field(
         default=16, metadata={"help": "sequences decoded together; KV cache = slots x max_context tokens"}
+    )
+    kv_cache_dtype: str = field(
+        default="auto",
+        metadata={"help": "KV cache elements: auto (the --dtype) or fp8 (e4m3, half the bytes; its accuracy is measured into the manifest)"},
     )
     default_max_tokens: int = field(default=512, metadata={"help": "answer length when a request sets none"})
     max_pixels: int = field(
@@ -86,6 +91,7 @@ class BuildOptions:
 
         check(self.quant in QUANT_MODES, f"--quant must be one of {', '.join(QUANT_MODES)}, got {self.quant!r}")
         check(self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check(self.kv_cache_dtype in KV_CACHE_DTYPES, f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         check(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         check(
             self.vision_backend in VISION_BACKENDS,

@@ -124,10 +124,10 @@ def _build(options: BuildOptions, out: Path, progress: Progress) -> dict:
     with progress.step(f"Writing decoder weights (quant={options.quant}, dtype={options.dtype})"):
         write_decoder(checkpoint, decoder_dir, quantization=options.quant, dtype=options.dtype)
         _copy_present(checkpoint, decoder_dir, DECODER_EXTRA_FILES)
-        accuracy = _decoder_accuracy(decoder_dir, sequences, reference)
+        accuracy = _decoder_accuracy(decoder_dir, sequences, reference, options.kv_cache_dtype)
         progress.say(
-            "served decoder vs transformers float32: top-1 agreement {top1_agreement:.4f}, mean logit cosine "
-            "{mean_logit_cosine:.5f} over {positions} positions".format(**accuracy)
+            "served decoder (KV cache {kv_cache_dtype}) vs transformers float32: top-1 agreement {top1_agreement:.4f}, "
+            "mean logit cosine {mean_logit_cosine:.5f} over {positions} positions".format(kv_cache_dtype=options.kv_cache_dtype, **accuracy)
         )
 
     with progress.step("Writing configs and runtime code"):
@@ -201,17 +201,20 @@ def _check_output(out: Path, force: bool) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
 
 
-def _decoder_accuracy(decoder_dir: Path, sequences: list[list[int]], reference: list[torch.Tensor]) -> dict:
-    """The served decoder (our runtime, quantized, in its dtype) against transformers' float32."""
+def _decoder_accuracy(decoder_dir: Path, sequences: list[list[int]], reference: list[torch.Tensor], kv_cache: str) -> dict:
+    """The served decoder (our runtime, quantized, in its dtype, over its KV cache's element type)
+    against transformers' float32."""
     from model_repository.qwen3vl_runtime.decoder_weights import load_text_model
+    from model_repository.qwen3vl_runtime.kv_cache import kv_cache_dtype
 
     from .quantize import measure_accuracy
 
     served = load_text_model(decoder_dir, "cpu")
+    kv_dtype = kv_cache_dtype(kv_cache, served.norm.weight.dtype)
     by_sequence = {tuple(ids): logits for ids, logits in zip(sequences, reference)}
     return measure_accuracy(
         lambda ids: by_sequence[tuple(ids[0].tolist())],
-        lambda ids: served.sequence_logits(ids[0]),
+        lambda ids: served.sequence_logits(ids[0], kv_dtype),
         sequences,
     )
 

@@ -45,6 +45,7 @@ from model_repository.qwen3vl_runtime.engine import Engine, SamplingParams, Sequ
 from model_repository.qwen3vl_runtime.engine.runner import ModelRunner, PromptInputs  # noqa: E402
 from model_repository.qwen3vl_runtime.engine.step_log import StepLog  # noqa: E402
 from model_repository.qwen3vl_runtime.engine.vision import ImageEncoder, ImageInputs  # noqa: E402
+from model_repository.qwen3vl_runtime.kv_cache import KV_CACHE_DTYPES, kv_cache_dtype  # noqa: E402
 from model_repository.qwen3vl_runtime.patches import checkpoint_pixel_table  # noqa: E402
 from model_repository.qwen3vl_runtime.preprocessing import PreprocessLimits, Preprocessor  # noqa: E402
 
@@ -213,6 +214,7 @@ def bench_engine(checkpoint: Path, precision: str, prompt: PromptInputs, inputs:
     start = time.perf_counter()
     runner = ModelRunner(
         model, num_slots=slots, max_len=args.max_len, image_token_id=151655, graphed_prefill=args.graphed_prefill,
+        kv_dtype=kv_cache_dtype(args.kv_cache_dtype, model.norm.weight.dtype),
         vision=ImageEncoder(visual, checkpoint_pixel_table(checkpoint), graph_grids=graph_grids) if visual is not None else None,
     )  # fmt: skip
     startup = time.perf_counter() - start
@@ -235,7 +237,7 @@ def bench_engine(checkpoint: Path, precision: str, prompt: PromptInputs, inputs:
             result.update(first_wave_ttft_p99_ms=first_wave["ttft_p99_ms"], first_wave_tok_per_s=first_wave["output_tok_per_s"])
             result.update(engine.metrics.step_totals().since(totals))
             system = "engine+vision" if args.vision_in_engine else "engine"
-            result.update(system=system, precision=precision, concurrency=c, startup_s=startup, sampled=args.sampled)
+            result.update(system=system, precision=precision, concurrency=c, startup_s=startup, sampled=args.sampled, kv_cache_dtype=args.kv_cache_dtype)
             result["gpu_mem_gib"] = peak_gib()
             rows.append(result)
             print(_row(result), flush=True)
@@ -275,6 +277,7 @@ def main() -> int:
     p.add_argument("--vision-graphs-at-start", action="store_true",
                    help="with --vision-in-engine: capture the tower's graphs for the image's size at start, every bucket "
                         "(build-repo --vision-graph-sizes 448x448), so that none is captured inside a measurement")  # fmt: skip
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES, help="the engine's KV cache (build-repo --kv-cache-dtype)")
     p.add_argument("--min-requests", type=int, default=8,
                    help="measured requests at each concurrency c: max(3c, this); at 4 streams the default's 12 take 0.7 s on an H100, "
                         "where one stall of 80 ms is a tenth")  # fmt: skip
