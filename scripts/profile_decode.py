@@ -2,9 +2,11 @@
 
     python scripts/profile_decode.py --checkpoint DIR [--precisions bf16 int8 fp8] [--out profile.json]
 
-For each precision and batch size: the median time of one CUDA-graph replay of the fused decode
-step, the sum of its kernels' GPU time (torch.profiler), their count, and the ten most costly
-kernels. The floor is the weights' bytes over the copy bandwidth (~3 TB/s on an H100).
+For each precision, KV cache dtype (--kv-cache-dtypes auto fp8) and batch size: the median time
+of one CUDA-graph replay of the fused decode step, the sum of its kernels' GPU time
+(torch.profiler), their count, and the ten most costly kernels. The floor is the bytes a step
+reads, the weights' and the cached keys and values' (batch x --context tokens), over the copy
+bandwidth (~3 TB/s on an H100).
 ``QWEN3VL_PDL=0`` in the environment profiles the kernels launched without programmatic dependent
 launch (``kernels/pdl.py``), for an A/B comparison.
 """
@@ -29,6 +31,7 @@ from bench_engine import PRECISIONS  # noqa: E402
 from builder.decoder_export import write_decoder  # noqa: E402
 from model_repository.qwen3vl_runtime.decoder_weights import load_text_model  # noqa: E402
 from model_repository.qwen3vl_runtime.engine.runner import ModelRunner  # noqa: E402
+from model_repository.qwen3vl_runtime.kv_cache import KV_CACHE_DTYPES, kv_cache_dtype  # noqa: E402
 from model_repository.qwen3vl_runtime.kernels import pdl  # noqa: E402
 
 
@@ -100,8 +103,8 @@ def prefill_ms(runner, count: int, tokens: int = 243, repeats: int = 10) -> floa
     return statistics.median(times)
 
 
-def profile(precision: str, args) -> list[dict]:
-    """Prefill times and one row per decode batch size for one precision."""
+def profile(precision: str, kv_cache: str, args) -> list[dict]:
+    """Prefill times and one row per decode batch size for one precision and KV cache dtype."""
     with tempfile.TemporaryDirectory() as folder:
         write_decoder(args.checkpoint, Path(folder), quantization=PRECISIONS[precision], dtype="bfloat16")
         model = load_text_model(Path(folder), "cuda")
@@ -109,22 +112,26 @@ def profile(precision: str, args) -> list[dict]:
     prefill_counts = (1, 8)
     # a slot per prompt of the prefills too: with fewer, the 8-prompt prefill wrote past the KV pool
     # (`--batches 1` failed in cuDNN's attention, run 13)
-    runner = ModelRunner(model, num_slots=max(*args.batches, *prefill_counts), max_len=2048, image_token_id=151655)
+    kv_dtype = kv_cache_dtype(kv_cache, model.norm.weight.dtype)
+    runner = ModelRunner(model, num_slots=max(*args.batches, *prefill_counts), max_len=2048, image_token_id=151655, kv_dtype=kv_dtype)
+    # The keys and values one decode step reads per sequence and cached token, all layers.
+    kv_token_bytes = sum(k[0, :, 0].numel() * k.element_size() * 2 for k, _ in runner.kv)
     rows = []
     for count in prefill_counts:
         ms = prefill_ms(runner, count)
-        rows.append({"precision": precision, "prefill_prompts": count, "prefill_ms": ms})
+        rows.append({"precision": precision, "kv_cache_dtype": kv_cache, "prefill_prompts": count, "prefill_ms": ms})
         print(f"{precision:5} prefill of {count} x 243-token prompts: {ms:.2f} ms", flush=True)
     for batch in args.batches:
-        row = {"precision": precision, "batch": batch, "weights_gb": weight_bytes / 1e9, "pdl": pdl.enabled(torch.device("cuda"))}
+        row = {"precision": precision, "kv_cache_dtype": kv_cache, "batch": batch, "weights_gb": weight_bytes / 1e9,
+               "kv_read_gb": batch * args.context * kv_token_bytes / 1e9, "pdl": pdl.enabled(torch.device("cuda"))}  # fmt: skip
         row["replay_ms"] = replay_ms(runner.graphed_decode, batch, args.context)
         lengths, slots = decode_inputs(batch, args.context)
         row.update(kernel_profile(lambda: runner.graphed_decode(lengths, slots, lengths)))
         rows.append(row)
         print(
-            f"{precision:5} b={batch:3} (PDL {'on' if row['pdl'] else 'off'}): replay {row['replay_ms']:.3f} ms, kernels {row['kernel_ms_per_step']:.3f} ms "
-            f"in {row['kernels_per_step']:.0f} launches, weights {row['weights_gb']:.2f} GB "
-            f"(floor {row['weights_gb'] / 3.0:.3f} ms at 3 TB/s)",
+            f"{precision:5} KV {kv_cache:4} b={batch:3} (PDL {'on' if row['pdl'] else 'off'}): replay {row['replay_ms']:.3f} ms, "
+            f"kernels {row['kernel_ms_per_step']:.3f} ms in {row['kernels_per_step']:.0f} launches, weights {row['weights_gb']:.2f} GB "
+            f"+ KV {row['kv_read_gb']:.2f} GB (floor {(row['weights_gb'] + row['kv_read_gb']) / 3.0:.3f} ms at 3 TB/s)",
             flush=True,
         )
         print_top_kernels(row)
@@ -144,11 +151,13 @@ def main() -> int:
     p = profile_arguments(__doc__, "profile_decode.json")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     p.add_argument("--context", type=int, default=300, help="cached tokens per sequence")
+    p.add_argument("--kv-cache-dtypes", nargs="+", default=["auto"], choices=KV_CACHE_DTYPES, help="each one profiled (build-repo --kv-cache-dtype)")
     args = p.parse_args()
     report = {"machine": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "results": []}
     for precision in args.precisions:
-        report["results"] += profile(precision, args)
-        torch.cuda.empty_cache()  # the runner of that precision went with profile()'s frame
+        for kv_cache in args.kv_cache_dtypes:
+            report["results"] += profile(precision, kv_cache, args)
+            torch.cuda.empty_cache()  # the runner went with profile()'s frame
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
