@@ -202,19 +202,18 @@ def _check_output(out: Path, force: bool) -> None:
 
 
 def _decoder_accuracy(decoder_dir: Path, sequences: list[list[int]], reference: list[torch.Tensor], kv_cache: str) -> dict:
-    """The served decoder (our runtime, quantized, in its dtype, over its KV cache's element type)
-    against transformers' float32."""
+    """The served decoder (our runtime, quantized, in its dtype, over its KV cache: the dtype's or
+    int8) against transformers' float32."""
     from model_repository.qwen3vl_runtime.decoder_weights import load_text_model
-    from model_repository.qwen3vl_runtime.kv_cache import kv_cache_dtype
+    from model_repository.qwen3vl_runtime.kv_cache import is_quantized
 
     from .quantize import measure_accuracy
 
     served = load_text_model(decoder_dir, "cpu")
-    kv_dtype = kv_cache_dtype(kv_cache, served.norm.weight.dtype)
     by_sequence = {tuple(ids): logits for ids, logits in zip(sequences, reference)}
     return measure_accuracy(
         lambda ids: by_sequence[tuple(ids[0].tolist())],
-        lambda ids: served.sequence_logits(ids[0], kv_dtype),
+        lambda ids: served.sequence_logits(ids[0], is_quantized(kv_cache)),
         sequences,
     )
 

@@ -45,7 +45,7 @@ from model_repository.qwen3vl_runtime.engine import Engine, SamplingParams, Sequ
 from model_repository.qwen3vl_runtime.engine.runner import ModelRunner, PromptInputs  # noqa: E402
 from model_repository.qwen3vl_runtime.engine.step_log import StepLog  # noqa: E402
 from model_repository.qwen3vl_runtime.engine.vision import ImageEncoder, ImageInputs  # noqa: E402
-from model_repository.qwen3vl_runtime.kv_cache import KV_CACHE_DTYPES, kv_cache_dtype  # noqa: E402
+from model_repository.qwen3vl_runtime.kv_cache import KV_CACHE_DTYPES, is_quantized  # noqa: E402
 from model_repository.qwen3vl_runtime.patches import checkpoint_pixel_table  # noqa: E402
 from model_repository.qwen3vl_runtime.preprocessing import PreprocessLimits, Preprocessor  # noqa: E402
 
@@ -214,7 +214,7 @@ def bench_engine(checkpoint: Path, precision: str, prompt: PromptInputs, inputs:
     start = time.perf_counter()
     runner = ModelRunner(
         model, num_slots=slots, max_len=args.max_len, image_token_id=151655, graphed_prefill=args.graphed_prefill,
-        kv_dtype=kv_cache_dtype(args.kv_cache_dtype, model.norm.weight.dtype),
+        quantized_kv=is_quantized(args.kv_cache_dtype),
         vision=ImageEncoder(visual, checkpoint_pixel_table(checkpoint), graph_grids=graph_grids) if visual is not None else None,
     )  # fmt: skip
     startup = time.perf_counter() - start

@@ -2,7 +2,7 @@
 
     python scripts/profile_decode.py --checkpoint DIR [--precisions bf16 int8 fp8] [--out profile.json]
 
-For each precision, KV cache dtype (--kv-cache-dtypes auto fp8) and batch size: the median time
+For each precision, KV cache dtype (--kv-cache-dtypes auto int8) and batch size: the median time
 of one CUDA-graph replay of the fused decode step, the sum of its kernels' GPU time
 (torch.profiler), their count, and the ten most costly kernels. The floor is the bytes a step
 reads, the weights' and the cached keys and values' (batch x --context tokens), over the copy
@@ -31,8 +31,8 @@ from bench_engine import PRECISIONS  # noqa: E402
 from builder.decoder_export import write_decoder  # noqa: E402
 from model_repository.qwen3vl_runtime.decoder_weights import load_text_model  # noqa: E402
 from model_repository.qwen3vl_runtime.engine.runner import ModelRunner  # noqa: E402
-from model_repository.qwen3vl_runtime.kv_cache import KV_CACHE_DTYPES, kv_cache_dtype  # noqa: E402
 from model_repository.qwen3vl_runtime.kernels import pdl  # noqa: E402
+from model_repository.qwen3vl_runtime.kv_cache import KV_CACHE_DTYPES, is_quantized  # noqa: E402
 
 
 def replay_ms(graphed, batch: int, context: int, repeats: int = 50) -> float:
@@ -112,10 +112,10 @@ def profile(precision: str, kv_cache: str, args) -> list[dict]:
     prefill_counts = (1, 8)
     # a slot per prompt of the prefills too: with fewer, the 8-prompt prefill wrote past the KV pool
     # (`--batches 1` failed in cuDNN's attention, run 13)
-    kv_dtype = kv_cache_dtype(kv_cache, model.norm.weight.dtype)
-    runner = ModelRunner(model, num_slots=max(*args.batches, *prefill_counts), max_len=2048, image_token_id=151655, kv_dtype=kv_dtype)
-    # The keys and values one decode step reads per sequence and cached token, all layers.
-    kv_token_bytes = sum(k[0, :, 0].numel() * k.element_size() * 2 for k, _ in runner.kv)
+    runner = ModelRunner(model, num_slots=max(*args.batches, *prefill_counts), max_len=2048, image_token_id=151655, quantized_kv=is_quantized(kv_cache))
+    # The keys and values (and scales) one decode step reads per sequence and cached token, all layers.
+    slots, _, max_len, _ = runner.kv[0].k.shape
+    kv_token_bytes = sum(layer.nbytes() for layer in runner.kv) / (slots * max_len)
     rows = []
     for count in prefill_counts:
         ms = prefill_ms(runner, count)

@@ -103,27 +103,27 @@ def test_quantized_repository_is_accurate_and_serves(build, quant):
 
 
 @pytest.mark.server
-def test_fp8_kv_cache_repository_measures_its_accuracy_and_serves(tiny_checkpoint, tmp_path):
-    """--kv-cache-dtype fp8: the decoder's config says so, the manifest's accuracy is measured over
-    the fp8 cache (below the float32 cache's exact 1.0, within tests/test_kv_cache.py's bounds),
-    and a real tritonserver decodes over it."""
+def test_int8_kv_cache_repository_measures_its_accuracy_and_serves(tiny_checkpoint, tmp_path):
+    """--kv-cache-dtype int8: the decoder's config says so, the manifest's accuracy is measured
+    over the int8 cache (below the float32 cache's exact 1.0, within tests/test_kv_cache.py's
+    bounds), and a real tritonserver decodes over it."""
     from builder.options import BuildOptions
     from builder.repository import build_repository
     from tests.conftest import TEST_BUILD
-    from tests.test_kv_cache import FP8_CACHE_BOUNDS
+    from tests.test_kv_cache import INT8_CACHE_BOUNDS
 
-    options = BuildOptions(model=str(tiny_checkpoint), output=tmp_path / "fp8kv", kv_cache_dtype="fp8", **TEST_BUILD)
+    options = BuildOptions(model=str(tiny_checkpoint), output=tmp_path / "int8kv", kv_cache_dtype="int8", **TEST_BUILD)
     manifest = build_repository(options)
-    assert manifest["options"]["kv_cache_dtype"] == "fp8"
+    assert manifest["options"]["kv_cache_dtype"] == "int8"
     accuracy = manifest["decoder_accuracy"]
-    assert accuracy["top1_agreement"] < 1.0 and all(accuracy[metric] >= bound for metric, bound in FP8_CACHE_BOUNDS.items()), accuracy
+    assert accuracy["top1_agreement"] < 1.0 and all(accuracy[metric] >= bound for metric, bound in INT8_CACHE_BOUNDS.items()), accuracy
     config = text_format.Parse((options.output / "language_model" / "config.pbtxt").read_text(), mc.ModelConfig())
-    assert config.parameters["kv_cache_dtype"].string_value == "fp8"
+    assert config.parameters["kv_cache_dtype"].string_value == "int8"
     with TritonServer(options.output) as server:
         responses = list(stream_generate(server.grpc_url, "Hello", parameters={"max_tokens": 6, "temperature": 0}))
     assert sum(len(r["token_ids"]) for r in responses) == 6
     with pytest.raises(SystemExit):  # argparse: not one of the choices
-        build_repo(["--model", str(tiny_checkpoint), "--output", str(tmp_path / "x"), "--kv-cache-dtype", "int4"])
+        build_repo(["--model", str(tiny_checkpoint), "--output", str(tmp_path / "x"), "--kv-cache-dtype", "fp8"])
 
 
 def test_vision_in_decoder_layout(build):

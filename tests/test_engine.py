@@ -286,9 +286,9 @@ def engine_parts(tiny_checkpoint, tokenizer, tmp_path_factory):
     return load_text_model(folder), tokenizer
 
 
-def _run(engine_parts, requests: list[tuple[list[int], SamplingParams]], *, slots: int, max_len: int = 64, cancel=None, kv_dtype=None):
+def _run(engine_parts, requests: list[tuple[list[int], SamplingParams]], *, slots: int, max_len: int = 64, cancel=None, quantized_kv=False):
     model, tokenizer = engine_parts
-    runner = ModelRunner(model, num_slots=slots, max_len=max_len, image_token_id=151655, kv_dtype=kv_dtype)
+    runner = ModelRunner(model, num_slots=slots, max_len=max_len, image_token_id=151655, quantized_kv=quantized_kv)
     # The watcher asks every millisecond: a cancellation is seen within a step or two.
     engine = Engine(runner, tokenizer, eos_token_ids={151645}, num_slots=slots, cancel_check_interval_s=0.001).start()
     outputs = {i: [] for i in range(len(requests))}
@@ -323,12 +323,12 @@ def test_more_requests_than_slots_wait_and_all_finish(engine_parts):
     assert engine.scheduler.slots.num_free == 2
 
 
-@pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn], ids=["model-dtype-cache", "fp8-cache"])
-def test_answers_do_not_depend_on_batching(engine_parts, kv_dtype):
+@pytest.mark.parametrize("quantized_kv", [False, True], ids=["model-dtype-cache", "int8-cache"])
+def test_answers_do_not_depend_on_batching(engine_parts, quantized_kv):
     requests = [([100 + i, 200 + 3 * i, 300], SamplingParams(max_tokens=6)) for i in range(4)]
-    together, _ = _run(engine_parts, requests, slots=4, kv_dtype=kv_dtype)
+    together, _ = _run(engine_parts, requests, slots=4, quantized_kv=quantized_kv)
     for i, request in enumerate(requests):
-        alone, _ = _run(engine_parts, [request], slots=1, kv_dtype=kv_dtype)
+        alone, _ = _run(engine_parts, [request], slots=1, quantized_kv=quantized_kv)
         assert [t for o in alone[0] for t in o.token_ids] == [t for o in together[i] for t in o.token_ids]
 
 

@@ -3,7 +3,7 @@
 CI has no GPU, so without this the batched prefill (prompts of one length attended as one batch,
 ragged ones grouped by length, grouped-query heads, deepstack rows), the int8 product of many
 rows (a dequantizing kernel, then a dense product), the decode-sized kernels (whole and split over
-K; x prescaled into fp16 or split into two int8 terms), the decode attention (whole and split over the keys), a captured prefill's prompt attention (both also over an fp8 cache) and the vision tower's rotary kernel
+K; x prescaled into fp16 or split into two int8 terms), the decode attention (whole and split over the keys), a captured prefill's prompt attention (the prefill and both attentions also over an int8 cache) and the vision tower's rotary kernel
 would only be tested on the GPU machine. TRITON_INTERPRET must be set before Triton compiles
 anything: the comparison runs in a child process (this file run as a script), and the test reads
 its verdict.
@@ -28,7 +28,7 @@ def test_fused_prefill_and_int8_product_match_the_reference(tiny_checkpoint):
     fp16_operands = {name: e for name, e in errors.items() if "convert='f16" in name}
     int8_terms = {name: e for name, e in errors.items() if "int8x2" in name}
     prefill = 1 + 6  # dequantize, the int8x2 prefill tiles
-    assert len(errors) == 1 + 5 + 3 + 2 + 2 * 6 + 2 + prefill + 3 + 5 + 1 + 4 + 1 + 2 + 3 and (len(fp16_operands), len(int8_terms)) == (3 + 3 + 1, 4 + 4 + 1 + 6), errors
+    assert len(errors) == 1 + 5 + 3 + 2 + 2 * 6 + 2 + prefill + 3 + 5 + 1 + 4 + 1 + 2 + 4 and (len(fp16_operands), len(int8_terms)) == (3 + 3 + 1, 4 + 4 + 1 + 6), errors
     # float32 activations rounded to fp16 operands: ~2^-11 relative; as two int8 terms, 16 bits per
     # group of K: half a step is 2^-16 of the group's largest, ~2e-5 of these products (measured
     # 2.0-2.5e-5); everything else float32 throughout
@@ -58,7 +58,7 @@ def _compare(checkpoint: Path) -> dict[str, float]:
     from model_repository.qwen3vl_runtime.kernels.int8_matmul import DECODE_MAX_ROWS, Launch, candidates, int8_matmul, prefill_candidates, rows_bucket, split_terms
     from model_repository.qwen3vl_runtime.kernels.prompt_attention import prompt_attention, tile_table
     from model_repository.qwen3vl_runtime.kernels.vision_rope import vision_rope
-    from model_repository.qwen3vl_runtime.kv_cache import FP8, to_cache
+    from model_repository.qwen3vl_runtime.kv_cache import LayerCache, quantize
     from model_repository.qwen3vl_runtime.quant import dequantize_weight, quantize_weight
     from model_repository.qwen3vl_runtime.text_model import sdpa_decode_attention, sdpa_prompt_attention
     from model_repository.qwen3vl_runtime.vision_tower import rotate_qk
@@ -84,6 +84,13 @@ def _compare(checkpoint: Path) -> dict[str, float]:
         ref = model.prefill(model.embed(ids), positions, kv_ref, 1, visual_mask=visual, deepstack=deepstack)
         fused = fused_prefill(model, kv_fused, model.embed(ids), positions, [1], [n], visual.nonzero().flatten(), deepstack)[0]
         errors["image prompt"] = rel(fused, ref)
+        # over an int8 cache (kv_cache.py): the kernel quantizes as the reference does
+        kv_ref, kv_fused = model.new_cache(3, 128, quantized=True), model.new_cache(3, 128, quantized=True)
+        ref = model.prefill(model.embed(ids), positions, kv_ref, 1, visual_mask=visual, deepstack=deepstack)
+        fused = fused_prefill(model, kv_fused, model.embed(ids), positions, [1], [n], visual.nonzero().flatten(), deepstack)[0]
+        cached = [rel(a.read((1, slice(None), slice(None, n)), torch.float32)[kv], b.read((1, slice(None), slice(None, n)), torch.float32)[kv])
+                  for a, b in zip(kv_fused, kv_ref) for kv in (0, 1)]  # fmt: skip
+        errors["image prompt, int8 cache"] = max(rel(fused, ref), *cached)
         for name, lengths in (("ragged", [7, 30, 12, 7, 30]), ("equal", [9, 9, 9])):
             slots = list(range(len(lengths)))[::-1]
             prompts = [torch.randint(100, 5000, (length,)) for length in lengths]
@@ -92,7 +99,7 @@ def _compare(checkpoint: Path) -> dict[str, float]:
             batched = fused_prefill(model, kv_batch, model.embed(torch.cat(prompts)), torch.cat(positions, 1), slots, lengths)
             for row, (slot, prompt, position) in enumerate(zip(slots, prompts, positions)):
                 single = model.prefill(model.embed(prompt), position, kv_single, slot)
-                keys, values = (rel(kv_batch[0][kv][slot, :, : len(prompt)], kv_single[0][kv][slot, :, : len(prompt)]) for kv in (0, 1))
+                keys, values = (rel(getattr(kv_batch[0], kv)[slot, :, : len(prompt)], getattr(kv_single[0], kv)[slot, :, : len(prompt)]) for kv in "kv")
                 errors[f"{name} {row}"] = max(rel(batched[row], single), keys, values)
         q, scale = quantize_weight(torch.randn(96, 160), "int8")
         x = torch.randn(DECODE_MAX_ROWS + 36, 160)
@@ -145,15 +152,16 @@ def _compare(checkpoint: Path) -> dict[str, float]:
         k_cache, v_cache = torch.randn(5, 2, 160, 32), torch.randn(5, 2, 160, 32)
         q_rows = torch.randn(4, 6, 32)
         slots_, lengths_ = torch.tensor([3, 0, 4, 1]), torch.tensor([1, 64, 65, 130])
-        expected = sdpa_decode_attention(q_rows.double(), k_cache.double(), v_cache.double(), slots_, lengths_)
+        cache = LayerCache(k_cache, v_cache)
+        expected = sdpa_decode_attention(q_rows.double(), LayerCache(k_cache.double(), v_cache.double()), slots_, lengths_)
         for splits in (1, 4):
-            errors[f"decode attention, {splits} splits"] = rel(decode_attention(q_rows, k_cache, v_cache, slots_, lengths_, splits), expected)
-        # over an fp8 cache (kv_cache.py), against the same cache widened; x40: values up to ~200,
-        # the upper binades of e4m3 (the queries /40 keep the scores as above)
-        k8, v8 = to_cache(k_cache * 40, torch.empty(0, dtype=FP8)), to_cache(v_cache * 40, torch.empty(0, dtype=FP8))
-        expected8 = sdpa_decode_attention(q_rows.double() / 40, k8.double(), v8.double(), slots_, lengths_)
+            errors[f"decode attention, {splits} splits"] = rel(decode_attention(q_rows, cache, slots_, lengths_, splits), expected)
+        # over an int8 cache, against the reference's dequantized read of it
+        (k8, k_scale), (v8, v_scale) = quantize(k_cache), quantize(v_cache)
+        int8_cache = LayerCache(k8, v8, k_scale, v_scale)
+        expected8 = sdpa_decode_attention(q_rows.double(), int8_cache, slots_, lengths_)
         for splits in (1, 4):
-            errors[f"decode attention, fp8 cache, {splits} splits"] = rel(decode_attention(q_rows / 40, k8, v8, slots_, lengths_, splits), expected8)
+            errors[f"decode attention, int8 cache, {splits} splits"] = rel(decode_attention(q_rows, int8_cache, slots_, lengths_, splits), expected8)
         # A captured prefill's prompt attention: three prompts in tiles of 64 rows (70 rows: a
         # partial second tile; 5; 20 rows after 60 keys already in the slot), then 6 padding rows
         # on a scratch slot; 3 query heads per KV head (not a power of two: masked query rows)
@@ -162,13 +170,13 @@ def _compare(checkpoint: Path) -> dict[str, float]:
         token_slots = torch.tensor([s for s, n in zip(slots_, lengths_) for _ in range(n)] + [4] * 6)
         cache_positions = torch.cat([torch.arange(a, a + n) for a, n in zip(starts, lengths_)] + [torch.zeros(6, dtype=torch.long)])
         tiles = tile_table(slots_, lengths_, len(q_rows), 4, max_prompts=5)
-        expected = sdpa_prompt_attention(q_rows.double(), k_cache.double(), v_cache.double(), token_slots, cache_positions, tiles)
-        errors["prompt attention"] = rel(prompt_attention(q_rows, k_cache, v_cache, token_slots, cache_positions, tiles), expected)
-        expected8 = sdpa_prompt_attention(q_rows.double() / 40, k8.double(), v8.double(), token_slots, cache_positions, tiles)
-        errors["prompt attention, fp8 cache"] = rel(prompt_attention(q_rows / 40, k8, v8, token_slots, cache_positions, tiles), expected8)
+        expected = sdpa_prompt_attention(q_rows.double(), LayerCache(k_cache.double(), v_cache.double()), token_slots, cache_positions, tiles)
+        errors["prompt attention"] = rel(prompt_attention(q_rows, cache, token_slots, cache_positions, tiles), expected)
+        expected8 = sdpa_prompt_attention(q_rows.double(), int8_cache, token_slots, cache_positions, tiles)
+        errors["prompt attention, int8 cache"] = rel(prompt_attention(q_rows, int8_cache, token_slots, cache_positions, tiles), expected8)
         # in fp16 (the interpreter has no bf16), the 16-bit path's key step
-        half = [t.half() for t in (q_rows, k_cache, v_cache)]
-        errors["prompt attention, convert='f16' (q, k, v in fp16)"] = rel(prompt_attention(*half, token_slots, cache_positions, tiles), expected)
+        half = LayerCache(k_cache.half(), v_cache.half())
+        errors["prompt attention, convert='f16' (q, k, v in fp16)"] = rel(prompt_attention(q_rows.half(), half, token_slots, cache_positions, tiles), expected)
         # The tower's rotary embedding: 12 heads (not a power of two: masked head rows), head_dim 64;
         # cos/sin laid out as the tower's (two equal halves)
         qkv = torch.randn(50, 3, 12, 64)

@@ -16,24 +16,37 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+def layer_cache(k: torch.Tensor, v: torch.Tensor, quantized: bool):
+    """(the cache the kernel reads, the reference's float64 view of the same values)."""
+    from model_repository.qwen3vl_runtime.kv_cache import LayerCache, quantize
+
+    if not quantized:
+        return LayerCache(k, v), LayerCache(k.double(), v.double())
+    (k8, k_scale), (v8, v_scale) = quantize(k), quantize(v)
+    cache = LayerCache(k8, v8, k_scale, v_scale)
+    return cache, LayerCache(*cache.read((slice(None),), torch.float64))
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["model-dtype-cache", "int8-cache"])
 @pytest.mark.parametrize("splits", [1, None])  # None: as many key ranges as this GPU's SMs want (8 here)
 @pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_decode_attention_kernel_matches_sdpa(dtype, bound, splits):
+def test_decode_attention_kernel_matches_sdpa(dtype, bound, splits, quantized):
     from model_repository.qwen3vl_runtime.kernels.decode_attention import decode_attention
     from model_repository.qwen3vl_runtime.text_model import sdpa_decode_attention
 
     torch.manual_seed(0)
     k = torch.randn(9, 8, 700, 128, device="cuda", dtype=dtype)
-    v = torch.randn_like(k)
+    cache, reference = layer_cache(k, torch.randn_like(k), quantized)
     q = torch.randn(6, 16, 128, device="cuda", dtype=dtype)
     slots = torch.tensor([8, 0, 3, 5, 1, 2], device="cuda")
     lengths = torch.tensor([1, 63, 64, 65, 300, 700], device="cuda")
-    out = decode_attention(q, k, v, slots, lengths, splits)
-    assert rel_error(out, sdpa_decode_attention(q.double(), k.double(), v.double(), slots, lengths)) < bound
+    out = decode_attention(q, cache, slots, lengths, splits)
+    assert rel_error(out, sdpa_decode_attention(q.double(), reference, slots, lengths)) < bound
 
 
+@pytest.mark.parametrize("quantized", [False, True], ids=["model-dtype-cache", "int8-cache"])
 @pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_prompt_attention_kernel_matches_sdpa(dtype, bound):
+def test_prompt_attention_kernel_matches_sdpa(dtype, bound, quantized):
     """The real model's heads (16 over 8 KV heads, head_dim 128): prompts of 1, 64, 65 and 300
     rows (the last after 100 keys already in its slot), then 7 padding rows on a scratch slot."""
     from model_repository.qwen3vl_runtime.kernels.prompt_attention import prompt_attention, tile_table
@@ -41,14 +54,14 @@ def test_prompt_attention_kernel_matches_sdpa(dtype, bound):
 
     torch.manual_seed(0)
     k = torch.randn(6, 8, 512, 128, device="cuda", dtype=dtype)
-    v = torch.randn_like(k)
+    cache, reference = layer_cache(k, torch.randn_like(k), quantized)
     slots, lengths, starts = [4, 0, 2, 1], [1, 64, 65, 300], [0, 0, 0, 100]
     token_slots = torch.tensor([s for s, n in zip(slots, lengths) for _ in range(n)] + [5] * 7, device="cuda")
     cache_positions = torch.cat([torch.arange(a, a + n) for a, n in zip(starts, lengths)] + [torch.zeros(7, dtype=torch.long)]).cuda()
     q = torch.randn(len(token_slots), 16, 128, device="cuda", dtype=dtype)
     tiles = tile_table(slots, lengths, len(q), 5, max_prompts=16).cuda()
-    out = prompt_attention(q, k, v, token_slots, cache_positions, tiles)
-    assert rel_error(out, sdpa_prompt_attention(q.double(), k.double(), v.double(), token_slots, cache_positions, tiles)) < bound
+    out = prompt_attention(q, cache, token_slots, cache_positions, tiles)
+    assert rel_error(out, sdpa_prompt_attention(q.double(), reference, token_slots, cache_positions, tiles)) < bound
 
 
 @pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-6), (torch.bfloat16, 1e-3)])
@@ -265,15 +278,14 @@ def test_fused_forward_matches_the_reference_model(gpu_parts, dtype, bound):
         model.to(torch.float32)
 
 
-@pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-3), (torch.bfloat16, 3e-2)])
-def test_fp8_cache_fused_forward_matches_the_reference_model(gpu_parts, dtype, bound):
-    """Over an fp8 cache (kv_cache.py): the GPU kernel stores the keys and values the reference
-    model's to_cache stores (the same fp8 values but where the two paths' unrounded keys straddle
-    a rounding boundary: float32 ~1e-7 apart), and the fused prefill's and decode step's logits
-    match the reference model's over its own fp8 cache."""
+@pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_int8_cache_fused_forward_matches_the_reference_model(gpu_parts, dtype, bound):
+    """Over an int8 cache (kv_cache.py): the GPU kernel stores the integers and scales the
+    reference model's quantize stores (the same but where the two paths' unrounded keys straddle a
+    rounding boundary: in float32 ~1e-7 apart), and the fused prefill's and decode step's logits
+    match the reference model's over its own int8 cache."""
     from model_repository.qwen3vl_runtime.fused_forward import fused_decode, fused_prefill
     from model_repository.qwen3vl_runtime.kernels.decode_attention import decode_attention
-    from model_repository.qwen3vl_runtime.kv_cache import FP8
 
     model = gpu_parts[0].to(dtype)
     try:
@@ -281,15 +293,17 @@ def test_fp8_cache_fused_forward_matches_the_reference_model(gpu_parts, dtype, b
         n = 60
         ids = torch.randint(100, 5000, (n,), device="cuda")
         positions = torch.arange(n, device="cuda").expand(3, -1)
-        kv_ref, kv_fused = model.new_cache(3, 128, dtype=FP8), model.new_cache(3, 128, dtype=FP8)
+        kv_ref, kv_fused = model.new_cache(3, 128, quantized=True), model.new_cache(3, 128, quantized=True)
         ref = model.prefill(model.embed(ids), positions, kv_ref, 2)
         fused = fused_prefill(model, kv_fused, model.embed(ids), positions, [2], [n])[0]
         assert rel_error(fused, ref) < bound
-        for (k_ref, v_ref), (k_fused, v_fused) in zip(kv_ref, kv_fused):
-            for a, b in ((k_fused, k_ref), (v_fused, v_ref)):
-                assert a.dtype == FP8
-                same = (a[2, :, :n].float() == b[2, :, :n].float()).float().mean().item()
-                assert same > (0.999 if dtype == torch.float32 else 0.98), same
+        for layer_ref, layer_fused in zip(kv_ref, kv_fused):
+            for name in ("k", "v"):
+                a, b = getattr(layer_fused, name)[2, :, :n], getattr(layer_ref, name)[2, :, :n]
+                assert a.dtype == torch.int8
+                same = (a == b).float().mean().item()
+                assert same > (0.999 if dtype == torch.float32 else 0.98), (name, same)
+                assert rel_error(getattr(layer_fused, f"{name}_scale")[2, :, :n], getattr(layer_ref, f"{name}_scale")[2, :, :n]) < bound
         model.decode_attention = decode_attention
         step = [torch.tensor(t, device="cuda") for t in ([int(ref.argmax())], [n], [2], [n])]
         assert rel_error(fused_decode(model, *step[:2], kv_fused, *step[2:]), model.decode(*step[:2], kv_ref, *step[2:])) < bound
@@ -297,16 +311,15 @@ def test_fp8_cache_fused_forward_matches_the_reference_model(gpu_parts, dtype, b
         model.to(torch.float32)
 
 
-def test_64_streams_over_an_fp8_cache_answer_as_each_alone(gpu_parts):
-    """float32, greedy, the KV cache in fp8: batching still changes no stream's tokens."""
+def test_64_streams_over_an_int8_cache_answer_as_each_alone(gpu_parts):
+    """float32, greedy, the KV cache in int8: batching still changes no stream's tokens."""
     from model_repository.qwen3vl_runtime.engine.runner import ModelRunner
-    from model_repository.qwen3vl_runtime.kv_cache import FP8
 
     prompts = [[151644, 872, 198] + [100 + (i * 41 + j * 13) % 5000 for j in range(3 + i % 17)] + [151645, 198] for i in range(64)]
-    fp8_runner = lambda slots: ModelRunner(gpu_parts[0], num_slots=slots, max_len=256, image_token_id=151655, kv_dtype=FP8)  # noqa: E731
-    together = run_engine(gpu_parts, prompts, slots=64, max_tokens=24, runner=fp8_runner(64))
+    int8_runner = lambda slots: ModelRunner(gpu_parts[0], num_slots=slots, max_len=256, image_token_id=151655, quantized_kv=True)  # noqa: E731
+    together = run_engine(gpu_parts, prompts, slots=64, max_tokens=24, runner=int8_runner(64))
     for i in range(0, 64, 9):
-        assert run_engine(gpu_parts, [prompts[i]], slots=1, max_tokens=24, runner=fp8_runner(1))[0] == together[i], i
+        assert run_engine(gpu_parts, [prompts[i]], slots=1, max_tokens=24, runner=int8_runner(1))[0] == together[i], i
 
 
 def test_batched_prefill_equals_one_by_one(gpu_parts):
@@ -323,16 +336,16 @@ def test_batched_prefill_equals_one_by_one(gpu_parts):
     for row, (slot, i, p) in enumerate(zip([3, 0, 2], ids, positions)):
         single = fused_prefill(model, kv_single, model.embed(i), p, [slot], [len(i)])[0]
         assert rel_error(batched[row], single) < 1e-5
-        assert rel_error(kv_batch[1][0][slot, :, : len(i)], kv_single[1][0][slot, :, : len(i)]) < 1e-5
+        assert rel_error(kv_batch[1].k[slot, :, : len(i)], kv_single[1].k[slot, :, : len(i)]) < 1e-5
 
 
-@pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn], ids=["model-dtype-cache", "fp8-cache"])
+@pytest.mark.parametrize("quantized", [False, True], ids=["model-dtype-cache", "int8-cache"])
 @pytest.mark.parametrize("lengths", [[9, 40], [9, 40, 300, 200, 120]])
-def test_graphed_prefill_equals_eager_prefill(gpu_parts, lengths, kv_dtype):
+def test_graphed_prefill_equals_eager_prefill(gpu_parts, lengths, quantized):
     """Prompts, the first with image rows and deepstack features, through the captured graphs:
     two in the 64-token bucket, five (669 tokens) in the 768 one, then the last three of those
-    five again (620 tokens, the same bucket). Over an fp8 cache the eager prefill attends over the
-    keys it kept, widened from the cache's, and the graphs over the cache itself: the same values."""
+    five again (620 tokens, the same bucket). Over an int8 cache the eager prefill attends over the
+    keys it kept, dequantized as the cache holds them, and the graphs over the cache itself."""
     from model_repository.qwen3vl_runtime.engine.cuda_graphs import GraphedPrefill
     from model_repository.qwen3vl_runtime.fused_forward import fused_prefill
     from model_repository.qwen3vl_runtime.gpu import use_gpu_kernels
@@ -346,7 +359,7 @@ def test_graphed_prefill_equals_eager_prefill(gpu_parts, lengths, kv_dtype):
     visual = torch.zeros(tokens, dtype=torch.bool, device="cuda")
     visual[15:19] = True
     deepstack = torch.randn(3, 4, model.config.hidden_size, device="cuda")
-    kv_eager, kv_graph = model.new_cache(7, 512, dtype=kv_dtype), model.new_cache(7, 512, dtype=kv_dtype)
+    kv_eager, kv_graph = model.new_cache(7, 512, quantized=quantized), model.new_cache(7, 512, quantized=quantized)
     rows = visual.nonzero().flatten()
     eager = fused_prefill(model, kv_eager, embeds, positions, slots, lengths, rows, deepstack)
     graphs = GraphedPrefill(model, kv_graph, scratch_slot=6)
@@ -354,7 +367,7 @@ def test_graphed_prefill_equals_eager_prefill(gpu_parts, lengths, kv_dtype):
     graphed = graphs(embeds, positions, slots, lengths, rows, deepstack)
     assert rel_error(graphed, eager) < 1e-5
     for slot, n in zip(slots, lengths):
-        assert rel_error(kv_graph[0][1][slot, :, :n], kv_eager[0][1][slot, :, :n]) < 1e-5
+        assert rel_error(kv_graph[0].v[slot, :, :n], kv_eager[0].v[slot, :, :n]) < 1e-5
     if len(lengths) > 2:  # the same bucket again with fewer prompts and no image: none of the
         # first call's attention tiles may be left in the graph's table
         first = sum(lengths[:2])

@@ -24,10 +24,9 @@ def _layers(model: TextModel, x, cos, sin, kv, slots, cache_positions, attend, a
     for i, layer in enumerate(model.layers):
         attn, mlp = layer.self_attn, layer.mlp
         h, x = add_rmsnorm(x, delta, *_norm(layer.input_layernorm))
-        k_cache, v_cache = kv[i]
         q, k, v = qk_norm_rope_cache(
             attn.qkv_proj(h), attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps,
-            cos, sin, k_cache, v_cache, slots, cache_positions, c.num_heads, c.num_kv_heads, keep_kv,
+            cos, sin, kv[i], slots, cache_positions, c.num_heads, c.num_kv_heads, keep_kv,
         )  # fmt: skip
         h, x = add_rmsnorm(x, attn.o_proj(attend(i, q, k, v).reshape(len(q), -1)), *_norm(layer.post_attention_layernorm))
         delta = mlp.down_proj(silu_mul(mlp.gate_up_proj(h)))
@@ -48,7 +47,7 @@ def fused_decode(model: TextModel, input_ids, positions, kv, slots, lengths) -> 
     valid = lengths + 1  # the new token's key is attended to as well
 
     def attend(i, q, k, v):
-        return model.decode_attention(q, kv[i][0], kv[i][1], slots, valid)
+        return model.decode_attention(q, kv[i], slots, valid)
 
     return model.logits(_layers(model, x, cos, sin, kv, slots, lengths, attend))
 
@@ -102,7 +101,7 @@ def static_prefill(model: TextModel, kv, embeds, positions, token_slots, cache_p
     cos, sin = model.rope(positions, embeds.dtype)  # [3, T + 1]: M-RoPE, not the 1-D table
 
     def attend(i, q, k, v):
-        return model.prompt_attention(q, kv[i][0], kv[i][1], token_slots, cache_positions, tiles)
+        return model.prompt_attention(q, kv[i], token_slots, cache_positions, tiles)
 
     def add_deepstack(i, x, delta):
         if i >= deepstack.shape[0]:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kv_cache import to_cache
+from .kv_cache import LayerCache
 
 
 @dataclass(frozen=True)
@@ -124,24 +124,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-def sdpa_decode_attention(q, k_cache, v_cache, slots, lengths) -> torch.Tensor:
+def sdpa_decode_attention(q, cache: LayerCache, slots, lengths) -> torch.Tensor:
     """Decode attention in plain PyTorch (CPU, and the reference for the GPU kernel).
 
-    q: [B, H, D]; k_cache, v_cache: [slots, Hkv, max_len, D]; lengths: [B] valid keys per
-    sequence (the new token's included) -> [B, H, D]. Pads to the longest sequence in the batch.
+    q: [B, H, D]; cache: one layer's (``kv_cache``); lengths: [B] valid keys per sequence (the new
+    token's included) -> [B, H, D]. Pads to the longest sequence in the batch.
     """
     span = int(lengths.max())
-    keys, values = k_cache[slots, :, :span].to(q.dtype), v_cache[slots, :, :span].to(q.dtype)  # [B, Hkv, span, D]
+    keys, values = cache.read((slots, slice(None), slice(None, span)), q.dtype)  # [B, Hkv, span, D]
     mask = torch.arange(span, device=q.device)[None, :] < lengths[:, None]  # [B, span]
     out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask[:, None, None], enable_gqa=True)
     return out[:, :, 0]
 
 
-def sdpa_prompt_attention(q, k_cache, v_cache, token_slots, cache_positions, tiles) -> torch.Tensor:
+def sdpa_prompt_attention(q, cache: LayerCache, token_slots, cache_positions, tiles) -> torch.Tensor:
     """Causal attention of prompt rows already in the cache, in plain PyTorch (the reference for
     ``kernels.prompt_attention``, whose schedule ``tiles`` is): q [T, H, D], each row over its
     slot's keys 0..cache_positions[row] -> [T, H, D]."""
-    return sdpa_decode_attention(q, k_cache, v_cache, token_slots, cache_positions + 1)
+    return sdpa_decode_attention(q, cache, token_slots, cache_positions + 1)
 
 
 class Attention(nn.Module):
@@ -163,17 +163,13 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def prefill(self, x, cos, sin, k_cache, v_cache, slot: int, start: int) -> torch.Tensor:
-        """Attend L new tokens at positions start..start+L of one slot (causal), filling its cache.
-
-        k_cache, v_cache: [slots, Hkv, max_len, D].
-        """
+    def prefill(self, x, cos, sin, cache: LayerCache, slot: int, start: int) -> torch.Tensor:
+        """Attend L new tokens at positions start..start+L of one slot (causal), filling its cache."""
         n = x.shape[0]
         q, k, v = self.project(x, cos, sin)
         end = start + n
-        k_cache[slot, :, start:end] = to_cache(k.transpose(0, 1), k_cache)
-        v_cache[slot, :, start:end] = to_cache(v.transpose(0, 1), v_cache)
-        keys, values = k_cache[slot, :, :end].to(q.dtype), v_cache[slot, :, :end].to(q.dtype)  # [Hkv, end, D], as cached
+        cache.write((slot, slice(None), slice(start, end)), k.transpose(0, 1), v.transpose(0, 1))
+        keys, values = cache.read((slot, slice(None), slice(None, end)), q.dtype)  # [Hkv, end, D], as cached
         if start == 0:  # a whole prompt: the fused causal kernels apply
             out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, is_causal=True, enable_gqa=True)
         else:  # token i (absolute start + i) sees keys 0..start + i
@@ -181,16 +177,15 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=mask, enable_gqa=True)
         return self.o_proj(out.transpose(0, 1).reshape(n, -1))  # out: [H, L, D]
 
-    def decode(self, x, cos, sin, k_cache, v_cache, slots, lengths, attend) -> torch.Tensor:
+    def decode(self, x, cos, sin, cache: LayerCache, slots, lengths, attend) -> torch.Tensor:
         """One new token per sequence. x: [B, hidden]; slots, lengths: [B] (tokens already cached).
 
         No host synchronisation with a GPU ``attend``: the step can be captured in a CUDA graph.
         """
         b = x.shape[0]
         q, k, v = self.project(x, cos, sin)
-        k_cache[slots, :, lengths] = to_cache(k, k_cache)
-        v_cache[slots, :, lengths] = to_cache(v, v_cache)
-        return self.o_proj(attend(q, k_cache, v_cache, slots, lengths + 1).reshape(b, -1))
+        cache.write((slots, slice(None), lengths), k, v)
+        return self.o_proj(attend(q, cache, slots, lengths + 1).reshape(b, -1))
 
 
 class MLP(nn.Module):
@@ -253,7 +248,7 @@ class TextModel(nn.Module):
         self,
         embeds: torch.Tensor,
         positions: torch.Tensor,
-        kv: "list[tuple[torch.Tensor, torch.Tensor]]",
+        kv: list[LayerCache],
         slot: int,
         start: int = 0,
         visual_mask: torch.Tensor | None = None,
@@ -268,9 +263,8 @@ class TextModel(nn.Module):
         """
         cos, sin = self.rope(positions, embeds.dtype)
         x = embeds
-        for i, layer in enumerate(self.layers):
-            k_cache, v_cache = kv[i]
-            x = layer(x, lambda attn, h: attn.prefill(h, cos, sin, k_cache, v_cache, slot, start))
+        for i, (layer, cache) in enumerate(zip(self.layers, kv)):
+            x = layer(x, lambda attn, h: attn.prefill(h, cos, sin, cache, slot, start))
             if deepstack is not None and i < deepstack.shape[0]:
                 x = x.clone()
                 x[visual_mask] += deepstack[i].to(x.dtype)
@@ -278,20 +272,19 @@ class TextModel(nn.Module):
             return self.logits(self.norm(x))
         return self.logits(self.norm(x[-1:]))[0]
 
-    def new_cache(self, slots: int, max_len: int, device=None, dtype=None) -> "list[tuple[torch.Tensor, torch.Tensor]]":
-        """A zeroed KV cache: per layer, K and V of shape [slots, kv heads, max_len, head_dim]."""
-        c = self.config
-        like = self.norm.weight
-        shape = (slots, c.num_kv_heads, max_len, c.head_dim)
-        make = lambda: torch.zeros(shape, device=device or like.device, dtype=dtype or like.dtype)  # noqa: E731
-        return [(make(), make()) for _ in range(c.num_layers)]
+    def new_cache(self, slots: int, max_len: int, device=None, *, quantized: bool = False) -> list[LayerCache]:
+        """A zeroed KV cache, one ``LayerCache`` per layer: K and V [slots, kv heads, max_len,
+        head_dim] in the model's dtype, or int8 with a scale per token and head (``quantized``)."""
+        c, like = self.config, self.norm.weight
+        make = lambda: LayerCache.empty(slots, c.num_kv_heads, max_len, c.head_dim, dtype=like.dtype, quantized=quantized, device=device or like.device)  # noqa: E731
+        return [make() for _ in range(c.num_layers)]
 
-    def sequence_logits(self, input_ids: torch.Tensor, kv_dtype: torch.dtype | None = None) -> torch.Tensor:
+    def sequence_logits(self, input_ids: torch.Tensor, quantized_kv: bool = False) -> torch.Tensor:
         """Teacher-forced logits of a text-only sequence: [L] -> [L, vocab] (accuracy checks), over
-        a cache of ``kv_dtype`` (default the model's dtype)."""
+        a cache in the model's dtype or int8 (``quantized_kv``)."""
         input_ids = input_ids.to(self.norm.weight.device)
         positions = torch.arange(len(input_ids), device=input_ids.device).expand(3, -1)
-        kv = self.new_cache(1, len(input_ids), dtype=kv_dtype)
+        kv = self.new_cache(1, len(input_ids), quantized=quantized_kv)
         return self.prefill(self.embed(input_ids), positions, kv, slot=0, all_logits=True)
 
     @torch.inference_mode()
@@ -299,16 +292,13 @@ class TextModel(nn.Module):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        kv: "list[tuple[torch.Tensor, torch.Tensor]]",
+        kv: list[LayerCache],
         slots: torch.Tensor,
         lengths: torch.Tensor,
     ) -> torch.Tensor:
         """One step for a batch: input_ids, positions (1-D RoPE), slots, lengths: [B] -> [B, vocab]."""
         x = self.embed(input_ids)
         cos, sin = self.rope(positions, x.dtype)
-        for i, layer in enumerate(self.layers):
-            k_cache, v_cache = kv[i]
-            x = layer(
-                x, lambda attn, h: attn.decode(h, cos, sin, k_cache, v_cache, slots, lengths, self.decode_attention)
-            )
+        for layer, cache in zip(self.layers, kv):
+            x = layer(x, lambda attn, h: attn.decode(h, cos, sin, cache, slots, lengths, self.decode_attention))
         return self.logits(self.norm(x))

@@ -23,7 +23,7 @@ from qwen3vl_runtime.engine.runner import ModelRunner, PromptInputs  # noqa: E40
 from qwen3vl_runtime.engine.server_caps import ServerTierCounts, default_path  # noqa: E402
 from qwen3vl_runtime.engine.step_log import STEP_LOG_ENV, StepLog  # noqa: E402
 from qwen3vl_runtime.engine.vision import ImageEncoder, ImageInputs  # noqa: E402
-from qwen3vl_runtime.kv_cache import kv_cache_dtype  # noqa: E402
+from qwen3vl_runtime.kv_cache import is_quantized  # noqa: E402
 from qwen3vl_runtime.patches import checkpoint_pixel_table, parse_image_sizes, patch_grid  # noqa: E402
 from qwen3vl_runtime.specs import DECODER_VISION_INPUTS, NUMPY_DTYPES  # noqa: E402
 from qwen3vl_runtime.streaming import ResponseStreamer  # noqa: E402
@@ -85,16 +85,15 @@ class TritonPythonModel:
         vision = None
         if visual is not None:
             vision = ImageEncoder(visual, checkpoint_pixel_table(DECODER_DIR), graph_grids=_vision_graph_grids(settings, visual))
-        model = load_text_model(DECODER_DIR, device)
         runner = ModelRunner(
-            model,
+            load_text_model(DECODER_DIR, device),
             num_slots=num_slots,
             max_len=int(settings["max_context"]),
             image_token_id=config["image_token_id"],
             graphed_prefill=settings.get("graphed_prefill") == "True",
             vision=vision,
             # Repositories built before the option hold none: the compute dtype.
-            kv_dtype=kv_cache_dtype(settings.get("kv_cache_dtype", "auto"), model.norm.weight.dtype),
+            quantized_kv=is_quantized(settings.get("kv_cache_dtype", "auto")),
         )
         self.logger = pb_utils.Logger
         for grid, buckets in runner.prepared_vision_graphs.items():

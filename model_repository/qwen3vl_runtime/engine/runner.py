@@ -37,7 +37,7 @@ class ModelRunner:
     --graphed-prefill). Off by default: on the H100 a second runner created in the same process
     failed its capture (cause not found yet); a Triton model has one runner per process.
     vision: the vision tower, when this process runs it (prompts then carry their images' patches).
-    kv_dtype: the KV cache's element type (``kv_cache``; default the model's dtype).
+    quantized_kv: the KV cache in int8 with a scale per token and head (``kv_cache``), else the model's dtype.
     """
 
     def __init__(
@@ -50,7 +50,7 @@ class ModelRunner:
         cuda_graphs: bool = True,
         graphed_prefill: bool = False,
         vision: ImageEncoder | None = None,
-        kv_dtype: torch.dtype | None = None,
+        quantized_kv: bool = False,
     ):
         self.model = model
         self.vision = vision
@@ -60,7 +60,7 @@ class ModelRunner:
         on_gpu = self.device.type == "cuda"
         # Preallocated once: [slots, kv heads, max_len, head_dim] per layer for K and for V; on
         # the GPU one more slot takes the padding rows of graphed steps.
-        self.kv = model.new_cache(num_slots + on_gpu, max_len, dtype=kv_dtype)
+        self.kv = model.new_cache(num_slots + on_gpu, max_len, quantized=quantized_kv)
         # Each slot's newest sampled token: the next decode step's input, written on the device by
         # ``feed`` so that a step can be launched before the host has read the previous one's tokens.
         self.tokens_by_slot = torch.zeros(num_slots + on_gpu, dtype=torch.long, device=self.device)

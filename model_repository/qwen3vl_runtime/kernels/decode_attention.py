@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .online_softmax import attend_block
+from ..kv_cache import LayerCache
+from .online_softmax import attend_block, scales_or_stand_ins
 from .pdl import launch_args, wait_for_previous
 
 BLOCK_L = 64  # keys per inner step
@@ -27,13 +28,13 @@ MAX_SPLITS = 16
 
 @triton.jit
 def _decode_attention_kernel(
-    Q, K, V, Out, PartMax, PartSum, Slots, Lengths,
+    Q, K, V, KScale, VScale, Out, PartMax, PartSum, Slots, Lengths,
     sm_scale,
     stride_qb, stride_qh,
-    stride_ks, stride_kh, stride_kl,
+    stride_ks, stride_kh, stride_kl, stride_ss, stride_sh,
     stride_ob, stride_oh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_L: tl.constexpr,
-    SPLITS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+    SPLITS: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """SPLITS == 1: Out [B, H, D] is the attention. Otherwise Out [B, H, SPLITS, D] (float32) gets
     each split's unnormalised sum of values, PartMax / PartSum [B, H, SPLITS] its maximum score
@@ -53,11 +54,13 @@ def _decode_attention_kernel(
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
     base = slot * stride_ks + kv_head * stride_kh
+    scale_base = slot * stride_ss + kv_head * stride_sh
     for start in range(split * chunk, tl.minimum(split * chunk + chunk, length), BLOCK_L):
         offs = start + tl.arange(0, BLOCK_L)
         valid = offs < length
         kv_offsets = base + offs[:, None] * stride_kl + d[None, :]
-        m, l, acc = attend_block(q, K, V, kv_offsets, valid[:, None], valid[None, :], m, l, acc, sm_scale, IEEE)
+        m, l, acc = attend_block(q, K, V, kv_offsets, valid[:, None], valid[None, :], m, l, acc, sm_scale, IEEE,
+                                 KScale, VScale, scale_base + offs[None, :], valid[None, :], QUANT)  # fmt: skip
     real = g < GROUP
     if SPLITS == 1:
         out = acc / l[:, None]
@@ -94,13 +97,16 @@ def splits_for(batch: int, kv_heads: int, sms: int) -> int:
     return splits
 
 
-def decode_attention(q, k_cache, v_cache, slots, lengths, splits: int | None = None) -> torch.Tensor:
+def decode_attention(q, cache: LayerCache, slots, lengths, splits: int | None = None) -> torch.Tensor:
     """Same contract as ``text_model.sdpa_decode_attention``: q [B, H, D] -> [B, H, D].
 
-    k_cache, v_cache: [slots, Hkv, max_len, D] (contiguous); lengths: [B] valid keys (>= 1);
-    splits: key ranges per (sequence, KV head), by default ``splits_for`` this GPU (1 elsewhere).
+    cache: one layer's, its K and V [slots, Hkv, max_len, D] contiguous (int8 with scales, or q's
+    dtype); lengths: [B] valid keys (>= 1); splits: key ranges per (sequence, KV head), by
+    default ``splits_for`` this GPU (1 elsewhere).
     """
     batch, heads, head_dim = q.shape
+    k_cache, v_cache = cache.k, cache.v
+    k_scale, v_scale = scales_or_stand_ins(cache)
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
     out = torch.empty_like(q)
@@ -113,13 +119,13 @@ def decode_attention(q, k_cache, v_cache, slots, lengths, splits: int | None = N
         target = torch.empty((batch, heads, splits, head_dim), device=q.device, dtype=torch.float32)
         part_max, part_sum = (torch.empty((batch, heads, splits), device=q.device, dtype=torch.float32) for _ in range(2))
     _decode_attention_kernel[(batch, kv_heads, splits)](
-        q, k_cache, v_cache, target, part_max, part_sum, slots, lengths,
+        q, k_cache, v_cache, k_scale, v_scale, target, part_max, part_sum, slots, lengths,
         head_dim**-0.5,
         q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_scale.stride(0), k_scale.stride(1),
         out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_L=BLOCK_L,
-        SPLITS=splits, IEEE=q.dtype == torch.float32, **launch_args(q),
+        SPLITS=splits, IEEE=q.dtype == torch.float32, QUANT=cache.quantized, **launch_args(q),
     )  # fmt: skip
     if splits > 1:
         _merge_splits_kernel[(batch, heads)](target, part_max, part_sum, out, out.stride(0), out.stride(1), HEADS=heads, HEAD_DIM=head_dim,

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..kv_cache import LayerCache
 from .pdl import launch_args, wait_for_previous
 
 
@@ -45,24 +46,28 @@ def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
 
 
 @triton.jit
-def _as_cached(x, FP8_CACHE: tl.constexpr):
-    """x as the cache holds it: unchanged, or fp8 e4m3 saturated at +-448 and rounded to nearest
-    even (``kv_cache.to_cache``)."""
-    if FP8_CACHE:
-        x = tl.minimum(tl.maximum(x.to(tl.float32), -448.0), 448.0).to(tl.float8e4nv, fp_downcast_rounding="rtne")
-    return x
+def _quantized(x1, x2):
+    """Head vectors as two halves [BLOCK_H, HALF] -> their int8 halves and scales [BLOCK_H, 1],
+    as ``kv_cache.quantize``: absmax / 127 per vector, x * (127 / absmax) + 0.5 floored."""
+    f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+    absmax = tl.maximum(tl.max(tl.abs(f1), 1), tl.max(tl.abs(f2), 1))[:, None]
+    inv = 127.0 / tl.maximum(absmax, 1e-30)
+    q1 = tl.minimum(tl.maximum(tl.floor(f1 * inv + 0.5), -127.0), 127.0).to(tl.int8)
+    q2 = tl.minimum(tl.maximum(tl.floor(f2 * inv + 0.5), -127.0), 127.0).to(tl.int8)
+    return q1, q2, absmax / 127.0
 
 
 @triton.jit
 def _qk_norm_rope_cache_kernel(
-    QKV, QNormW, KNormW, Cos, Sin, Q, KCache, VCache, Slots, Positions, KOut, VOut,
-    stride_qkv, stride_cos, stride_q, stride_ks, stride_kh, stride_kl,
+    QKV, QNormW, KNormW, Cos, Sin, Q, KCache, VCache, KScale, VScale, Slots, Positions, KOut, VOut,
+    stride_qkv, stride_cos, stride_q, stride_ks, stride_kh, stride_kl, stride_ss, stride_sh,
     eps, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-    KEEP_KV: tl.constexpr, FP8_CACHE: tl.constexpr, PDL: tl.constexpr,
+    KEEP_KV: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """BLOCK_H heads of one row (query heads, then key heads, then value heads), each two halves of
-    HALF: the first and second halves of rotate_half. The kept keys and values (KEEP_KV) are the
-    cache's, widened back: a prefill attends over what later steps read."""
+    HALF: the first and second halves of rotate_half. QUANT: the cache is int8, with a scale per
+    (token, KV head) in KScale / VScale [slots, KV heads, max_len]. The kept keys and values
+    (KEEP_KV) are the cache's, dequantized: a prefill attends over what later steps read."""
     wait_for_previous(PDL)
     row = tl.program_id(0)
     head = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]  # [BLOCK_H, 1]
@@ -77,8 +82,12 @@ def _qk_norm_rope_cache_kernel(
     position = tl.load(Positions + row).to(tl.int64)
     kv_head = head - HEADS  # key heads: 0..KV_HEADS-1; value heads: KV_HEADS..
     cache = slot * stride_ks + position * stride_kl
+    scale_at = slot * stride_ss + position
     # Value heads go straight into the cache.
-    v1, v2 = _as_cached(x1, FP8_CACHE), _as_cached(x2, FP8_CACHE)
+    v1, v2 = x1, x2
+    if QUANT:
+        v1, v2, v_scale = _quantized(x1, x2)
+        tl.store(VScale + scale_at + (kv_head - KV_HEADS) * stride_sh, v_scale, mask=is_v)
     tl.store(VCache + cache + (kv_head - KV_HEADS) * stride_kh + d, v1, mask=is_v)
     tl.store(VCache + cache + (kv_head - KV_HEADS) * stride_kh + HALF + d, v2, mask=is_v)
     # Query and key heads: RMSNorm over the head, then the rotary embedding.
@@ -96,18 +105,24 @@ def _qk_norm_rope_cache_kernel(
     out = Q + row * stride_q + head * 2 * HALF
     tl.store(out + d, r1, mask=is_q)
     tl.store(out + HALF + d, r2, mask=is_q)
-    k1, k2 = _as_cached(r1, FP8_CACHE), _as_cached(r2, FP8_CACHE)
+    k1, k2 = r1, r2
+    if QUANT:
+        k1, k2, k_scale = _quantized(r1, r2)
+        tl.store(KScale + scale_at + kv_head * stride_sh, k_scale, mask=is_k)
     tl.store(KCache + cache + kv_head * stride_kh + d, k1, mask=is_k)
     tl.store(KCache + cache + kv_head * stride_kh + HALF + d, k2, mask=is_k)
     if KEEP_KV:  # each key and value head once per query head of its group: [rows, HEADS, 2 * HALF]
+        if QUANT:  # as the cache holds them (kv_cache.LayerCache.read)
+            k1, k2 = (k1.to(tl.float32) * k_scale).to(x1.dtype), (k2.to(tl.float32) * k_scale).to(x1.dtype)
+            v1, v2 = (v1.to(tl.float32) * v_scale).to(x1.dtype), (v2.to(tl.float32) * v_scale).to(x1.dtype)
         group = HEADS // KV_HEADS
         for g in tl.static_range(HEADS // KV_HEADS):
             kept_k = KOut + (row * HEADS + kv_head * group + g) * 2 * HALF
-            tl.store(kept_k + d, k1.to(x1.dtype), mask=is_k)
-            tl.store(kept_k + HALF + d, k2.to(x1.dtype), mask=is_k)
+            tl.store(kept_k + d, k1, mask=is_k)
+            tl.store(kept_k + HALF + d, k2, mask=is_k)
             kept_v = VOut + (row * HEADS + (kv_head - KV_HEADS) * group + g) * 2 * HALF
-            tl.store(kept_v + d, v1.to(x1.dtype), mask=is_v)
-            tl.store(kept_v + HALF + d, v2.to(x1.dtype), mask=is_v)
+            tl.store(kept_v + d, v1, mask=is_v)
+            tl.store(kept_v + HALF + d, v2, mask=is_v)
 
 
 # Rows above this (a prefill) take every head of a row in one program. One program per (row, head)
@@ -116,16 +131,19 @@ def _qk_norm_rope_cache_kernel(
 ONE_HEAD_MAX_ROWS = 64
 
 
-def qk_norm_rope_cache(qkv, q_norm_w, k_norm_w, eps, cos, sin, k_cache, v_cache, slots, positions, heads, kv_heads, keep_kv=False):
+def qk_norm_rope_cache(qkv, q_norm_w, k_norm_w, eps, cos, sin, cache: LayerCache, slots, positions, heads, kv_heads, keep_kv=False):
     """qkv: [M, (H + 2 Hkv) * D] -> (q, k, v): q [M, H, D] normed and rotated; k (normed, rotated)
-    and v go straight into the cache at (slots[i], head, positions[i]), in its element type (an
-    fp8 cache: ``kv_cache``). cos, sin: [M, D].
+    and v go straight into the layer's cache at (slots[i], head, positions[i]), quantized if it is
+    int8 (``kv_cache``). cos, sin: [M, D].
     keep_kv: also return this step's k and v, each head repeated for the query heads of its group,
     [M, H, D] each (else None): a prefill attends over them without gathering them back from the
     cache (56 gathers, 1.4 ms of a 16-prompt prefill on the H200, run 12) or repeating them for
     grouped-query attention (56 copies, 1.44 ms, run 13; scripts/profile_prefill.py)."""
     m = qkv.shape[0]
+    k_cache, v_cache = cache.k, cache.v
     head_dim = k_cache.shape[-1]
+    # Without scales the kernel stores none: any pointer and strides do.
+    k_scale, v_scale = (cache.k_scale, cache.v_scale) if cache.quantized else (k_cache, v_cache)
     q = torch.empty((m, heads, head_dim), device=qkv.device, dtype=qkv.dtype)
     k = v = None
     if keep_kv:
@@ -133,11 +151,10 @@ def qk_norm_rope_cache(qkv, q_norm_w, k_norm_w, eps, cos, sin, k_cache, v_cache,
     all_heads = heads + 2 * kv_heads
     block_h = 1 if m <= ONE_HEAD_MAX_ROWS else triton.next_power_of_2(all_heads)
     _qk_norm_rope_cache_kernel[(m, triton.cdiv(all_heads, block_h))](
-        qkv, q_norm_w, k_norm_w, cos, sin, q, k_cache, v_cache, slots, positions,
+        qkv, q_norm_w, k_norm_w, cos, sin, q, k_cache, v_cache, k_scale, v_scale, slots, positions,
         *((k, v) if keep_kv else (q, q)),  # without keep_kv the kernel stores nothing there
-        qkv.stride(0), cos.stride(0), q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        eps, HEADS=heads, KV_HEADS=kv_heads, HALF=head_dim // 2, BLOCK_H=block_h, KEEP_KV=keep_kv,
-        FP8_CACHE=k_cache.dtype == torch.float8_e4m3fn, **launch_args(qkv),
+        qkv.stride(0), cos.stride(0), q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_scale.stride(0), k_scale.stride(1),
+        eps, HEADS=heads, KV_HEADS=kv_heads, HALF=head_dim // 2, BLOCK_H=block_h, KEEP_KV=keep_kv, QUANT=cache.quantized, **launch_args(qkv),
     )  # fmt: skip
     return q, k, v
 

@@ -9,28 +9,46 @@ its own share, so the keys are read once and the scores never leave the SM. The 
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
+from ..kv_cache import LayerCache
+
+
+def scales_or_stand_ins(cache: LayerCache) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cache's K and V scales, or (without them, which the kernels then never read) any two
+    tensors of two dimensions or more to pass in their place."""
+    return (cache.k_scale, cache.v_scale) if cache.quantized else (cache.k, cache.v)
+
 
 @triton.jit
-def attend_block(q, K, V, kv_offsets, loaded, visible, m, l, acc, sm_scale, IEEE: tl.constexpr):
+def attend_block(q, K, V, kv_offsets, loaded, visible, m, l, acc, sm_scale, IEEE: tl.constexpr,
+                 KScale, VScale, scale_offsets, scale_loaded, QUANT: tl.constexpr):  # fmt: skip
     """q [Q, D]; kv_offsets [N, D] a block of keys (and values) of one slot and head, ``loaded`` [N, 1]
     which of them exist, ``visible`` [Q, N] which each query sees (at least one per query over the
-    whole walk) -> (m, l, acc) with the block folded in."""
-    k = tl.load(K + kv_offsets, mask=loaded, other=0.0).to(q.dtype)  # [N, D]; an fp8 cache widened (kv_cache.py)
+    whole walk) -> (m, l, acc) with the block folded in. QUANT: the keys and values are int8, and
+    KScale / VScale at ``scale_offsets`` [1, N] (``scale_loaded`` [1, N]) their scales
+    (``kv_cache``); the integers widen exactly to q's dtype, and the scales multiply the scores
+    and the probabilities instead of every element."""
+    k = tl.load(K + kv_offsets, mask=loaded, other=0.0).to(q.dtype)  # [N, D]
     if IEEE:
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
+    if QUANT:
+        s = s * tl.load(KScale + scale_offsets, mask=scale_loaded, other=0.0)
     s = tl.where(visible, s * sm_scale, float("-inf"))  # [Q, N]
     m_new = tl.maximum(m, tl.max(s, 1))
     p = tl.exp(s - m_new[:, None])
     alpha = tl.exp(m - m_new)
     l = l * alpha + tl.sum(p, 1)
     v = tl.load(V + kv_offsets, mask=loaded, other=0.0).to(q.dtype)  # [N, D]
+    weights = p
+    if QUANT:
+        weights = p * tl.load(VScale + scale_offsets, mask=scale_loaded, other=0.0)
     if IEEE:
-        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        pv = tl.dot(weights.to(v.dtype), v, input_precision="ieee")
     else:
-        pv = tl.dot(p.to(v.dtype), v)
+        pv = tl.dot(weights.to(v.dtype), v)
     return m_new, l, acc * alpha[:, None] + pv

@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .online_softmax import attend_block
+from ..kv_cache import LayerCache
+from .online_softmax import attend_block, scales_or_stand_ins
 from .pdl import launch_args, wait_for_previous
 
 BLOCK_M = 64  # query rows (tokens) of one prompt per program
@@ -34,13 +35,13 @@ TILE_FIELDS = 3  # first row, rows, slot
 
 @triton.jit
 def _prompt_attention_kernel(
-    Q, K, V, Out, Tiles, CachePositions,
+    Q, K, V, KScale, VScale, Out, Tiles, CachePositions,
     sm_scale,
     stride_qt, stride_qh,
-    stride_ks, stride_kh, stride_kl,
+    stride_ks, stride_kh, stride_kl, stride_ss, stride_sh,
     stride_ot, stride_oh,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, FIELDS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, FIELDS: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Program (tile, KV head). Query i of the block is row first + i // GROUP, head
     kv_head * GROUP + i % GROUP; each row attends to its slot's keys 0..CachePositions[row]."""
@@ -65,11 +66,13 @@ def _prompt_attention_kernel(
         l = tl.zeros([BLOCK_Q], tl.float32)
         acc = tl.zeros([BLOCK_Q, HEAD_DIM], tl.float32)
         base = slot * stride_ks + kv_head * stride_kh
+        scale_base = slot * stride_ss + kv_head * stride_sh
         for start in range(0, end, BLOCK_N):
             offs = start + tl.arange(0, BLOCK_N)
             kv_offsets = base + offs[:, None] * stride_kl + d[None, :]
             # causal within the prompt; key 0 is always in, so no row's sum stays zero
-            m, l, acc = attend_block(q, K, V, kv_offsets, offs[:, None] < end, offs[None, :] <= last[:, None], m, l, acc, sm_scale, IEEE)
+            m, l, acc = attend_block(q, K, V, kv_offsets, offs[:, None] < end, offs[None, :] <= last[:, None], m, l, acc, sm_scale, IEEE,
+                                     KScale, VScale, scale_base + offs[None, :], offs[None, :] < end, QUANT)  # fmt: skip
         out = acc / l[:, None]
         tl.store(Out + rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :], out.to(Out.dtype.element_ty), mask=live[:, None])
 
@@ -95,24 +98,27 @@ def tile_table(slots: list[int], lengths: list[int], rows: int, padding_slot: in
     return table
 
 
-def prompt_attention(q, k_cache, v_cache, token_slots, cache_positions, tiles) -> torch.Tensor:
-    """q: [T, H, D], each row's keys and values already in the cache; k_cache, v_cache: [slots,
-    Hkv, max_len, D] (contiguous); cache_positions: [T] each row's position in its slot; tiles: a
-    ``tile_table`` on q's device -> [T, H, D]. Same result as ``sdpa_decode_attention(q, k_cache, v_cache, token_slots, cache_positions + 1)``
-    (token_slots is what the tiles say, kept for that contract)."""
+def prompt_attention(q, cache: LayerCache, token_slots, cache_positions, tiles) -> torch.Tensor:
+    """q: [T, H, D], each row's keys and values already in the layer's cache (K and V [slots, Hkv,
+    max_len, D] contiguous, int8 with scales or q's dtype); cache_positions: [T] each row's
+    position in its slot; tiles: a ``tile_table`` on q's device -> [T, H, D]. Same result as
+    ``sdpa_decode_attention(q, cache, token_slots, cache_positions + 1)`` (token_slots is what the
+    tiles say, kept for that contract)."""
     rows, heads, head_dim = q.shape
+    k_cache, v_cache = cache.k, cache.v
+    k_scale, v_scale = scales_or_stand_ins(cache)
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
     out = torch.empty_like(q)
     q = q.contiguous()
     ieee = q.dtype == torch.float32
     _prompt_attention_kernel[(tiles.shape[0], kv_heads)](
-        q, k_cache, v_cache, out, tiles, cache_positions,
+        q, k_cache, v_cache, k_scale, v_scale, out, tiles, cache_positions,
         head_dim**-0.5,
         q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_scale.stride(0), k_scale.stride(1),
         out.stride(0), out.stride(1),
         GROUP=group, BLOCK_Q=triton.next_power_of_2(BLOCK_M * group), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N // 2 if ieee else BLOCK_N,
-        HEAD_DIM=head_dim, FIELDS=TILE_FIELDS, IEEE=ieee, num_warps=8, num_stages=2, **launch_args(q),
+        HEAD_DIM=head_dim, FIELDS=TILE_FIELDS, IEEE=ieee, QUANT=cache.quantized, num_warps=8, num_stages=2, **launch_args(q),
     )  # fmt: skip
     return out
