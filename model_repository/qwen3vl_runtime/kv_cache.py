@@ -71,6 +71,11 @@ class LayerCache:
             return self.k[index].to(dtype), self.v[index].to(dtype)
         return tuple((values[index].float() * scales[index][..., None]).to(dtype) for values, scales in ((self.k, self.k_scale), (self.v, self.v_scale)))
 
+    def kernel_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K and V scales for a kernel's arguments; without scales (the kernel then reads
+        none) two stand-ins of as many dimensions or more, for their pointers and strides."""
+        return (self.k_scale, self.v_scale) if self.quantized else (self.k, self.v)
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.k_scale, self.v_scale) if t is not None)
 

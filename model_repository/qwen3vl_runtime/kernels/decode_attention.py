@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ..kv_cache import LayerCache
-from .online_softmax import attend_block, scales_or_stand_ins
+from .online_softmax import attend_block
 from .pdl import launch_args, wait_for_previous
 
 BLOCK_L = 64  # keys per inner step
@@ -106,7 +106,7 @@ def decode_attention(q, cache: LayerCache, slots, lengths, splits: int | None = 
     """
     batch, heads, head_dim = q.shape
     k_cache, v_cache = cache.k, cache.v
-    k_scale, v_scale = scales_or_stand_ins(cache)
+    k_scale, v_scale = cache.kernel_scales()
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
     out = torch.empty_like(q)

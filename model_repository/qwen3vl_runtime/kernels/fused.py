@@ -142,8 +142,7 @@ def qk_norm_rope_cache(qkv, q_norm_w, k_norm_w, eps, cos, sin, cache: LayerCache
     m = qkv.shape[0]
     k_cache, v_cache = cache.k, cache.v
     head_dim = k_cache.shape[-1]
-    # Without scales the kernel stores none: any pointer and strides do.
-    k_scale, v_scale = (cache.k_scale, cache.v_scale) if cache.quantized else (k_cache, v_cache)
+    k_scale, v_scale = cache.kernel_scales()
     q = torch.empty((m, heads, head_dim), device=qkv.device, dtype=qkv.dtype)
     k = v = None
     if keep_kv:

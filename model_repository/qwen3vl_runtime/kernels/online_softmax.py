@@ -9,17 +9,8 @@ its own share, so the keys are read once and the scores never leave the SM. The 
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
-
-from ..kv_cache import LayerCache
-
-
-def scales_or_stand_ins(cache: LayerCache) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cache's K and V scales, or (without them, which the kernels then never read) any two
-    tensors of two dimensions or more to pass in their place."""
-    return (cache.k_scale, cache.v_scale) if cache.quantized else (cache.k, cache.v)
 
 
 @triton.jit

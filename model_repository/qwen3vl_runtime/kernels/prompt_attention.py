@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ..kv_cache import LayerCache
-from .online_softmax import attend_block, scales_or_stand_ins
+from .online_softmax import attend_block
 from .pdl import launch_args, wait_for_previous
 
 BLOCK_M = 64  # query rows (tokens) of one prompt per program
@@ -106,7 +106,7 @@ def prompt_attention(q, cache: LayerCache, token_slots, cache_positions, tiles) 
     tiles say, kept for that contract)."""
     rows, heads, head_dim = q.shape
     k_cache, v_cache = cache.k, cache.v
-    k_scale, v_scale = scales_or_stand_ins(cache)
+    k_scale, v_scale = cache.kernel_scales()
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
     out = torch.empty_like(q)
