@@ -72,8 +72,15 @@ def main() -> int:
     p.add_argument("--assemble", action="store_true", help="run nothing: report from the parts' JSON beside --out")
     args = p.parse_args()
     repositories = dict(item.split("=", 1) for item in args.repository)
-    # The engine rows replay the prefill from graphs as the repositories do (build-repo --graphed-prefill).
-    graphed = not args.assemble and any(json.loads((Path(r) / "manifest.json").read_text())["options"].get("graphed_prefill") for r in repositories.values())
+    # The engine rows serve as the repositories do: the prefill from graphs (build-repo
+    # --graphed-prefill), the vision graphs captured at start (--vision-graph-sizes), the KV cache.
+    built = [] if args.assemble else [json.loads((Path(r) / "manifest.json").read_text())["options"] for r in repositories.values()]
+    kv_caches = {options.get("kv_cache_dtype", "auto") for options in built}
+    if len(kv_caches) > 1:
+        p.error(f"the repositories' KV caches differ ({', '.join(sorted(kv_caches))}); the engine rows take one: benchmark them apart")
+    serving = [*(["--graphed-prefill"] if any(o.get("graphed_prefill") for o in built) else []),
+               *(["--vision-graphs-at-start"] if any(o.get("vision_graph_sizes") for o in built) else []),
+               *(["--kv-cache-dtype", kv_caches.pop()] if kv_caches else [])]  # fmt: skip
     # Each part's own JSON is kept beside --out (a run cut short keeps what it measured).
     parts = args.out.parent
     parts.mkdir(parents=True, exist_ok=True)
@@ -83,7 +90,7 @@ def main() -> int:
         run("bench_engine.py", *engine_args, "--concurrency", *args.concurrency,
             "--device", args.device, *(["--skip-transformers"] if args.skip_transformers else []),
             *(["--transformers-static"] if args.transformers_static else []),
-            *(["--vision-in-engine"] if args.vision_in_engine else []), *(["--graphed-prefill"] if graphed else []))  # fmt: skip
+            *(["--vision-in-engine"] if args.vision_in_engine else []), *serving)  # fmt: skip
     engine = json.loads(engine_json.read_text())
     rows, manifests, breakdowns, commands = list(engine["results"]), {}, {}, [engine["command"]]
     for precision, repository in repositories.items():
