@@ -28,7 +28,7 @@ def test_fused_prefill_and_int8_product_match_the_reference(tiny_checkpoint):
     fp16_operands = {name: e for name, e in errors.items() if "convert='f16" in name}
     int8_terms = {name: e for name, e in errors.items() if "int8x2" in name}
     prefill = 1 + 6  # dequantize, the int8x2 prefill tiles
-    assert len(errors) == 1 + 5 + 3 + 2 + 2 * 6 + 2 + prefill + 3 + 5 + 1 + 4 + 1 + 2 + 4 and (len(fp16_operands), len(int8_terms)) == (3 + 3 + 1, 4 + 4 + 1 + 6), errors
+    assert len(errors) == 1 + 5 + 3 + 2 + 2 * 6 + 2 + prefill + 3 + 5 + 1 + 4 + 1 + 2 + 4 + 2 and (len(fp16_operands), len(int8_terms)) == (3 + 3 + 1 + 2, 4 + 4 + 1 + 6), errors
     # float32 activations rounded to fp16 operands: ~2^-11 relative; as two int8 terms, 16 bits per
     # group of K: half a step is 2^-16 of the group's largest, ~2e-5 of these products (measured
     # 2.0-2.5e-5); everything else float32 throughout
@@ -162,6 +162,7 @@ def _compare(checkpoint: Path) -> dict[str, float]:
         expected8 = sdpa_decode_attention(q_rows.double(), int8_cache, slots_, lengths_)
         for splits in (1, 4):
             errors[f"decode attention, int8 cache, {splits} splits"] = rel(decode_attention(q_rows, int8_cache, slots_, lengths_, splits), expected8)
+        errors["decode attention, int8 cache, convert='f16' (q in fp16)"] = rel(decode_attention(q_rows.half(), int8_cache, slots_, lengths_, 4), expected8)
         # A captured prefill's prompt attention: three prompts in tiles of 64 rows (70 rows: a
         # partial second tile; 5; 20 rows after 60 keys already in the slot), then 6 padding rows
         # on a scratch slot; 3 query heads per KV head (not a power of two: masked query rows)
@@ -177,6 +178,8 @@ def _compare(checkpoint: Path) -> dict[str, float]:
         # in fp16 (the interpreter has no bf16), the 16-bit path's key step
         half = LayerCache(k_cache.half(), v_cache.half())
         errors["prompt attention, convert='f16' (q, k, v in fp16)"] = rel(prompt_attention(q_rows.half(), half, token_slots, cache_positions, tiles), expected)
+        # the 16-bit path over an int8 cache: the integers widened to fp16, the softmax weights scaled in fp16
+        errors["prompt attention, int8 cache, convert='f16' (q in fp16)"] = rel(prompt_attention(q_rows.half(), int8_cache, token_slots, cache_positions, tiles), expected8)
         # The tower's rotary embedding: 12 heads (not a power of two: masked head rows), head_dim 64;
         # cos/sin laid out as the tower's (two equal halves)
         qkv = torch.randn(50, 3, 12, 64)
