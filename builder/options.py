@@ -71,7 +71,7 @@ class BuildOptions:
         metadata={
             "help": "with --vision-backend decoder on a GPU: image sizes (WxH pixels, comma separated, as clients send them) "
             "whose CUDA graphs the vision tower captures at start, for every images-per-call bucket; any other size "
-            "is captured on first sight, stalling every stream meanwhile (70-80 ms per bucket on an H200)"
+            "is captured on first sight, stalling every stream meanwhile (77-79 ms per bucket on an H200, docs/benchmarks.md run 20)"
         },
     )
     prefill_hold_ms: float = field(

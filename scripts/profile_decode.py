@@ -103,12 +103,21 @@ def prefill_ms(runner, count: int, tokens: int = 243, repeats: int = 10) -> floa
     return statistics.median(times)
 
 
-def profile(precision: str, kv_cache: str, args) -> list[dict]:
-    """Prefill times and one row per decode batch size for one precision and KV cache dtype."""
+def profile(precision: str, args) -> list[dict]:
+    """Prefill times and one row per decode batch size for one precision, per KV cache dtype (one
+    load of the weights, a runner for each cache)."""
     with tempfile.TemporaryDirectory() as folder:
         write_decoder(args.checkpoint, Path(folder), quantization=PRECISIONS[precision], dtype="bfloat16")
         model = load_text_model(Path(folder), "cuda")
     weight_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    rows = []
+    for kv_cache in args.kv_cache_dtypes:
+        rows += profile_cache(model, weight_bytes, precision, kv_cache, args)
+        torch.cuda.empty_cache()  # the runner went with profile_cache()'s frame
+    return rows
+
+
+def profile_cache(model, weight_bytes: int, precision: str, kv_cache: str, args) -> list[dict]:
     prefill_counts = (1, 8)
     # a slot per prompt of the prefills too: with fewer, the 8-prompt prefill wrote past the KV pool
     # (`--batches 1` failed in cuDNN's attention, run 13)
@@ -120,7 +129,7 @@ def profile(precision: str, kv_cache: str, args) -> list[dict]:
     for count in prefill_counts:
         ms = prefill_ms(runner, count)
         rows.append({"precision": precision, "kv_cache_dtype": kv_cache, "prefill_prompts": count, "prefill_ms": ms})
-        print(f"{precision:5} prefill of {count} x 243-token prompts: {ms:.2f} ms", flush=True)
+        print(f"{precision:5} KV {kv_cache:4} prefill of {count} x 243-token prompts: {ms:.2f} ms", flush=True)
     for batch in args.batches:
         row = {"precision": precision, "kv_cache_dtype": kv_cache, "batch": batch, "weights_gb": weight_bytes / 1e9,
                "kv_read_gb": batch * args.context * kv_token_bytes / 1e9, "pdl": pdl.enabled(torch.device("cuda"))}  # fmt: skip
@@ -155,9 +164,8 @@ def main() -> int:
     args = p.parse_args()
     report = {"machine": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "results": []}
     for precision in args.precisions:
-        for kv_cache in args.kv_cache_dtypes:
-            report["results"] += profile(precision, kv_cache, args)
-            torch.cuda.empty_cache()  # the runner went with profile()'s frame
+        report["results"] += profile(precision, args)
+        torch.cuda.empty_cache()  # that precision's weights went with profile()'s frame
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 

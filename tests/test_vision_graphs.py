@@ -140,16 +140,16 @@ def test_engine_counts_and_logs_the_vision_graphs_its_prefills_capture(tiny_chec
     submit(1, 64, 64)
     while len(done) < 2:
         engine.step()
-    assert engine.metrics.step_totals().vision_captures == 0
+    assert engine.metrics.step_totals().vision_captures.count == 0
     submit(2, 96, 64)
     while len(done) < 3:
         engine.step()
     engine.step_log.close()
     totals = engine.metrics.step_totals()
     assert not any(out.error for out in done)
-    assert totals.vision_captures == 1 and totals.vision_capture_seconds > 0
+    assert totals.vision_captures.count == 1 and totals.vision_captures.seconds > 0
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     captured = [line for line in lines if "captured_ms" in line]
     assert len(captured) == 1 and captured[0]["prefilled"] == 1
     assert 0 < captured[0]["captured_ms"] <= captured[0]["ms"]["prefill"] + 0.01
-    assert abs(captured[0]["captured_ms"] - totals.vision_capture_seconds * 1e3) < 0.01
+    assert abs(captured[0]["captured_ms"] - totals.vision_captures.seconds * 1e3) < 0.01

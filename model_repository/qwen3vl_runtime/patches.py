@@ -80,13 +80,12 @@ class PatchMaker:
         return np.concatenate(rows), np.array(grids, dtype=np.int64)
 
     def _patches(self, image: Image.Image) -> tuple[np.ndarray, int, int]:
-        factor = self.patch * self.merge
-        height, width = smart_resize(image.height, image.width, factor=factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels)  # fmt: skip
+        p, m = self.patch, self.merge
+        _, grid_h, grid_w = patch_grid(image.width, image.height, patch=p, merge=m, min_pixels=self.min_pixels, max_pixels=self.max_pixels)  # fmt: skip
+        height, width = grid_h * p, grid_w * p
         if (width, height) != image.size:
             image = image.resize((width, height), resample=self.resample)
         pixels = np.asarray(image)  # [H, W, C] uint8
-        p, m = self.patch, self.merge
-        grid_h, grid_w = height // p, width // p
         # The processor's patch order: merge blocks row-major, patches inside a block, then
         # channel, patch row, patch column (the time steps, the frame repeated, come with the
         # floats).

@@ -87,8 +87,8 @@ class EngineMetricsPublisher(Periodic):
         self._increment_to(self.steps, "steps", totals.steps)
         self._increment_to(self.prefill_steps, "prefill_steps", totals.prefill_steps)
         self._increment_to(self.prefilled, "prefilled", totals.prefilled)
-        self._increment_to(self.vision_captures, "vision_captures", totals.vision_captures)
-        self._increment_to(self.vision_capture_seconds, "vision_capture_seconds", totals.vision_capture_seconds)
+        self._increment_to(self.vision_captures, "vision_captures", totals.vision_captures.count)
+        self._increment_to(self.vision_capture_seconds, "vision_capture_seconds", totals.vision_captures.seconds)
         for phase, total in totals.seconds.items():
             if phase not in self.phase_metrics:
                 self.phase_metrics[phase] = self._phase_family.Metric(labels={"phase": phase, **self._engine_labels})

@@ -57,7 +57,9 @@ def _vision_graph_grids(settings: dict, visual) -> tuple[tuple[int, int, int], .
     """The patch grids of build-repo --vision-graph-sizes, resized as the preprocess model resizes
     (repositories built before the option name none)."""
     sizes = parse_image_sizes(settings.get("vision_graph_sizes", ""))
-    limits = {"min_pixels": int(settings.get("min_pixels", 0)), "max_pixels": int(settings.get("max_pixels", 0))}
+    if not sizes:
+        return ()
+    limits = {"min_pixels": int(settings["min_pixels"]), "max_pixels": int(settings["max_pixels"])}
     return tuple(patch_grid(w, h, patch=visual.config.patch_size, merge=visual.spatial_merge_size, **limits) for w, h in sizes)
 
 

@@ -212,7 +212,7 @@ class Engine:
         Its wall time goes to metrics.phase_seconds: "schedule" (admission, cancels, timeouts),
         "prefill" and "decode" (launching them), "wait" (for the GPU to finish the previous
         step), "output" (detokenizing and handing responses over); the vision graphs captured
-        inside "prefill" are counted apart (metrics.vision_captured)."""
+        inside "prefill" are counted apart (metrics.vision_captures)."""
         phases = PhaseClock()
         with self._wake:
             inbox, self._inbox = self._inbox, []
@@ -258,9 +258,8 @@ class Engine:
             else:
                 launched.append((admitted, tokens))
             phases.lap("prefill")
-            after = self.runner.vision_captures
-            captured_s = after.seconds - before.seconds
-            self.metrics.vision_captured(after.count - before.count, captured_s)
+            self.metrics.vision_captures = self.runner.vision_captures
+            captured_s = self.metrics.vision_captures.seconds - before.seconds
         if decoding:
             launched.append((decoding, self._launch(decoding, self.runner.decode)))
             phases.lap("decode")

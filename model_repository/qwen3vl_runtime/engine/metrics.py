@@ -20,6 +20,16 @@ class TierCounters:
 
 
 @dataclass(frozen=True)
+class Captures:
+    """The vision tower's CUDA graphs captured while serving (on first sight of an image size in a
+    bucket), and the seconds those calls spent capturing: every stream stalls meanwhile
+    (``vision_graphs``)."""
+
+    count: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
 class StepTotals:
     """The engine thread's totals so far: steps, wall seconds per step phase, prefill steps and
     the prompts they took (prompts per prefill says whether newcomers are batched or trickle in),
@@ -29,8 +39,7 @@ class StepTotals:
     seconds: dict[str, float]
     prefill_steps: int
     prefilled: int
-    vision_captures: int = 0
-    vision_capture_seconds: float = 0.0
+    vision_captures: Captures = Captures()
 
     def since(self, before: "StepTotals") -> dict:
         """What happened between ``before`` and these totals, as the benchmarks report it."""
@@ -39,8 +48,8 @@ class StepTotals:
         prompts = round((self.prefilled - before.prefilled) / prefills, 2) if prefills else None
         return {
             "steps": steps, "phase_ms_per_step": per_step, "prefill_steps": prefills, "prompts_per_prefill": prompts,
-            "vision_graph_captures": self.vision_captures - before.vision_captures,
-            "vision_graph_capture_ms": round((self.vision_capture_seconds - before.vision_capture_seconds) * 1e3, 1),
+            "vision_graph_captures": self.vision_captures.count - before.vision_captures.count,
+            "vision_graph_capture_ms": round((self.vision_captures.seconds - before.vision_captures.seconds) * 1e3, 1),
         }  # fmt: skip
 
 
@@ -56,8 +65,7 @@ class EngineMetrics:
     steps: int = 0
     prefill_steps: int = 0
     prefilled: int = 0  # prompts, over prefill_steps
-    vision_captures: int = 0  # the vision tower's CUDA graphs captured while serving
-    vision_capture_seconds: float = 0.0
+    vision_captures: Captures = Captures()  # the vision tower's CUDA graphs captured while serving (its totals)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self):
@@ -82,16 +90,9 @@ class EngineMetrics:
             for name, seconds in phases.items():
                 self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + seconds
 
-    def vision_captured(self, count: int, seconds: float) -> None:
-        """Add graphs the vision tower captured in a step's prefill, and the seconds they took."""
-        if count:
-            with self._lock:
-                self.vision_captures += count
-                self.vision_capture_seconds += seconds
-
     def step_totals(self) -> StepTotals:
         with self._lock:
-            return StepTotals(self.steps, dict(self.phase_seconds), self.prefill_steps, self.prefilled, self.vision_captures, self.vision_capture_seconds)
+            return StepTotals(self.steps, dict(self.phase_seconds), self.prefill_steps, self.prefilled, self.vision_captures)
 
     def snapshot(self) -> dict[str, TierCounters]:
         with self._lock:

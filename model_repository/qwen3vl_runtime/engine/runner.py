@@ -9,9 +9,10 @@ import torch
 
 from ..host_to_device import pinned_cat, to_device
 from ..text_model import TextModel
+from .metrics import Captures
 from .request import SamplingParams, Sequence
 from .sampler import graphable, sample
-from .vision import Captures, ImageEncoder, ImageInputs
+from .vision import ImageEncoder, ImageInputs
 
 if TYPE_CHECKING:  # CUDA only at run time: its kernels import triton
     from .cuda_graphs import GraphedPrefill

@@ -30,6 +30,7 @@ from ..vision_inputs import (
     vision_position_inputs,
 )
 from ..vision_tower import encode_images, rotate_qk
+from .metrics import Captures
 
 
 @dataclass(frozen=True)
@@ -52,15 +53,6 @@ class ImageInputs:
     @property
     def patches(self) -> int:
         return self.pixel_bytes.shape[0]
-
-
-@dataclass(frozen=True)
-class Captures:
-    """The tower's CUDA graphs captured while serving (on first sight of an image size in a bucket),
-    and the seconds those calls spent capturing: every stream stalls meanwhile (``vision_graphs``)."""
-
-    count: int = 0
-    seconds: float = 0.0
 
 
 def patch_bytes_width(visual: nn.Module) -> int:

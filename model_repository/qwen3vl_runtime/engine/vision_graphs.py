@@ -29,7 +29,8 @@ from ..host_to_device import pinned_cat
 from ..segment_attention import SegmentAttention
 from ..vision_tower import Rotate, encode_images, rotate_qk
 from .cuda_graphs import capture_buckets
-from .vision import Captures, ImageInputs, PixelValues, patch_bytes_width
+from .metrics import Captures
+from .vision import ImageInputs, PixelValues, patch_bytes_width
 
 IMAGE_BUCKETS = (1, 2, 4, 8, 16)
 # Patches per graph (bucket x patches per image): bounds the graphs' activation memory (at 8,192
